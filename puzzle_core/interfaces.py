@@ -1,0 +1,212 @@
+"""What the component built from each kind of record must provide.
+
+A record's ``implementation`` is called with its options and returns an object of
+the matching interface below. The pipeline stages only talk to these interfaces, so
+the core never knows which model family, solver or device it is working with.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import attrs
+
+from puzzle_core.blocks import BlockSpec, SubBlockSpec, VariantSpace
+
+Part = Literal["attention", "ffn"]
+
+
+@attrs.frozen
+class ModelShape:
+    """Everything cost models need, readable from a config alone (no weights)."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    blocks: tuple[BlockSpec, ...]  # per layer: the parent's blocks, or a child's
+
+    def with_blocks(self, blocks: Sequence[BlockSpec]) -> "ModelShape":
+        return attrs.evolve(self, blocks=tuple(blocks))
+
+
+@attrs.define
+class LoadedModel:
+    """A causal LM (a ``torch.nn.Module`` with the Hugging Face call signature) and friends."""
+
+    model: Any
+    tokenizer: Any
+    shape: ModelShape
+    source: str = ""
+
+
+@attrs.frozen
+class Calibration:
+    """What a sub-block sees on calibration data, for initialising variants from the parent.
+
+    ``inputs``: the residual stream entering the sub-block, ``(tokens, hidden)``;
+    ``outputs``: what the parent sub-block adds to it, same shape.
+    """
+
+    inputs: Any
+    outputs: Any
+
+
+class LayerRunner(ABC):
+    """Runs a model one piece at a time (capture, BLD, replace-1-block scoring).
+
+    A sub-block module maps ``(hidden, context)`` to the *delta* it adds to the residual
+    stream (norm included), so a layer is ``h += attn(h, ctx); h += ffn(h, ctx)``.
+    """
+
+    num_layers: int
+
+    @abstractmethod
+    def embed(self, input_ids) -> Any:
+        """Token ids ``(batch, seq)`` -> hidden states ``(batch, seq, hidden)``."""
+
+    @abstractmethod
+    def context(self, hidden, attention_mask=None) -> Any:
+        """Per-batch extras the sub-blocks need (positions, rotary tables, masks)."""
+
+    @abstractmethod
+    def sublayer(self, layer: int, part: Part) -> Any:
+        """The module of ``part`` in ``layer``."""
+
+    @abstractmethod
+    def head(self, hidden) -> Any:
+        """Final norm + LM head: hidden states -> logits."""
+
+    def layer(self, index: int, hidden, context) -> Any:
+        """One whole layer."""
+        hidden = hidden + self.sublayer(index, "attention")(hidden, context)
+        return hidden + self.sublayer(index, "ffn")(hidden, context)
+
+
+class ModelFamily(ABC):
+    """Implementation of an :class:`~puzzle_core.records.Architecture` record."""
+
+    default_variants: str = ""  # name of the BlockVariants record used when the config names none
+
+    @abstractmethod
+    def detect(self, hf_config: Mapping[str, Any]) -> bool:
+        """Whether a Hugging Face ``config.json`` belongs to this family."""
+
+    @abstractmethod
+    def shape(self, hf_config: Mapping[str, Any]) -> ModelShape:
+        """The shape of a parent (or published child) from its config alone."""
+
+    @abstractmethod
+    def load_parent(self, source: str, dtype: str = "float32") -> LoadedModel:
+        """Load a parent from a local folder or a GGUF file."""
+
+    @abstractmethod
+    def init_sublayer(
+        self, parent: LoadedModel, layer: int, spec: SubBlockSpec, calibration: Calibration | None, method: str
+    ) -> Any:
+        """A sub-block module for ``spec`` at ``layer``, initialised from the parent by ``method``."""
+
+    @abstractmethod
+    def build_child(
+        self,
+        parent: LoadedModel,
+        blocks: Sequence[BlockSpec],
+        sublayers: Mapping[tuple[int, Part], Mapping[str, Any]] | None = None,
+    ) -> LoadedModel:
+        """A child with ``blocks``; sub-block weights from ``sublayers`` (state dicts), else the parent."""
+
+    @abstractmethod
+    def random_model(self, shape: ModelShape, dtype: str = "float32") -> Any:
+        """A randomly initialised model of ``shape`` (timing, tests)."""
+
+    @abstractmethod
+    def layer_runner(self, model: Any) -> LayerRunner:
+        """A :class:`LayerRunner` over a parent or child model."""
+
+    @abstractmethod
+    def export(self, child: LoadedModel, out_dir: Path) -> None:
+        """Write a checkpoint that plain transformers loads (``trust_remote_code=True``)."""
+
+    @abstractmethod
+    def load_child(self, path: Path, dtype: str = "float32") -> LoadedModel:
+        """Load an exported (or published) child checkpoint."""
+
+
+class VariantProvider(ABC):
+    """Implementation of a :class:`~puzzle_core.records.BlockVariants` record."""
+
+    init_method: str = "default"
+
+    @abstractmethod
+    def variants(self, shape: ModelShape, layer: int) -> VariantSpace:
+        """The alternatives offered for ``layer`` (parent sub-blocks included)."""
+
+
+class DistillationLoss(ABC):
+    """Implementation of a :class:`~puzzle_core.records.DistillationLoss` record.
+
+    ``target`` says which outputs it compares: ``"hidden"`` (per-layer hidden states or a
+    sub-block's output) or ``"logits"``.
+    """
+
+    target: Literal["hidden", "logits"] = "hidden"
+
+    @abstractmethod
+    def __call__(self, student, teacher, labels=None) -> Any:
+        """A scalar loss tensor."""
+
+
+class CostModel(ABC):
+    """Implementation of a :class:`~puzzle_core.records.CostModel` record."""
+
+    @abstractmethod
+    def block_costs(self, shape: ModelShape, block: BlockSpec, scenario: Any, family: ModelFamily | None) -> dict:
+        """``{"runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "num_params", ...}`` of one block."""
+
+    @abstractmethod
+    def fixed_costs(self, shape: ModelShape, scenario: Any, family: ModelFamily | None) -> dict:
+        """The same keys for what every child keeps (embedding, final norm, LM head)."""
+
+
+class Solver(ABC):
+    """Implementation of a :class:`~puzzle_core.records.Solver` record."""
+
+    @abstractmethod
+    def solve(self, problem: Any) -> list[Any]:
+        """Solutions to a :class:`puzzle_core.search.SearchProblem`, best first."""
+
+
+class Evaluator(ABC):
+    """Implementation of an :class:`~puzzle_core.records.Evaluator` record."""
+
+    @abstractmethod
+    def evaluate(self, model: LoadedModel, context: Any) -> dict[str, float]:
+        """Named numbers for ``model`` (``context`` holds the parent, data and scenario)."""
+
+
+@attrs.frozen
+class Job:
+    """One independent unit of work; ``cost`` balances work across workers."""
+
+    id: str
+    cost: float = 1.0
+    payload: Any = None
+
+
+class Executor(ABC):
+    """Implementation of an :class:`~puzzle_core.records.Executor` record.
+
+    ``work`` is called once per job and writes its own result to the run directory, so
+    a Ray or Slurm executor only has to call it somewhere and wait.
+    """
+
+    @abstractmethod
+    def run(self, jobs: Sequence[Job], work: Callable[[Job], None], description: str = "jobs") -> None:
+        """Run every job; returns when all are done (or raises on the first failure)."""
