@@ -96,6 +96,19 @@ def config_show(path: str) -> None:
     click.echo(yaml.safe_dump(unstructure(load_config(path)), sort_keys=False), nl=False)
 
 
+def _attach_commands() -> None:
+    import importlib
+
+    from puzzle_core.commands import MODULES
+
+    for module in MODULES:
+        for command in importlib.import_module(module).commands:
+            cli.add_command(command)
+
+
+_attach_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     try:

@@ -1,0 +1,44 @@
+"""``puzzle run``: the whole pipeline, or chosen stages of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from puzzle_core.pipeline import STAGE_NAMES
+
+
+@click.command("run")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Default: runs/<config name>.")
+@click.option("--resume", is_flag=True, help="Continue a run directory; finished stages are skipped.")
+@click.option(
+    "--stage",
+    "stages",
+    multiple=True,
+    type=click.Choice(STAGE_NAMES),
+    help="Run only these stages (repeatable); earlier stages must have run.",
+)
+def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tuple[str, ...]) -> None:
+    """Run the Puzzle pipeline described by CONFIG."""
+    import sys
+
+    from puzzle_core.pipeline import run_pipeline
+    from puzzle_core.schema import load_config
+
+    config = load_config(config_path)
+    run_dir = run_dir or str(Path("runs") / Path(config_path).stem)
+    run_pipeline(
+        config,
+        run_dir,
+        stages=list(stages) or None,
+        resume=resume,
+        config_text=Path(config_path).read_text(encoding="utf-8"),
+        argv=sys.argv[1:],
+        echo=click.echo,
+    )
+    click.echo(f"Run directory: {run_dir}")
+
+
+commands = [run_command]

@@ -1,0 +1,164 @@
+"""The Puzzle pipeline: stages run in order over one run directory.
+
+library -> score -> cost -> search -> assemble -> gkd -> evaluate -> report
+
+Each stage is a module in :mod:`puzzle_core.stages` with ``run(ctx) -> list[Path]``
+returning the files it wrote. A stage's hash covers the config sections it reads and
+the hashes of the stages before it; a stage whose outputs are recorded in the manifest
+with the same hash and intact checksums is skipped, so ``--resume`` after a crash
+redoes nothing that finished.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+from puzzle_core.config import stable_hash, unstructure
+from puzzle_core.errors import UserError
+from puzzle_core.rundir import RunDir, atomic_write, remove_temp_files
+from puzzle_core.schema import PuzzleConfig
+
+
+@attrs.frozen
+class Stage:
+    """A pipeline stage: its name, the config sections it reads, and its module."""
+
+    name: str
+    sections: tuple[str, ...]
+    module: str
+    description: str
+
+    def runner(self) -> Callable[["RunContext"], list[Path]]:
+        return importlib.import_module(self.module).run
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("library", ("parent", "seed", "data", "library"), "puzzle_core.stages.library", "blockwise local distillation"),
+    Stage("score", ("scoring",), "puzzle_core.stages.score", "replace-1-block scores"),
+    Stage("cost", ("scenario", "costs"), "puzzle_core.stages.cost", "per-block costs for the scenario"),
+    Stage("search", ("search",), "puzzle_core.stages.search", "choosing one block per layer"),
+    Stage("assemble", (), "puzzle_core.stages.assemble", "building and exporting the children"),
+    Stage("gkd", ("gkd",), "puzzle_core.stages.gkd", "global knowledge distillation"),
+    Stage("evaluate", ("evaluation",), "puzzle_core.stages.evaluate", "evaluating parent and children"),
+    Stage("report", (), "puzzle_core.stages.report", "report and plots"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def stage_hashes(config: PuzzleConfig) -> dict[str, str]:
+    """Chained hash per stage: its own sections plus everything upstream."""
+    data = unstructure(config)
+    hashes: dict[str, str] = {}
+    previous = ""
+    for stage in STAGES:
+        previous = stable_hash({"upstream": previous, "stage": stage.name, **{s: data[s] for s in stage.sections}})
+        hashes[stage.name] = previous
+    return hashes
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RunContext:
+    """What every stage gets: the config, the run directory, and lazily loaded shared state."""
+
+    def __init__(self, config: PuzzleConfig, run_dir: RunDir, registries=None, argv: list[str] | None = None):
+        from puzzle_core.registry import get_registries
+
+        self.config = config
+        self.run_dir = run_dir
+        self.registries = registries or get_registries()
+        self.argv = argv or []  # the CLI arguments of this run, for executors that relaunch it
+        self.hashes = stage_hashes(config)
+
+    @cached_property
+    def parent(self):
+        """The parent :class:`~puzzle_core.interfaces.LoadedModel` (loaded once)."""
+        return self.loaded_parent[1]
+
+    @cached_property
+    def family(self):
+        """The :class:`~puzzle_core.interfaces.ModelFamily` of the parent."""
+        return self.loaded_parent[0]
+
+    @cached_property
+    def loaded_parent(self):
+        from puzzle_core.parents import load_parent
+
+        return load_parent(self.config.parent, self.registries)
+
+    @cached_property
+    def variant_provider(self):
+        choice = self.config.library.variants
+        if choice is None:
+            return self.registries.block_variants.get(self.family.default_variants).create()
+        return choice.create(self.registries)
+
+    @cached_property
+    def corpus(self):
+        """Tokenised train / validation / test splits (:class:`puzzle_core.data.Corpus`)."""
+        from puzzle_core.data import load_corpus
+
+        return load_corpus(self.config.data, self.parent.tokenizer, seed=self.config.seed)
+
+    def create(self, choice: Any) -> Any:
+        return choice.create(self.registries)
+
+
+def run_pipeline(
+    config: PuzzleConfig,
+    run_dir: str | Path,
+    *,
+    stages: list[str] | None = None,
+    resume: bool = True,
+    config_text: str | None = None,
+    argv: list[str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> RunContext:
+    """Run ``stages`` (default: all) of the pipeline in ``run_dir``."""
+    import torch
+
+    unknown = [s for s in stages or [] if s not in STAGE_NAMES]
+    if unknown:
+        raise UserError(f"Unknown stage(s) {unknown}; stages are: {', '.join(STAGE_NAMES)}.")
+    wanted = [s for s in STAGES if not stages or s.name in stages]
+    rundir = RunDir(run_dir)
+    with rundir.lock():
+        existing = rundir.manifest()
+        if existing and not resume and not stages:
+            raise UserError(
+                f"Run directory {rundir.root} already holds a run. Pass --resume to continue it "
+                f"(finished stages are kept), or choose a new --run-dir."
+            )
+        remove_temp_files(rundir.root)
+        if config_text is not None:
+            atomic_write(rundir.path("config.yaml"), config_text)
+        torch.set_num_threads(max(1, config.threads))
+        seed_everything(config.seed)
+        ctx = RunContext(config, rundir, argv=argv)
+        for index, stage in enumerate(wanted, start=1):
+            digest = ctx.hashes[stage.name]
+            label = f"[{index}/{len(wanted)}] {stage.name}: {stage.description}"
+            if rundir.stage_done(stage.name, digest):
+                echo(f"{label} (done, skipped)")
+                continue
+            echo(label)
+            started = time.perf_counter()
+            seed_everything(config.seed)
+            outputs = stage.runner()(ctx)
+            rundir.mark_done(stage.name, digest, outputs)
+            echo(f"    finished in {time.perf_counter() - started:.1f}s")
+    return ctx

@@ -1,0 +1,1 @@
+"""Pipeline stages, one module each, with ``run(ctx) -> list[Path]``."""
