@@ -1,1 +1,1 @@
-"""(being written)"""
+"""An example third-party puzzle plugin (being written)."""
