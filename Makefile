@@ -27,7 +27,9 @@ data: $(STAMP)
 	$(BIN)/puzzle data prepare
 
 demo: $(STAMP)
-	$(BIN)/puzzle demo --run-dir runs/demo
+	$(BIN)/puzzle data prepare
+	$(BIN)/puzzle run configs/demo.yaml --run-dir runs/demo --resume
+	@echo "Report: runs/demo/report/report.md"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
