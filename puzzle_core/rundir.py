@@ -54,6 +54,28 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temp folder next to ``target``; on success it replaces ``target`` whole."""
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + target.name + ".", dir=target.parent))
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write(target: str | Path, data: bytes | str) -> None:
     """Write ``data`` to ``target`` atomically."""
     with atomic_path(target) as tmp:
@@ -74,10 +96,12 @@ def sha256_file(path: str | Path) -> str:
 
 def remove_temp_files(root: str | Path) -> int:
     """Delete temp files left by a killed writer; returns how many."""
+    import shutil
+
     count = 0
-    for path in Path(root).rglob(TEMP_PREFIX + "*"):
+    for path in sorted(Path(root).rglob(TEMP_PREFIX + "*"), reverse=True):
         with contextlib.suppress(OSError):
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
             count += 1
     return count
 
