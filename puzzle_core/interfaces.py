@@ -174,6 +174,10 @@ class CostModel(ABC):
     def fixed_costs(self, shape: ModelShape, scenario: Any, family: ModelFamily | None) -> dict:
         """The same keys for what every child keeps (embedding, final norm, LM head)."""
 
+    def memory_capacity_mib(self, scenario: Any) -> float | None:
+        """Memory a whole child (fixed + blocks) must fit in on the target device; ``None``: unknown."""
+        return None
+
 
 class Solver(ABC):
     """Implementation of a :class:`~puzzle_core.records.Solver` record."""
