@@ -78,17 +78,36 @@ class ScoringSection:
     executor: ExecutorChoice = _choice(ExecutorChoice, "local")
 
 
+def _at_least(minimum: int):
+    def check(_instance, attribute, value):
+        if value < minimum:
+            raise ValueError(f"{attribute.name} must be >= {minimum}, got {value}")
+
+    return check
+
+
+def _device(_instance, attribute, value):
+    if value not in ("cpu", "cuda", "auto") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise ValueError(f"{attribute.name} must be 'cpu', 'cuda', 'cuda:<index>' or 'auto', got {value!r}")
+
+
 @attrs.frozen
 class Scenario:
-    """The inference workload the child is made fast for."""
+    """The inference workload the child is made fast for.
 
-    batch_size: int = 1
-    prefill_len: int = 128
-    decode_len: int = 128
+    ``decode_len`` counts generated tokens per sequence: the prefill pass emits the first,
+    then ``decode_len - 1`` single-token steps follow. ``dtype`` is the weights' and GEMMs'
+    precision, ``kv_dtype`` the KV cache's. ``device`` and ``threads`` are where cost
+    models that measure (``measured``) run: 'auto' is CUDA when available, else CPU.
+    """
+
+    batch_size: int = attrs.field(default=1, validator=_at_least(1))
+    prefill_len: int = attrs.field(default=128, validator=_at_least(1))
+    decode_len: int = attrs.field(default=128, validator=_at_least(1))
     dtype: Literal["fp32", "bf16", "fp8"] = "bf16"
     kv_dtype: Literal["fp32", "bf16", "fp8"] = "bf16"
-    device: str = "cpu"
-    threads: int = 2
+    device: str = attrs.field(default="cpu", validator=_device)
+    threads: int = attrs.field(default=2, validator=_at_least(1))
 
 
 @attrs.frozen
