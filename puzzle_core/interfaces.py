@@ -104,8 +104,12 @@ class ModelFamily(ABC):
         """The shape of a parent (or published child) from its config alone."""
 
     @abstractmethod
-    def load_parent(self, source: str, dtype: str = "float32") -> LoadedModel:
-        """Load a parent from a local folder or a GGUF file."""
+    def load_parent(self, source: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
+        """Load a parent from a local folder or a GGUF file (remote code only when the user allows it)."""
+
+    def aliases(self) -> Mapping[str, Callable[[], Path]]:
+        """Named parents this family offers: name -> function returning a local folder (made on first use)."""
+        return {}
 
     @abstractmethod
     def init_sublayer(

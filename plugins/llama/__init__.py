@@ -1,1 +1,43 @@
-"""(being written)"""
+"""The Llama architecture plugin: parents, DeciLM children, block variants."""
+
+from __future__ import annotations
+
+from puzzle_core import hookimpl
+from puzzle_core.records import Architecture, BlockVariants, NoOptions
+
+
+def _family(_options: NoOptions):
+    from puzzle_plugins.llama.family import LlamaFamily
+
+    return LlamaFamily()
+
+
+def _variants(options):
+    from puzzle_plugins.llama.variants import LlamaVariants
+
+    return LlamaVariants(options)
+
+
+@hookimpl
+def puzzle_architectures():
+    return [
+        Architecture(
+            name="llama",
+            implementation=_family,
+            description="LlamaForCausalLM and look-alikes; children are DeciLM (nemotron-nas) models",
+        )
+    ]
+
+
+@hookimpl
+def puzzle_block_variants():
+    from puzzle_plugins.llama.options import LlamaVariantOptions
+
+    return [
+        BlockVariants(
+            name="llama",
+            implementation=_variants,
+            options=LlamaVariantOptions,
+            description="GQA with fewer KV heads, narrower SwiGLU, linear and no-op sub-blocks",
+        )
+    ]

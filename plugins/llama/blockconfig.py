@@ -1,0 +1,87 @@
+"""Between our block specs and DeciLM ``block_configs`` entries (the published layout)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec
+from puzzle_core.errors import UserError
+from puzzle_plugins.llama.configuration_decilm import block_intermediate_size, ffn_mult_to_intermediate_size
+
+# Keys of published block configs that describe features this model code does not implement.
+_UNSUPPORTED_ATTENTION = ("window_length", "num_sink_tokens", "sparsify")
+_UNSUPPORTED_FFN = ("sparsify",)
+
+
+def ffn_mult_for(intermediate_size: int, hidden_size: int) -> float | None:
+    """An ``ffn_mult`` that the published rule maps back to ``intermediate_size`` exactly, if any."""
+    if intermediate_size % 256:
+        return None
+    exact = 3 * intermediate_size / (2 * hidden_size)
+    for digits in range(1, 7):
+        mult = round(exact, digits)
+        if ffn_mult_to_intermediate_size(mult, hidden_size) == intermediate_size:
+            return mult
+    return None
+
+
+def block_config(block: BlockSpec, hidden_size: int) -> dict:
+    """The ``block_configs`` entry of one layer.
+
+    Sizes the ``ffn_mult`` rule can produce are written as ``ffn_mult`` (as the published
+    models do); any other size as ``intermediate_size`` with no ``ffn_mult`` key, because
+    vLLM reads ``ffn_mult`` whenever the key is present.
+    """
+    attention, ffn = block.attention, block.ffn
+    attention_entry = {
+        "n_heads_in_group": None if attention.no_op or attention.replace_with_linear else attention.n_heads_in_group,
+        "no_op": attention.no_op,
+        "replace_with_linear": attention.replace_with_linear,
+        "window_length": None,
+        "num_sink_tokens": None,
+        "sparsify": None,
+        "unshifted_sink": False,
+        "use_prefill_window_in_sink": False,
+    }
+    ffn_entry: dict[str, Any] = {"no_op": ffn.no_op, "replace_with_linear": ffn.replace_with_linear, "sparsify": None}
+    if ffn.kind == "ffn":
+        mult = ffn_mult_for(ffn.intermediate_size, hidden_size)
+        if mult is not None:
+            ffn_entry["ffn_mult"] = mult
+        else:
+            ffn_entry["intermediate_size"] = ffn.intermediate_size
+    else:
+        ffn_entry["ffn_mult"] = None
+    return {"attention": attention_entry, "ffn": ffn_entry}
+
+
+def block_spec(entry: Mapping[str, Any], hidden_size: int, where: str = "") -> BlockSpec:
+    """Our spec of one published ``block_configs`` entry; unsupported features are a UserError."""
+    try:
+        attention, ffn = dict(entry["attention"]), dict(entry["ffn"])
+    except (KeyError, TypeError):
+        raise UserError(f"{where}: a block_configs entry must have 'attention' and 'ffn' mappings, got {entry!r}.")
+    for key in _UNSUPPORTED_ATTENTION:
+        if attention.get(key):
+            raise UserError(f"{where}: attention '{key}' = {attention[key]!r} is not supported; only full attention is.")
+    for key in _UNSUPPORTED_FFN:
+        if ffn.get(key):
+            raise UserError(f"{where}: FFN '{key}' = {ffn[key]!r} is not supported.")
+    try:
+        attention_spec = AttentionSpec(
+            n_heads_in_group=attention.get("n_heads_in_group"),
+            no_op=bool(attention.get("no_op")),
+            replace_with_linear=bool(attention.get("replace_with_linear")),
+        )
+        ffn_spec = FFNSpec(
+            intermediate_size=block_intermediate_size(ffn, hidden_size),
+            no_op=bool(ffn.get("no_op")),
+            replace_with_linear=bool(ffn.get("replace_with_linear")),
+        )
+    except ValueError as exc:
+        raise UserError(f"{where}: invalid block config {dict(entry)!r}: {exc}.") from None
+    return BlockSpec(attention_spec, ffn_spec)
+
+
+def block_specs(entries: Sequence[Mapping[str, Any]], hidden_size: int, source: str = "config") -> list[BlockSpec]:
+    return [block_spec(e, hidden_size, f"{source}, layer {i}") for i, e in enumerate(entries)]

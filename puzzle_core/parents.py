@@ -1,0 +1,81 @@
+"""Resolving the configured parent: an alias, a Hugging Face folder or a GGUF file -> (family, model).
+
+Aliases come from the architecture plugins (:meth:`ModelFamily.aliases`); the family of
+a path is detected from its ``config.json`` (or GGUF header) unless the config names one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from puzzle_core.errors import UserError
+from puzzle_core.interfaces import LoadedModel, ModelFamily
+
+
+def families(registries) -> dict[str, ModelFamily]:
+    """One instance of every registered architecture, by name."""
+    return {entry.name: entry.record.create() for entry in registries.architectures}
+
+
+def parent_aliases(registries) -> dict[str, str]:
+    """Every alias any architecture offers, with the architecture that offers it."""
+    return {alias: name for name, family in families(registries).items() for alias in family.aliases()}
+
+
+def source_config(path: Path) -> dict[str, Any]:
+    """What detection looks at: ``config.json`` of a folder, or the architecture of a GGUF file."""
+    if path.is_file() and path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        try:
+            field = GGUFReader(str(path)).fields["general.architecture"]
+            return {"model_type": bytes(field.parts[field.data[0]]).decode()}
+        except Exception as exc:
+            raise UserError(f"{path} could not be read as a model GGUF file ({type(exc).__name__}: {exc}).") from None
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        raise UserError(
+            f"{path} is not a Hugging Face model folder (no config.json). A parent is an alias, a folder "
+            f"written by save_pretrained, or a .gguf file."
+        )
+    try:
+        return json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config} is not valid JSON ({exc}).") from None
+
+
+def resolve_parent(section, registries) -> tuple[ModelFamily, Path]:
+    """The family and the local path of ``section.source``."""
+    available = families(registries)
+    chosen = section.architecture.create(registries) if section.architecture is not None else None
+    for name, family in ([(section.architecture.name, chosen)] if chosen else available.items()):
+        make = family.aliases().get(section.source)
+        if make is not None:
+            return family, Path(make())
+    path = Path(section.source).expanduser()
+    if not path.exists():
+        aliases = ", ".join(sorted(parent_aliases(registries))) or "(none installed)"
+        raise UserError(
+            f"Parent '{section.source}' is neither a known alias nor an existing path. Aliases: {aliases}; "
+            f"otherwise give a local Hugging Face model folder or a .gguf file."
+        )
+    config = source_config(path)
+    if chosen is not None:
+        return chosen, path
+    for family in available.values():
+        if family.detect(config):
+            return family, path
+    raise UserError(
+        f"No installed architecture recognises {path} (model_type {config.get('model_type')!r}). Installed "
+        f"architectures: {', '.join(available) or '(none)'}. Install a plugin for it, or set parent.architecture "
+        f"if one of these fits."
+    )
+
+
+def load_parent(section, registries) -> tuple[ModelFamily, LoadedModel]:
+    """Load the parent a :class:`~puzzle_core.schema.ParentSection` names, in its dtype."""
+    family, path = resolve_parent(section, registries)
+    loaded = family.load_parent(str(path), dtype=section.dtype, trust_remote_code=section.trust_remote_code)
+    return family, loaded
