@@ -212,9 +212,15 @@ class Executor(ABC):
     """Implementation of an :class:`~puzzle_core.records.Executor` record.
 
     ``work`` is called once per job and writes its own result to the run directory, so
-    a Ray or Slurm executor only has to call it somewhere and wait.
+    a Ray or Slurm executor only has to call it somewhere and wait. ``work`` skips a job
+    whose result is already there, so calling it again for every job after remote
+    workers finish is a cheap check. ``context`` (the stage's
+    :class:`~puzzle_core.pipeline.RunContext`) is for executors that start workers of
+    their own: they re-run ``context.stage`` of the same config in them.
     """
 
     @abstractmethod
-    def run(self, jobs: Sequence[Job], work: Callable[[Job], None], description: str = "jobs") -> None:
+    def run(
+        self, jobs: Sequence[Job], work: Callable[[Job], None], description: str = "jobs", context: Any = None
+    ) -> None:
         """Run every job; returns when all are done (or raises on the first failure)."""

@@ -11,7 +11,9 @@ redoes nothing that finished.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import random
 import time
 from functools import cached_property
@@ -63,6 +65,25 @@ def stage_hashes(config: PuzzleConfig) -> dict[str, str]:
     return hashes
 
 
+STAGE_WORKER_ENV = "PUZZLE_STAGE_WORKER"
+
+
+def is_stage_worker() -> bool:
+    """Whether this process only helps run a stage's jobs for another process (the driver).
+
+    That is a torchrun rank other than 0, or any process an executor launched with
+    ``PUZZLE_STAGE_WORKER=1``. Workers run the same stage code, so they rebuild the same
+    job lists, but leave the lock, the manifest and the clean-up of temp files to the driver.
+    """
+    if os.environ.get(STAGE_WORKER_ENV) == "1":
+        return True
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) > 0
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch
@@ -82,6 +103,7 @@ class RunContext:
         self.run_dir = run_dir
         self.registries = registries or get_registries()
         self.argv = argv or []  # the CLI arguments of this run, for executors that relaunch it
+        self.stage: str | None = None  # the stage being run, for executors that relaunch it
         self.hashes = stage_hashes(config)
 
     @cached_property
@@ -136,16 +158,20 @@ def run_pipeline(
         raise UserError(f"Unknown stage(s) {unknown}; stages are: {', '.join(STAGE_NAMES)}.")
     wanted = [s for s in STAGES if not stages or s.name in stages]
     rundir = RunDir(run_dir)
-    with rundir.lock():
+    worker = is_stage_worker()
+    if worker:
+        echo = _quiet  # the driver reports progress
+    with contextlib.nullcontext() if worker else rundir.lock():
         existing = rundir.manifest()
         if existing and not resume and not stages:
             raise UserError(
                 f"Run directory {rundir.root} already holds a run. Pass --resume to continue it "
                 f"(finished stages are kept), or choose a new --run-dir."
             )
-        remove_temp_files(rundir.root)
-        if config_text is not None:
-            atomic_write(rundir.path("config.yaml"), config_text)
+        if not worker:
+            remove_temp_files(rundir.root)
+            if config_text is not None:
+                atomic_write(rundir.path("config.yaml"), config_text)
         torch.set_num_threads(max(1, config.threads))
         seed_everything(config.seed)
         ctx = RunContext(config, rundir, argv=argv)
@@ -158,7 +184,9 @@ def run_pipeline(
             echo(label)
             started = time.perf_counter()
             seed_everything(config.seed)
+            ctx.stage = stage.name
             outputs = stage.runner()(ctx)
-            rundir.mark_done(stage.name, digest, outputs)
+            if not worker:
+                rundir.mark_done(stage.name, digest, outputs)
             echo(f"    finished in {time.perf_counter() - started:.1f}s")
     return ctx

@@ -1,0 +1,124 @@
+"""The ``local`` and ``torchrun`` executors: every job once, balanced shares, failures reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from puzzle_core.config import ExecutorChoice, structure
+from puzzle_core.errors import UserError
+from puzzle_core.interfaces import Job
+from puzzle_plugins.torchrun_executor import balanced_shares
+
+
+def make(registries, name, **options):
+    return structure({"name": name, **options}, ExecutorChoice).create(registries)
+
+
+def test_local_runs_every_job_in_order_with_its_threads(registries):
+    seen = []
+    executor = make(registries, "local", threads=1)
+    before = torch.get_num_threads()
+    executor.run([Job(f"j{i}") for i in range(4)], lambda job: seen.append((job.id, torch.get_num_threads())))
+    assert seen == [(f"j{i}", 1) for i in range(4)]
+    assert torch.get_num_threads() == before
+
+
+def test_local_stops_at_the_first_failure(registries):
+    seen = []
+
+    def work(job):
+        seen.append(job.id)
+        if job.id == "b":
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        make(registries, "local").run([Job("a"), Job("b"), Job("c")], work)
+    assert seen == ["a", "b"]
+
+
+def test_balanced_shares_cover_every_job_once_and_balance_cost():
+    jobs = [Job(f"j{i}", cost=c) for i, c in enumerate([7, 5, 4, 4, 3, 3, 2, 1, 1])]
+    shares = balanced_shares(jobs, 3)
+    assert sorted(j.id for share in shares for j in share) == sorted(j.id for j in jobs)
+    loads = [sum(j.cost for j in share) for share in shares]
+    assert max(loads) - min(loads) <= max(j.cost for j in jobs)
+    assert sorted(loads) == [10, 10, 10]
+    assert balanced_shares(list(reversed(jobs)), 3) == shares  # order-independent: every rank agrees
+    assert balanced_shares(jobs[:2], 4)[2:] == [[], []]
+
+
+def test_torchrun_outside_torchrun_without_nproc_is_a_clear_error(registries, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(UserError, match="nproc"):
+        make(registries, "torchrun").run([Job("a")], lambda job: None)
+
+
+def test_torchrun_nproc_needs_a_pipeline_stage(registries, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(UserError, match="stage"):
+        make(registries, "torchrun", nproc=2).run([Job("a")], lambda job: None)
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    from pathlib import Path
+    from puzzle_core.config import ExecutorChoice, structure
+    from puzzle_core.interfaces import Job
+
+    out = Path(sys.argv[1])
+    fail = sys.argv[2] if len(sys.argv) > 2 else None
+    executor = structure({"name": "torchrun", "threads": 1}, ExecutorChoice).create()
+
+    def work(job):
+        if job.id == fail:
+            raise RuntimeError("job " + job.id + " failed on purpose")
+        record = {"rank": int(os.environ["RANK"]), "threads": torch.get_num_threads()}
+        (out / (job.id + ".json")).write_text(json.dumps(record))
+
+    executor.run([Job("j%d" % i, cost=float(10 - i)) for i in range(6)], work, "test jobs")
+    """
+)
+
+
+def torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_torchrun_two_processes_share_the_jobs(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = torchrun(tmp_path, str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert sorted(records) == [f"j{i}" for i in range(6)]
+    ranks = {}
+    for job, record in records.items():
+        ranks.setdefault(record["rank"], []).append(job)
+        assert record["threads"] == 1
+    expected = balanced_shares([Job(f"j{i}", cost=float(10 - i)) for i in range(6)], 2)
+    assert {rank: sorted(jobs) for rank, jobs in ranks.items()} == {
+        rank: sorted(j.id for j in share) for rank, share in enumerate(expected)
+    }
+
+
+def test_torchrun_failure_on_one_rank_fails_the_run_without_hanging(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = torchrun(tmp_path, str(out), "j1")
+    assert result.returncode != 0
+    assert "failed on purpose" in result.stderr
