@@ -112,16 +112,15 @@ _attach_commands()
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     try:
-        cli.main(args=argv, prog_name="puzzle", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
+        # without standalone mode click returns ctx.exit()'s code instead of raising Exit
+        result = cli.main(args=argv, prog_name="puzzle", standalone_mode=False)
     except click.ClickException as exc:
         exc.show()
-        return 2
+        return exc.exit_code
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 130
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -8,18 +8,22 @@ is collected and reported at once with its path, e.g.
 
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import attrs
 import cattrs
+import cattrs.cols
+import cattrs.gen
 import yaml
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
-from puzzle_core.errors import ConfigError, UnknownNameError, UserError
+from puzzle_core.errors import ConfigError, UnknownNameError, UserError, suggest
 
 T = TypeVar("T")
 
@@ -36,6 +40,8 @@ def _structure_float(value: Any, _type: type) -> float:
 def _structure_int(value: Any, _type: type) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"expected int, got {value!r}")
+    if isinstance(value, int):
+        return value
     try:
         number = float(value)
     except ValueError:
@@ -57,9 +63,74 @@ def _structure_bool(value: Any, _type: type) -> bool:
     return value
 
 
+def _structure_literal(value: Any, type_: Any) -> Any:
+    choices = typing.get_args(type_)
+    # compare types too: YAML's `true` must not pass for a Literal[1]
+    if any(value == choice and type(value) is type(choice) for choice in choices):
+        return value
+    raise ValueError(f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def _is_literal(type_: Any) -> bool:
+    return typing.get_origin(type_) is Literal
+
+
+def _is_list(type_: Any) -> bool:
+    return typing.get_origin(type_) in (list, collections.abc.Sequence, collections.abc.MutableSequence)
+
+
+def _is_dict(type_: Any) -> bool:
+    return typing.get_origin(type_) in (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else repr(value) if isinstance(value, (str, int, float)) else type(value).__name__
+
+
+def _list_factory(type_: Any, converter: cattrs.Converter):
+    """Lists refuse strings and mappings, which cattrs would otherwise iterate character by character."""
+    structure_items = cattrs.cols.list_structure_factory(type_, converter)
+
+    def structure_list(value: Any, _type: Any) -> list:
+        if isinstance(value, (str, bytes, collections.abc.Mapping)) or not isinstance(value, collections.abc.Iterable):
+            raise ValueError(f"expected a list, got {_type_name(value)}")
+        return structure_items(value, _type)
+
+    return structure_list
+
+
+def _dict_factory(type_: Any, converter: cattrs.Converter):
+    structure_items = cattrs.cols.mapping_structure_factory(type_, converter)
+
+    def structure_dict(value: Any, _type: Any) -> dict:
+        if not isinstance(value, collections.abc.Mapping):
+            raise ValueError(f"expected a mapping, got {_type_name(value)}")
+        return structure_items(value, _type)
+
+    return structure_dict
+
+
+def _attrs_factory(type_: Any, converter: cattrs.Converter):
+    """Sections must be mappings; an empty one (``section:`` with nothing under it) means defaults."""
+    structure_fields = cattrs.gen.make_dict_structure_fn(type_, converter)
+
+    def structure_section(value: Any, _type: Any) -> Any:
+        if value is None:
+            value = {}
+        if not isinstance(value, collections.abc.Mapping):
+            raise ValueError(f"expected a mapping, got {_type_name(value)}")
+        return structure_fields(value, _type)
+
+    return structure_section
+
+
 def make_converter() -> cattrs.Converter:
     """The converter every config and artifact record goes through."""
     converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook_factory(attrs.has, _attrs_factory)
+    converter.register_structure_hook_factory(_is_list, _list_factory)
+    converter.register_structure_hook_factory(_is_dict, _dict_factory)
+    converter.register_structure_hook_func(_is_literal, _structure_literal)
     converter.register_structure_hook(float, _structure_float)
     converter.register_structure_hook(int, _structure_int)
     converter.register_structure_hook(str, _structure_str)
@@ -96,12 +167,13 @@ def choice_type(kind: str) -> type[PluginChoice]:
 
 
 def _make_choice_types() -> dict[str, type[PluginChoice]]:
-    from puzzle_core.records import KINDS
+    from puzzle_core.records import RECORD_TYPES
 
     types = {}
-    for kind in KINDS:
-        class_name = "".join(part.title() for part in kind.rstrip("s").split("_")) + "Choice"
-        types[kind] = attrs.frozen(type(class_name, (PluginChoice,), {"kind": kind, "__annotations__": {}}))
+    for record_type in RECORD_TYPES:
+        class_name = record_type.__name__ + "Choice"
+        namespace = {"kind": record_type.kind, "__annotations__": {}, "__module__": __name__}
+        types[record_type.kind] = attrs.frozen(type(class_name, (PluginChoice,), namespace))
     return types
 
 
@@ -145,9 +217,16 @@ CONVERTER = make_converter()
 # ---------------------------------------------------------------- errors
 
 
+def _unknown_key_problems(exc: ForbiddenExtraKeysError, path: str) -> list[str]:
+    known = [field.name for field in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+    problems = []
+    for key in sorted(exc.extra_fields, key=str):
+        hint = suggest(key, known) or f" Known keys: {', '.join(known) or '(none)'}."
+        problems.append(f"at {path}.{key}: unknown key.{hint}")
+    return problems
+
+
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ForbiddenExtraKeysError):
-        return f"unknown key(s) {sorted(exc.extra_fields)}"
     if isinstance(exc, KeyError):
         return "required key is missing"
     if isinstance(exc, UnknownNameError):
@@ -168,16 +247,21 @@ def _collect(exc: BaseException, path: str, out: list[str]) -> None:
     elif isinstance(exc, IterableValidationError):
         for sub in exc.exceptions:
             note = next((n for n in getattr(sub, "__notes__", []) if hasattr(n, "index")), None)
-            sub_path = f"{path}[{note.index}]" if note is not None else path
+            if note is None:
+                sub_path = path
+            elif isinstance(note.index, int):
+                sub_path = f"{path}[{note.index}]"
+            else:  # a mapping's key
+                sub_path = f"{path}.{note.index}"
             _collect(sub, sub_path, out)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        out.extend(_unknown_key_problems(exc, path))
+    elif isinstance(exc, ConfigError):  # raised by a nested structure(), e.g. a default's factory
+        out.extend(f"at {path}{problem.removeprefix('at $')}" for problem in exc.problems)
     elif isinstance(exc, ExceptionGroup):
         for sub in exc.exceptions:
             _collect(sub, path, out)
     else:
-        if isinstance(exc, ForbiddenExtraKeysError):
-            for key in sorted(exc.extra_fields):
-                out.append(f"at {path}.{key}: unknown key")
-            return
         out.append(f"at {path}: {_describe(exc)}")
 
 
@@ -185,7 +269,7 @@ def structure(data: Any, type_: type[T], source: str | None = None, path: str = 
     """Structure ``data`` into ``type_``, raising one :class:`ConfigError` with every problem."""
     try:
         return CONVERTER.structure(data, type_)
-    except (ClassValidationError, IterableValidationError) as exc:
+    except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
         problems: list[str] = []
         _collect(exc, path, problems)
         raise ConfigError(problems, source) from None
@@ -197,23 +281,54 @@ def unstructure(obj: Any) -> Any:
     return CONVERTER.unstructure(obj)
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; missing files and syntax errors become :class:`UserError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Config file '{path}' does not exist. Check the path, or start from configs/tiny.yaml.")
+class _StrictLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses duplicate keys instead of keeping the last one silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys merged in with `<<` may be overridden on purpose
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML text safely; syntax errors and duplicate keys become :class:`UserError`."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"Config file '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
-    try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise UserError(f"Config file '{path}' is not valid YAML{where}: {problem}. Fix the syntax and retry.") from None
+        raise UserError(f"Config file '{source}' is not valid YAML{where}: {problem}. Fix the syntax and retry.") from None
+    except RecursionError:
+        raise UserError(f"Config file '{source}' is nested too deeply to be a config.") from None
     return {} if data is None else data
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read and parse a YAML file; a missing, unreadable or malformed file is a :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise UserError(f"Config file '{path}' {what}. Check the path, or start from configs/tiny.yaml.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"Config file '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start}). Save it as UTF-8 and retry."
+        ) from None
+    except OSError as exc:
+        raise UserError(f"Config file '{path}' cannot be read: {exc.strerror}.") from None
+    return parse_yaml(text, str(path))
 
 
 def stable_hash(data: Any) -> str:

@@ -7,6 +7,8 @@ and exits with code 2.
 
 from __future__ import annotations
 
+import difflib
+
 USER_ERROR_EXIT_CODE = 2
 
 
@@ -37,3 +39,10 @@ class PluginError(PuzzleError):
 
 class UnknownNameError(UserError):
     """A name that is not registered; the message lists the choices and the closest."""
+
+
+def suggest(name: str, choices: list[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` (case-insensitive), or ``""``."""
+    by_lower = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.5)
+    return f" Did you mean '{by_lower[close[0]]}'?" if close else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,14 +43,16 @@ class BlockLibrary:
             raise UserError(f"{source}: a block library is a non-empty mapping of 'layer_<i>' to variants.")
         indices = {}
         for key in data:
-            if not (isinstance(key, str) and key.startswith("layer_") and key[6:].isdigit()):
+            match = _LAYER_KEY.fullmatch(key) if isinstance(key, str) else None
+            if match is None:
                 raise UserError(f"{source}: unexpected top-level key {key!r}; expected 'layer_0', 'layer_1', ...")
-            indices[int(key[6:])] = key
-        missing = sorted(set(range(max(indices) + 1)) - set(indices))
-        if missing:
+            indices[int(match[1])] = key
+        last = max(indices)
+        if last + 1 != len(indices):
+            missing = [layer_key(i) for i in range(last) if i not in indices][:10]
             raise UserError(
-                f"{source}: layers {', '.join(layer_key(i) for i in missing)} are missing; a library needs every "
-                f"layer from layer_0 to layer_{max(indices)}."
+                f"{source}: layers {', '.join(missing)}{' ...' if len(missing) == 10 else ''} are missing; a library "
+                f"needs every layer from layer_0 to layer_{last}."
             )
         layers = []
         for index in range(len(indices)):
@@ -64,7 +67,8 @@ class BlockLibrary:
                     if not isinstance(values, dict):
                         raise UserError(f"{source}: {layer_key(index)}.{name}.{section} must be a mapping.")
                     for key, value in values.items():
-                        _check_number(value, f"{source}: {layer_key(index)}.{name}.{section}.{key}")
+                        if _is_number(value):  # non-numeric extras are kept as they are
+                            _check_number(value, f"{source}: {layer_key(index)}.{name}.{section}.{key}")
             layers.append(dict(variants))
         return cls(layers)
 
@@ -123,15 +127,21 @@ class BlockLibrary:
         found: set[str] = set()
         for _, _, record in self.records():
             for section in ("stats", "metrics"):
-                found.update(f"{section}.{key}" for key in record.get(section, {}))
+                found.update(f"{section}.{key}" for key, value in record.get(section, {}).items() if _is_number(value))
         return found
 
 
+_LAYER_KEY = re.compile(r"layer_(0|[1-9][0-9]*)", re.ASCII)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, (str, list, dict)) or value is None:
-            return value  # non-numeric extras are kept as they are
-        raise UserError(f"{where} is {value!r}; expected a number.")
-    if not math.isfinite(value):
+    """``value`` if it is a finite number, else a :class:`UserError` naming ``where``."""
+    if not _is_number(value):
+        raise UserError(f"{where} is {value!r:.80}; expected a number.")
+    if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{where} is {value}; scores and costs must be finite numbers. Re-run the stage that wrote it.")
     return value

@@ -8,6 +8,7 @@ structured into) and returns the component, which follows the interface of its k
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, ClassVar
 
 import attrs
@@ -18,9 +19,12 @@ class NoOptions:
     """Options class for components that take none."""
 
 
-def _is_attrs_class(_instance, attribute, value):
+def _is_options_class(_instance, attribute, value):
     if not (isinstance(value, type) and attrs.has(value)):
         raise TypeError(f"{attribute.name} must be an attrs class, got {value!r}")
+    if "name" in attrs.fields_dict(value):
+        # a config section is {name: <plugin>, <options>}: an option called 'name' could never be set
+        raise ValueError(f"{attribute.name} class {value.__name__} must not have a field called 'name'")
 
 
 def _is_identifier(_instance, attribute, value):
@@ -36,12 +40,17 @@ class PluginRecord:
 
     name: str = attrs.field(validator=_is_identifier)
     implementation: Callable[[Any], Any] = attrs.field(validator=attrs.validators.is_callable())
-    options: type = attrs.field(default=NoOptions, validator=_is_attrs_class)
+    options: type = attrs.field(default=NoOptions, validator=_is_options_class)
     description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
 
     def create(self, options: Any = None) -> Any:
         """Build the component with ``options`` (defaults when ``None``)."""
         return self.implementation(options if options is not None else self.options())
+
+    @classmethod
+    def label(cls) -> str:
+        """What one of these is called in messages (``DistillationLoss`` -> ``distillation loss``)."""
+        return re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()
 
 
 @attrs.frozen

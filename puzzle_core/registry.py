@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Iterator
 
 import attrs
 
-from puzzle_core.errors import PluginError, UnknownNameError
+from puzzle_core.errors import PluginError, UnknownNameError, suggest
 from puzzle_core.plugins import PuzzlePluginManager, get_plugin_manager, report_plugin_fault
 from puzzle_core.records import KINDS, RECORD_TYPES, PluginRecord
+
+__all__ = ["Entry", "Registry", "Registries", "build_registries", "create", "get_registries", "suggest"]
 
 
 @attrs.frozen
@@ -23,12 +24,6 @@ class Entry:
     @property
     def name(self) -> str:
         return self.record.name
-
-
-def suggest(name: str, choices: list[str]) -> str:
-    """`` Did you mean 'x'?`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 class Registry:
@@ -70,7 +65,7 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            singular = self.kind.rstrip("s").replace("_", " ")
+            singular = self.record_type.label()
             choices = ", ".join(self.names()) or "(none installed)"
             raise UnknownNameError(
                 f"Unknown {singular} '{name}'.{suggest(name, self.names())} Available {self.kind}: {choices}. "
@@ -115,17 +110,23 @@ def build_registries(manager: PuzzlePluginManager | None = None) -> Registries:
             plugin = impl.plugin_name
             distribution = manager.distribution_of(plugin)
             where = f"plugin '{plugin}' from distribution '{distribution}'"
+            skipped = f"Its {record_type.kind.replace('_', ' ')} were skipped"
             try:
-                records = impl.function() or []
-                records = list(records)
-            except Exception as exc:
-                report_plugin_fault(f"Hook puzzle_{record_type.kind} of {where} raised {type(exc).__name__}: {exc}.")
-                continue
-            bad = [r for r in records if not isinstance(r, record_type)]
-            if bad:
+                records = impl.function()
+            except Exception as exc:  # third-party code can fail in any way
                 report_plugin_fault(
-                    f"Hook puzzle_{record_type.kind} of {where} returned {bad[0]!r}; expected "
-                    f"{record_type.__name__} records from puzzle_core.records."
+                    f"Hook puzzle_{record_type.kind} of {where} raised {type(exc).__name__}: {exc}.", skipped
+                )
+                continue
+            records = [] if records is None else records
+            malformed = (
+                [records] if not isinstance(records, (list, tuple)) else [r for r in records if not isinstance(r, record_type)]
+            )
+            if malformed:
+                report_plugin_fault(
+                    f"Hook puzzle_{record_type.kind} of {where} returned {malformed[0]!r:.200}; expected a list of "
+                    f"{record_type.__name__} records from puzzle_core.records.",
+                    skipped,
                 )
                 continue
             for record in records:

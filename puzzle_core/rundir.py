@@ -9,6 +9,7 @@ made with the same config hash is skipped; that is what makes ``--resume`` lose 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -130,28 +131,37 @@ class RunDir:
         if not path.exists():
             return {}
         try:
-            return json.loads(path.read_text())
+            manifest = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(
-                f"{path} is corrupt. Delete it to recompute every stage of this run directory."
-            ) from None
+            manifest = None
+        if not (isinstance(manifest, dict) and all(isinstance(r, dict) for r in manifest.values())):
+            raise UserError(f"{path} is corrupt. Delete it to recompute every stage of this run directory.")
+        return manifest
 
     def stage_done(self, stage: str, config_hash: str) -> bool:
         """Whether ``stage`` finished with this config and its outputs are intact."""
         record = self.manifest().get(stage)
         if not record or record.get("config_hash") != config_hash:
             return False
-        for rel, digest in record.get("outputs", {}).items():
+        outputs = record.get("outputs")
+        if not isinstance(outputs, dict):
+            return False
+        for rel, digest in outputs.items():
             path = self.path(rel)
             if not path.is_file() or sha256_file(path) != digest:
                 return False
         return True
 
     def mark_done(self, stage: str, config_hash: str, outputs: list[str | Path]) -> None:
-        """Record ``stage`` as finished, with checksums of ``outputs``."""
+        """Record ``stage`` as finished, with checksums of ``outputs`` (a folder: every file in it)."""
         manifest = self.manifest()
-        rels = sorted(str(Path(p).resolve().relative_to(self.root.resolve())) for p in outputs)
-        manifest[stage] = {"config_hash": config_hash, "outputs": {r: sha256_file(self.path(r)) for r in rels}}
+        root = self.root.resolve()
+        files: set[str] = set()
+        for output in outputs:
+            output = Path(output).resolve()
+            found = [p for p in output.rglob("*") if p.is_file()] if output.is_dir() else [output]
+            files.update(str(p.relative_to(root)) for p in found if not p.name.startswith(TEMP_PREFIX))
+        manifest[stage] = {"config_hash": config_hash, "outputs": {r: sha256_file(self.path(r)) for r in sorted(files)}}
         atomic_write_json(self.path(MANIFEST), manifest)
 
     def invalidate(self, stage: str) -> None:
@@ -163,48 +173,58 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the run directory; a second live owner is refused, a dead one's lock taken over."""
+        """Hold the run directory against other processes; re-entrant within this one.
+
+        The lock is an ``flock`` on ``.lock``, which also holds the owner's pid for the
+        message. The kernel drops it when its owner dies, however it dies, so the lock
+        file of a killed run is simply taken over, and two takers can never both win.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        lock = self.path(LOCK)
-        while True:
+        key = self.root.resolve()
+        if key in _held:
+            _held[key] += 1
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = _read_pid(lock)
-                if owner is not None and owner != os.getpid() and _alive(owner):
-                    raise UserError(
-                        f"Run directory {self.root} is in use by process {owner} (lock file {lock}). "
-                        f"Wait for it to finish, or use another --run-dir."
-                    ) from None
-                # stale: its owner is gone; replace atomically so two takers cannot both win
-                stale = lock.with_name(f"{LOCK}.stale-{os.getpid()}")
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(lock, stale)
-                    stale.unlink()
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
-            break
+                yield
+            finally:
+                _held[key] -= 1
+            return
+        lock = self.path(LOCK)
+        fd = _acquire(lock, self.root)
+        _held[key] = 1
         try:
             yield
         finally:
+            del _held[key]
             with contextlib.suppress(FileNotFoundError):
-                if _read_pid(lock) == os.getpid():
-                    lock.unlink()
+                lock.unlink()  # while still holding it, so nobody locks the doomed file
+            os.close(fd)
 
 
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip() or "0") or None
-    except (OSError, ValueError):
-        return None
+_held: dict[Path, int] = {}  # run directories this process holds, with nesting depth
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _acquire(lock: Path, root: Path) -> int:
+    """Lock ``lock`` exclusively (without waiting) and write our pid into it; returns its fd."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f"process {owner}" if owner.isdigit() else "another process"
+            raise UserError(
+                f"Run directory {root} is in use by {who} (lock file {lock}). Wait for it to finish, "
+                f"or use another --run-dir."
+            ) from None
+        try:
+            current = os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(fd).st_ino:  # the previous owner removed it after our open: retry
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.fsync(fd)
+        return fd
