@@ -1,1 +1,133 @@
-"""(being written)"""
+"""The ``mip`` solver: Puzzle's mixed-integer program, solved with python-mip's CBC.
+
+Binary ``x[i, j]`` (layer ``i`` uses variant ``j``), ``sum_j x[i, j] = 1`` per layer,
+one or two linear rows per constraint (``min <= sum cost x <= max``, fixed costs already
+subtracted), and the summed objective. Diverse solutions come from no-good cuts: after a
+solution ``c``, ``sum_i x[i, c_i] <= layers - k`` makes every later one differ from it in
+at least ``k`` layers.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import attrs
+import mip
+import numpy as np
+
+from puzzle_core import hookimpl
+from puzzle_core.errors import UserError
+from puzzle_core.interfaces import Solver
+from puzzle_core.records import Solver as SolverRecord
+from puzzle_core.search import SearchProblem, SearchWarning, Solution, Status, check_diversity_count, infeasible_error
+
+
+@attrs.frozen
+class MipOptions:
+    """CBC settings. ``gap`` is the relative optimality gap at which CBC stops."""
+
+    gap: float = attrs.field(default=1e-3, validator=attrs.validators.ge(0.0))
+    time_limit: float = attrs.field(default=60.0, validator=attrs.validators.gt(0.0))  # seconds, per solution
+    threads: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+
+
+@attrs.frozen
+class MipResult:
+    """One solved program: per-layer indices into ``problem.allowed``, status and proven gap."""
+
+    choice: list[int]
+    status: Status
+    gap: float
+    seconds: float
+
+
+def relative_gap(value: float, bound: float) -> float:
+    """``|value - bound| / |value|`` (0 when both agree), the gap CBC stops at."""
+    difference = abs(value - bound)
+    return 0.0 if difference <= 1e-12 * max(1.0, abs(value)) else difference / max(abs(value), 1e-12)
+
+
+def solve_mip(problem: SearchProblem, options: MipOptions, solver: str) -> list[MipResult]:
+    """Up to ``problem.num_solutions`` diverse optima of ``problem``, best first."""
+    model = mip.Model(sense=mip.MINIMIZE if problem.minimize else mip.MAXIMIZE, solver_name=mip.CBC)
+    model.verbose = 0
+    model.threads = options.threads
+    model.max_mip_gap = options.gap
+    model.max_mip_gap_abs = 1e-10
+    mask = problem.mask
+    x = [[model.add_var(var_type=mip.BINARY) for _ in range(int(row.sum()))] for row in mask]
+    for row in x:
+        model += mip.xsum(row) == 1
+    for constraint in problem.constraints:
+        table = problem.values(constraint.path, cost=True)
+        expression = mip.xsum(
+            float(table[i, j]) * var for i, row in enumerate(x) for j, var in enumerate(row) if table[i, j] != 0
+        )
+        low, high = problem.bounds(constraint)
+        if high is not None:
+            model += expression <= high
+        if low is not None:
+            model += expression >= low
+    scores = problem.scores()
+    model.objective = mip.xsum(float(scores[i, j]) * var for i, row in enumerate(x) for j, var in enumerate(row))
+
+    results: list[MipResult] = []
+    status = mip.OptimizationStatus.LOADED
+    while len(results) < problem.num_solutions:
+        started = time.perf_counter()
+        status = model.optimize(max_seconds=options.time_limit)
+        seconds = time.perf_counter() - started
+        if status in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
+            choice = [int(np.argmax([var.x for var in row])) for row in x]
+            gap = relative_gap(model.objective_value, model.objective_bound)
+            kind: Status = "optimal" if status == mip.OptimizationStatus.OPTIMAL else "time_limit"
+            if kind == "time_limit":
+                warnings.warn(
+                    f"{solver} stopped at its time limit of {options.time_limit:g}s with a proven gap of {gap:.2e} "
+                    f"(asked for {options.gap:g}); raise time_limit or gap.",
+                    SearchWarning,
+                    stacklevel=2,
+                )
+            results.append(MipResult(choice, kind, gap, seconds))
+            model += mip.xsum(x[i][j] for i, j in enumerate(choice)) <= problem.num_layers - problem.min_diversity
+            continue
+        if results:  # no further diverse solution (or none within the time limit)
+            break
+        if status == mip.OptimizationStatus.NO_SOLUTION_FOUND:
+            raise UserError(
+                f"{solver} found no choice meeting the constraints within its time limit of {options.time_limit:g}s. "
+                f"Raise time_limit, or loosen the constraints."
+            )
+        if status in (mip.OptimizationStatus.INFEASIBLE, mip.OptimizationStatus.INT_INFEASIBLE):
+            raise infeasible_error(problem, solver)
+        raise RuntimeError(f"CBC ended with status {status.name} on a bounded 0/1 program")
+    check_diversity_count(problem, len(results), solver, timed_out=status == mip.OptimizationStatus.NO_SOLUTION_FOUND)
+    return results
+
+
+class MipSolver(Solver):
+    """Exact search: the optimum within the relative gap, and diverse runners-up."""
+
+    name = "mip"
+
+    def __init__(self, options: MipOptions):
+        self.options = options
+
+    def solve(self, problem: SearchProblem) -> list[Solution]:
+        return [
+            problem.solution(self.name, r.choice, r.status, r.gap, r.seconds)
+            for r in solve_mip(problem, self.options, self.name)
+        ]
+
+
+@hookimpl
+def puzzle_solvers():
+    return [
+        SolverRecord(
+            name=MipSolver.name,
+            implementation=MipSolver,
+            options=MipOptions,
+            description="Mixed-integer program (python-mip / CBC): optimal choice under the budgets",
+        )
+    ]

@@ -23,6 +23,7 @@ from puzzle_core.config import (
     read_yaml,
     structure,
 )
+from puzzle_core.search import Constraint, LayerRule, Objective
 
 TorchDtype = Literal["float32", "bfloat16"]
 
@@ -74,8 +75,9 @@ class ScoringSection:
 
     scorers: list[ScorerChoice] = attrs.Factory(lambda: [structure("kl", ScorerChoice)])
     tokens: int = 4096  # validation tokens scored per variant
-    batch_size: int = 8
-    executor: ExecutorChoice = _choice(ExecutorChoice, "local")
+    batch_size: int = 8  # sequences per forward
+    max_cache_mib: int = 4096  # bound on the cached parent activations (see puzzle_core.scoring)
+    executor: ExecutorChoice = _choice(ExecutorChoice, "local")  # jobs: one per layer
 
 
 def _at_least(minimum: int):
@@ -119,15 +121,22 @@ class CostSection:
 
 @attrs.frozen
 class SearchSection:
-    """Stage 2b: choosing one block per layer."""
+    """Stage 2b: choosing one block per layer.
+
+    ``constraints`` bound whole-model totals (fixed costs included): ``stats.memory_mib<=80000``,
+    ``10<=stats.runtime_ms<=50``, ``{stats.runtime_ms: [10, 50]}``, ``throughput>=6000 tokens/s``,
+    ``speedup>=1.5``. ``speedups`` sweeps runtime budgets for the frontier plot.
+    """
 
     solver: SolverChoice = _choice(SolverChoice, "mip")
-    objective: str = "metrics.kl"
+    objective: Objective = attrs.Factory(lambda: Objective.parse("metrics.kl"))  # or 'metrics.kl + 0.5*metrics.lm_loss'
     minimize: bool = True
-    constraints: list[str] = attrs.Factory(list)  # 'stats.memory_mib<=80000', 'throughput>=6000'
+    constraints: list[Constraint] = attrs.Factory(list)
     speedup: float | None = None  # runtime budget = parent runtime / speedup
+    speedups: list[float] = attrs.Factory(list)  # frontier sweep (two or more: solutions/frontier.png)
+    layers: list[LayerRule] = attrs.Factory(list)  # per-layer rules, e.g. {layers: [0, -1], keep_attention: true}
     num_solutions: int = 1
-    min_diversity: int = 1
+    min_diversity: int = 1  # each further solution differs from every earlier one in this many layers
     baselines: list[SolverChoice] = attrs.Factory(list)
 
 

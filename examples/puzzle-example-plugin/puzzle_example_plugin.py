@@ -7,7 +7,16 @@ below registers.
 
 from __future__ import annotations
 
+import time
+
+import attrs
+import numpy as np
+
 from puzzle_core import hookimpl
+from puzzle_core.errors import UserError
+from puzzle_core.interfaces import Solver
+from puzzle_core.records import Solver as SolverRecord
+from puzzle_core.search import SearchProblem, Solution, check_diversity_count, infeasible_error
 from puzzle_plugins.roofline import GPUSpec, roofline_cost_model
 
 # ---------------------------------------------------------------- an A100 cost model
@@ -25,3 +34,74 @@ A100_SXM = GPUSpec(
 @hookimpl
 def puzzle_cost_models():
     return [roofline_cost_model("a100", A100_SXM)]
+
+
+# ---------------------------------------------------------------- a brute-force solver
+# A new solver is a class with ``solve(problem) -> [Solution]``, an options class and a
+# record. This one tries every combination, so it only suits small libraries; it is
+# the reference the MIP is checked against.
+
+
+@attrs.frozen
+class BruteForceOptions:
+    """``max_combinations``: refuse libraries with more combinations than this."""
+
+    max_combinations: int = 2_000_000
+
+
+class BruteForceSolver(Solver):
+    """Exhaustive search: exact optimum and exact diverse runners-up."""
+
+    name = "brute_force"
+
+    def __init__(self, options: BruteForceOptions):
+        self.options = options
+
+    def _grid(self, problem: SearchProblem, table: np.ndarray) -> np.ndarray:
+        """The sum over layers of ``table`` for every combination, flattened."""
+        sizes = [len(names) for names in problem.allowed]
+        total = np.zeros(sizes)
+        for i, size in enumerate(sizes):
+            shape = [1] * len(sizes)
+            shape[i] = size
+            total = total + table[i, :size].reshape(shape)
+        return total.ravel()
+
+    def solve(self, problem: SearchProblem) -> list[Solution]:
+        started = time.perf_counter()
+        sizes = [len(names) for names in problem.allowed]
+        count = int(np.prod(sizes, dtype=float))
+        if count > self.options.max_combinations:
+            raise UserError(
+                f"{self.name} would try {count} combinations, more than max_combinations="
+                f"{self.options.max_combinations}. Use the mip solver for libraries this large."
+            )
+        feasible = np.ones(count, dtype=bool)
+        for constraint in problem.constraints:
+            totals = problem.fixed.get(constraint.path, 0.0) + self._grid(problem, problem.values(constraint.path, True))
+            feasible &= constraint.holds(totals)
+        if not feasible.any():
+            raise infeasible_error(problem, self.name)
+        scores = self._grid(problem, problem.scores())
+        candidates = np.flatnonzero(feasible)
+        candidates = candidates[np.argsort(scores[candidates] * (1 if problem.minimize else -1), kind="stable")]
+        layouts = np.stack(np.unravel_index(candidates, sizes), axis=1)  # (candidates, layers)
+        picked: list[np.ndarray] = []
+        while len(picked) < problem.num_solutions and len(layouts):
+            picked.append(layouts[0])
+            layouts = layouts[(layouts != layouts[0]).sum(axis=1) >= problem.min_diversity]
+        check_diversity_count(problem, len(picked), self.name)
+        seconds = time.perf_counter() - started
+        return [problem.solution(self.name, choice.tolist(), "optimal", 0.0, seconds) for choice in picked]
+
+
+@hookimpl(specname="puzzle_solvers")
+def brute_force_solver():
+    return [
+        SolverRecord(
+            name=BruteForceSolver.name,
+            implementation=BruteForceSolver,
+            options=BruteForceOptions,
+            description="Exhaustive search over every combination (small libraries; a reference for tests)",
+        )
+    ]

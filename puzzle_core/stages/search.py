@@ -1,1 +1,142 @@
-"""(being written)"""
+"""Stage ``search``: choose the children's blocks from the scored and costed library.
+
+Reads the merged library of the run (``library/index.json`` + scores + costs; the parent
+block of a layer is the first one listed), the fixed costs and scenario from
+``costs/costs.json``, and the ``search`` config section. Writes to ``solutions/``:
+
+- ``<solver>.json`` per solver (main solver, then each baseline) and ``<solver>_<k>.json``
+  for the main solver's extra diverse solutions: :class:`~puzzle_core.search.Solution`
+  records whose ``chosen`` maps ``layer_<i>`` to a block id (``puzzle model assemble
+  --blocks`` reads them);
+- ``index.json``: ``{"objective", "minimize", "constraints", "parent": {"objective_value",
+  "totals"}, "solutions": [{"name", "file", "solver", "main", "status", "objective_value"}],
+  "frontier": {"json", "png"} | null}``, main solutions first;
+- ``frontier.json`` and ``frontier.png`` when ``search.speedups`` lists two or more budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from puzzle_core.errors import UserError
+from puzzle_core.frontier import plot_frontier, sweep
+from puzzle_core.library import BlockLibrary
+from puzzle_core.library_view import COSTS, build_library_view
+from puzzle_core.rundir import RunDir, atomic_write_json
+from puzzle_core.search import SearchProblem, SearchWarning, build_problem, run_solver
+from puzzle_core.schema import SearchSection
+
+SOLUTIONS = "solutions"
+
+
+def run_library(run_dir: RunDir) -> tuple[BlockLibrary, dict[str, float], dict[str, Any] | None]:
+    """The run's merged library, its fixed costs and its scenario (``None`` before the cost stage)."""
+    try:
+        library = build_library_view(run_dir)
+    except FileNotFoundError:
+        raise UserError(
+            f"{run_dir.root} has no block library yet (library/index.json). Run the library, score and cost stages "
+            f"first: `puzzle run CONFIG --run-dir {run_dir.root}`."
+        ) from None
+    costs_path = run_dir.path(*COSTS)
+    costs = json.loads(costs_path.read_text()) if costs_path.is_file() else {}
+    return library, dict(costs.get("fixed", {})), costs.get("scenario")
+
+
+def section_problem(
+    library: BlockLibrary, section: SearchSection, fixed: dict[str, float], scenario: dict | None, speedup: bool = True
+) -> SearchProblem:
+    """The problem a config section describes (without its ``speedup`` when ``speedup=False``)."""
+    return build_problem(
+        library,
+        section.objective,
+        minimize=section.minimize,
+        constraints=section.constraints,
+        speedup=section.speedup if speedup else None,
+        layer_rules=section.layers,
+        fixed=fixed,
+        scenario=scenario,
+        num_solutions=section.num_solutions,
+        min_diversity=section.min_diversity,
+    )
+
+
+def solution_name(solver: str, rank: int) -> str:
+    """``mip`` for the best solution, ``mip_1``, ``mip_2``... for the diverse runners-up."""
+    return solver if rank == 0 else f"{solver}_{rank}"
+
+
+def run(ctx) -> list[Path]:
+    section: SearchSection = ctx.config.search
+    run_dir: RunDir = ctx.run_dir
+    names = [section.solver.name] + [b.name for b in section.baselines]
+    if len(set(names)) != len(names):
+        raise UserError(
+            f"search.solver and search.baselines name a solver twice ({', '.join(names)}); list each solver once."
+        )
+    library, fixed, scenario = run_library(run_dir)
+    problem = section_problem(library, section, fixed, scenario)
+    out = run_dir.path(SOLUTIONS)
+    written: list[Path] = []
+    entries: list[dict] = []
+    solvers = {choice.name: ctx.create(choice) for choice in [section.solver, *section.baselines]}
+    for name, solver in solvers.items():
+        main = name == section.solver.name
+        try:
+            solutions = run_solver(solver, problem if main else attrs.evolve(problem, num_solutions=1), name)
+        except UserError as exc:
+            if main:
+                raise
+            warnings.warn(f"Baseline {name} found no solution: {exc}", SearchWarning, stacklevel=2)
+            continue
+        for rank, solution in enumerate(solutions):
+            path = out / f"{solution_name(name, rank)}.json"
+            atomic_write_json(path, solution.to_json())
+            written.append(path)
+            entries.append(
+                {
+                    "name": solution_name(name, rank),
+                    "file": path.name,
+                    "solver": name,
+                    "main": main,
+                    "status": solution.status,
+                    "objective_value": solution.objective_value,
+                }
+            )
+            print(
+                f"    {solution_name(name, rank)}: {problem.objective} = {solution.objective_value:.6g} "
+                f"({solution.status}, {solution.solve_seconds:.2f}s)"
+            )
+
+    frontier_files = None
+    if len(section.speedups) >= 2:
+        base = section_problem(library, section, fixed, scenario, speedup=False)
+        frontier = sweep(base, solvers, section.speedups, scenario)
+        json_path, png_path = out / "frontier.json", out / "frontier.png"
+        atomic_write_json(json_path, frontier.to_json())
+        plot_frontier(frontier, png_path)
+        written += [json_path, png_path]
+        frontier_files = {"json": json_path.name, "png": png_path.name}
+
+    index_path = out / "index.json"
+    atomic_write_json(
+        index_path,
+        {
+            "objective": str(problem.objective),
+            "minimize": problem.minimize,
+            "constraints": [str(c) for c in problem.constraints],
+            "parent": {"objective_value": problem.objective_value(problem.parent), "totals": problem.totals(problem.parent)},
+            "solutions": entries,
+            "frontier": frontier_files,
+        },
+    )
+    written.append(index_path)
+    for stale in out.iterdir():  # results of an earlier search with other settings
+        if stale.is_file() and stale.suffix in {".json", ".png"} and stale not in written:
+            stale.unlink()
+    return written
