@@ -1,1 +1,55 @@
-"""(being written)"""
+"""Replace-1-block scorers on the validation tokens: ``kl``, ``lm_loss``, ``cosine``.
+
+Each compares the otherwise-parent model with one block replaced against the parent,
+per real token, on the same cached validation batches (one forward per block serves
+all three). Lower is better for all of them.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from puzzle_core import hookimpl
+from puzzle_core.interfaces import ModelOutputs, Scorer, ScoringBatch
+from puzzle_core.records import Scorer as ScorerRecord
+
+
+class KLDivergence(Scorer):
+    """KL(parent || model) of the next-token distributions, averaged over tokens (the paper's default)."""
+
+    needs_parent_log_probs = True
+
+    def batch_score(self, child: ModelOutputs, parent: ModelOutputs, batch: ScoringBatch) -> tuple[float, float]:
+        per_token = F.kl_div(child.log_probs, parent.log_probs, log_target=True, reduction="none").sum(-1)
+        return float(per_token[batch.mask].sum()), float(batch.mask.sum())
+
+
+class NextTokenLoss(Scorer):
+    """Cross-entropy of the model on the true next tokens (the parent's own loss for the parent block)."""
+
+    def batch_score(self, child: ModelOutputs, parent: ModelOutputs, batch: ScoringBatch) -> tuple[float, float]:
+        labels = batch.labels
+        loss = F.nll_loss(child.log_probs.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        return float(loss), float((labels != -100).sum())
+
+
+class HiddenCosineDistance(Scorer):
+    """1 - cosine similarity of the final-layer hidden states (before the final norm and head)."""
+
+    def batch_score(self, child: ModelOutputs, parent: ModelOutputs, batch: ScoringBatch) -> tuple[float, float]:
+        similarity = F.cosine_similarity(child.hidden.float(), parent.hidden.float(), dim=-1)
+        distance = (1.0 - similarity).clamp_min(0.0)
+        return float(distance[batch.mask].sum()), float(batch.mask.sum())
+
+
+@hookimpl
+def puzzle_scorers():
+    return [
+        ScorerRecord(name="kl", implementation=KLDivergence,
+                     description="KL(parent || model) per validation token, block replaced alone (paper default)"),
+        ScorerRecord(name="lm_loss", implementation=NextTokenLoss,
+                     description="next-token loss on the validation tokens, block replaced alone"),
+        ScorerRecord(name="cosine", implementation=HiddenCosineDistance,
+                     description="1 - cosine similarity of final hidden states to the parent's, block replaced alone"),
+    ]
+

@@ -167,6 +167,81 @@ class DistillationLoss(ABC):
         """A scalar loss tensor."""
 
 
+@attrs.frozen
+class ScoringBatch:
+    """One batch a scorer is evaluated on, right-padded.
+
+    Under causal attention right padding never changes what real tokens see, so no
+    attention mask is needed. ``mask`` marks real tokens; ``labels`` holds next-token
+    targets (-100 where none); ``extra`` is whatever else the scorer needs per row.
+    """
+
+    input_ids: Any  # (batch, seq) token ids
+    mask: Any  # (batch, seq) bool, True on real tokens
+    labels: Any = None  # (batch, seq) next-token targets, -100 where none
+    extra: Any = None
+
+
+@attrs.frozen
+class ScoringData:
+    """The data a scorer runs on; scorers giving the same ``key`` share one cached parent pass.
+
+    ``load`` is called once per process that scores, and only if some block still needs scores.
+    """
+
+    key: str
+    load: Callable[[], Sequence[ScoringBatch]]
+    description: str = ""
+
+
+class ModelOutputs:
+    """A model's final-layer hidden states on a batch; logits and log-probs made on first use."""
+
+    def __init__(self, hidden, head: Callable[[Any], Any], log_probs=None):
+        self.hidden = hidden  # (batch, seq, hidden), before the final norm and LM head
+        self.head = head  # final norm + LM head, applicable to any subset of hidden states
+        self._log_probs = log_probs
+
+    @property
+    def log_probs(self):
+        """Next-token log-probabilities, float32 ``(batch, seq, vocab)``."""
+        if self._log_probs is None:
+            import torch
+
+            self._log_probs = torch.log_softmax(self.head(self.hidden).float(), dim=-1)
+        return self._log_probs
+
+
+class Scorer(ABC):
+    """Implementation of a :class:`~puzzle_core.records.Scorer` record.
+
+    The replace-1-block engine runs the parent with one block replaced over
+    :meth:`data` and hands every batch to :meth:`batch_score`; the block's score is the
+    sum of the returned values over the sum of the returned counts. A scorer on the
+    validation tokens is therefore one method.
+    """
+
+    higher_is_better: bool = False
+    needs_parent_log_probs: bool = False  # keep the parent's log-probs in the cache
+
+    def __init__(self, options: Any = None):
+        self.options = options
+
+    def data(self, ctx) -> ScoringData:
+        """What to score on (default: the validation split of the run's corpus)."""
+        from puzzle_core.scoring import validation_data
+
+        return validation_data(ctx)
+
+    @abstractmethod
+    def batch_score(self, child: ModelOutputs, parent: ModelOutputs, batch: ScoringBatch) -> tuple[float, float]:
+        """``(sum of per-item values, number of items)`` on one batch."""
+
+    def info(self) -> dict:
+        """Facts recorded with the scores (e.g. which task subjects were used)."""
+        return {}
+
+
 class CostModel(ABC):
     """Implementation of a :class:`~puzzle_core.records.CostModel` record."""
 

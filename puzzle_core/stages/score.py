@@ -1,1 +1,182 @@
-"""(being written)"""
+"""Stage ``score``: replace-1-block scores of every (layer, block) in the library.
+
+One executor job per layer writes ``scores/shards/layer_<i>.json``; a shard whose key
+(library, data and scoring settings, the layer's block list) still matches is kept, so a
+resumed or widened run scores only what is missing. The shards are merged into
+``scores/scores.json`` (``{"layer_i": {block_id: {scorer: value}}, "_meta": {...}}``)
+and the run's library view is rewritten with the scores as ``metrics.<scorer>``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from puzzle_core.blocks import BlockSpec, SubBlockSpec
+from puzzle_core.config import stable_hash, unstructure
+from puzzle_core.errors import UserError
+from puzzle_core.interfaces import Job, Part
+from puzzle_core.library import layer_key
+from puzzle_core.library_view import INDEX, SCORES, layer_blocks, write_library_view
+from puzzle_core.pipeline import is_stage_worker
+from puzzle_core.rundir import atomic_write_json
+from puzzle_core.scoring import ScoringSession
+
+SHARDS = ("scores", "shards")
+
+
+def read_index(run_dir) -> list[list[str]]:
+    path = run_dir.path(*INDEX)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: scoring needs the block library. Run `puzzle run CONFIG --stage library` first.")
+    return layer_blocks(json.loads(path.read_text()))
+
+
+def shard_path(run_dir, layer: int) -> Path:
+    return run_dir.path(*SHARDS, f"{layer_key(layer)}.json")
+
+
+def read_shard(path: Path, key: str) -> dict | None:
+    """A finished shard with this key, or ``None`` (missing, stale or unreadable)."""
+    try:
+        shard = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return shard if isinstance(shard, dict) and shard.get("key") == key else None
+
+
+class LayerScoring:
+    """The work of one job: score every block of a layer. Built lazily in whichever process runs it."""
+
+    def __init__(self, ctx, layers: list[list[str]], scorers: dict[str, Any], keys: dict[int, str]):
+        self.ctx = ctx
+        self.layers = layers
+        self.scorers = scorers
+        self.keys = keys
+        self.parent_blocks = [BlockSpec.parse(blocks[0]) for blocks in layers]  # the index lists the parent first
+
+    @cached_property
+    def runner(self):
+        return self.ctx.family.layer_runner(self.ctx.parent.model)
+
+    @cached_property
+    def session(self) -> ScoringSession:
+        ctx = self.ctx
+        return ScoringSession(
+            self.runner,
+            vocab_size=ctx.parent.shape.vocab_size,
+            scorers=self.scorers,
+            data={name: scorer.data(ctx) for name, scorer in self.scorers.items()},
+            max_cache_mib=ctx.config.scoring.max_cache_mib,
+            device=next(ctx.parent.model.parameters()).device,
+        )
+
+    def sublayer(self, layer: int, part: Part, spec: SubBlockSpec, parent_spec: SubBlockSpec, weights: dict):
+        """The module of ``spec``: the parent's own, or a variant with its trained weights."""
+        if spec == parent_spec:
+            return self.runner.sublayer(layer, part)
+        ctx = self.ctx
+        module = ctx.family.init_sublayer(ctx.parent, layer, spec, None, method=ctx.variant_provider.init_method)
+        state = weights.get((layer, part))
+        if state is not None:
+            module.load_state_dict(state)
+        elif next(module.parameters(), None) is not None:
+            raise UserError(
+                f"The block library has no trained weights for {spec.id} at {layer_key(layer)}. Re-run "
+                f"`puzzle run CONFIG --stage library` so every block in library/index.json is trained."
+            )
+        return module.to(dtype=self.ctx.parent.model.dtype).eval()
+
+    def block_modules(self, layer: int, block: BlockSpec):
+        from puzzle_core.bld import load_sublayers
+
+        blocks = list(self.parent_blocks)
+        blocks[layer] = block
+        weights = load_sublayers(self.ctx.run_dir, blocks)
+        parent = self.parent_blocks[layer]
+        return (self.sublayer(layer, "attention", block.attention, parent.attention, weights),
+                self.sublayer(layer, "ffn", block.ffn, parent.ffn, weights))
+
+    def __call__(self, job: Job) -> None:
+        layer = job.payload
+        path = shard_path(self.ctx.run_dir, layer)
+        if read_shard(path, self.keys[layer]) is not None:
+            return  # done earlier, or by another process
+        session = self.session
+        scores = {}
+        blocks = self.layers[layer]
+        with tqdm(blocks, desc=f"scoring {layer_key(layer)}", unit="block", leave=False, dynamic_ncols=True) as bar:
+            for block_id in bar:
+                bar.set_postfix_str(block_id, refresh=False)
+                attention, ffn = self.block_modules(layer, BlockSpec.parse(block_id))
+                scores[block_id] = session.score(layer, attention, ffn)
+        atomic_write_json(path, {"key": self.keys[layer], "layer": layer, "parent": session.reference(),
+                                 "scores": scores})
+
+
+def shard_keys(ctx, layers: list[list[str]]) -> dict[int, str]:
+    """What a layer's scores depend on: the trained library, the data, the scorers and the blocks."""
+    scoring = unstructure(ctx.config.scoring)
+    scoring.pop("executor")  # how jobs run does not change their results
+    common = {"library": ctx.hashes["library"], "scoring": scoring}
+    return {i: stable_hash({**common, "layer": i, "blocks": blocks}) for i, blocks in enumerate(layers)}
+
+
+def run(ctx) -> list[Path]:
+    section = ctx.config.scoring
+    names = [choice.name for choice in section.scorers]
+    if not names:
+        raise UserError("scoring.scorers is empty; list at least one scorer, e.g. [kl].")
+    if len(set(names)) != len(names):
+        raise UserError(f"scoring.scorers names a scorer twice ({names}); list each once.")
+    layers = read_index(ctx.run_dir)
+    scorers = {choice.name: ctx.create(choice) for choice in section.scorers}
+    keys = shard_keys(ctx, layers)
+    pending = [i for i in range(len(layers)) if read_shard(shard_path(ctx.run_dir, i), keys[i]) is None]
+    if pending:
+        # a block at layer i runs layers i..N-1 and the head (about one more layer's worth)
+        jobs = [Job(id=layer_key(i), cost=len(layers[i]) * (len(layers) - i + 1), payload=i) for i in pending]
+        work = LayerScoring(ctx, layers, scorers, keys)
+        ctx.create(section.executor).run(jobs, work, description="replace-1-block scoring", context=ctx)
+    if is_stage_worker():
+        return []  # the driver process merges the shards
+    return write_scores(ctx, layers, scorers, keys)
+
+
+def write_scores(ctx, layers: list[list[str]], scorers: dict[str, Any], keys: dict[int, str]) -> list[Path]:
+    """Merge the layer shards into ``scores/scores.json`` and refresh the library view."""
+    merged: dict[str, Any] = {}
+    shards = []
+    parent_scores: dict[str, float] = {}
+    for i in range(len(layers)):
+        path = shard_path(ctx.run_dir, i)
+        shard = read_shard(path, keys[i])
+        if shard is None:
+            raise UserError(f"Scoring shard {path} is missing or stale after scoring; re-run with --resume.")
+        merged[layer_key(i)] = {block_id: shard["scores"][block_id] for block_id in layers[i]}
+        parent_scores = parent_scores or shard.get("parent", {})
+        shards.append(path)
+    choices = {choice.name: choice for choice in ctx.config.scoring.scorers}
+    records = {name: ctx.registries.scorers.get(name) for name in scorers}
+    merged["_meta"] = {
+        "scorers": {
+            name: {
+                "description": records[name].description,
+                "options": unstructure(choices[name].options) if choices[name].options is not None else {},
+                "higher_is_better": scorer.higher_is_better,
+                "data": scorer.data(ctx).description,
+                "parent": parent_scores.get(name),
+                **scorer.info(),
+            }
+            for name, scorer in scorers.items()
+        },
+        "method": "replace-1-block: each block alone in the otherwise-parent model",
+    }
+    path = ctx.run_dir.path(*SCORES)
+    atomic_write_json(path, merged)
+    write_library_view(ctx.run_dir)
+    return [path, *shards]

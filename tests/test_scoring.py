@@ -1,0 +1,133 @@
+"""Replace-1-block scoring: the cached engine and the validation-token scorers on a tiny Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from puzzle_core.blocks import AttentionSpec, FFNSpec
+from puzzle_core.errors import UserError
+from puzzle_core.interfaces import ScoringBatch
+from puzzle_core.scoring import ReplaceOneBlockEngine, ScoringSession, next_token_labels
+from tests.tiny import tiny_parent, token_batch
+
+SCORERS = ("kl", "lm_loss", "cosine")
+
+
+def scorers(registries):
+    return {name: registries.scorers.get(name).create() for name in SCORERS}
+
+
+def batches(num: int = 3, rows: int = 2, length: int = 16) -> list[ScoringBatch]:
+    ids = token_batch(num * rows, length)
+    return [ScoringBatch(x, torch.ones_like(x, dtype=torch.bool), next_token_labels(x)) for x in ids.split(rows)]
+
+
+@pytest.fixture
+def setup(registries):
+    family, parent = tiny_parent(num_layers=3)
+    runner = family.layer_runner(parent.model)
+    data = batches()
+    engine = ReplaceOneBlockEngine(runner, data, keep_log_probs=True, vocab_size=parent.shape.vocab_size,
+                                   max_cache_mib=64, references=scorers(registries), progress=False)
+    return family, parent, runner, engine
+
+
+def variant(family, parent, layer, spec):
+    return family.init_sublayer(parent, layer, spec, None, method="default").eval()
+
+
+def test_parent_block_scores_zero_distance_and_the_parents_own_loss(setup, registries):
+    family, parent, runner, engine = setup
+    ids = torch.cat([b.input_ids for b in engine.batches])
+    with torch.no_grad():
+        parent_loss = parent.model(ids, labels=ids).loss.item()  # equal-length rows: mean of means = mean
+    for layer in range(runner.num_layers):
+        scores = engine.score(layer, runner.sublayer(layer, "attention"), runner.sublayer(layer, "ffn"),
+                              scorers(registries))
+        assert scores["kl"] < 1e-6
+        assert scores["cosine"] < 1e-6
+        assert scores["lm_loss"] == pytest.approx(parent_loss, abs=1e-5)
+    assert engine.reference["lm_loss"] == pytest.approx(parent_loss, abs=1e-5)
+    assert engine.reference["kl"] < 1e-6
+
+
+@pytest.mark.parametrize("part", ["attention", "ffn"])
+def test_a_no_op_block_scores_worse_than_the_parent_block(setup, registries, part):
+    family, parent, runner, engine = setup
+    layer = 1
+    attention, ffn = runner.sublayer(layer, "attention"), runner.sublayer(layer, "ffn")
+    parent_scores = engine.score(layer, attention, ffn, scorers(registries))
+    if part == "attention":
+        attention = variant(family, parent, layer, AttentionSpec(no_op=True))
+    else:
+        ffn = variant(family, parent, layer, FFNSpec(no_op=True))
+    noop_scores = engine.score(layer, attention, ffn, scorers(registries))
+    assert noop_scores["kl"] > parent_scores["kl"] + 1e-6
+    assert noop_scores["cosine"] > parent_scores["cosine"] + 1e-6
+    assert noop_scores["lm_loss"] != pytest.approx(parent_scores["lm_loss"], abs=1e-6)
+
+
+def test_cached_engine_equals_naive_full_forwards(setup, registries):
+    family, parent, runner, engine = setup
+    for layer in range(runner.num_layers):
+        attention = variant(family, parent, layer, AttentionSpec(n_heads_in_group=4))
+        ffn = variant(family, parent, layer, FFNSpec(intermediate_size=32))
+        cached = engine.score(layer, attention, ffn, scorers(registries))
+        naive = engine.score(layer, attention, ffn, scorers(registries), reuse_prefix=False)
+        assert cached["kl"] > 1e-6  # a real change, not the parent
+        for name in SCORERS:
+            assert cached[name] == pytest.approx(naive[name], abs=1e-5, rel=1e-5)
+
+
+def test_cached_outputs_match_a_full_model_forward_with_the_block_swapped(setup):
+    family, parent, runner, engine = setup
+    from puzzle_core.blocks import BlockSpec
+
+    layer = 2
+    blocks = list(parent.shape.blocks)
+    blocks[layer] = BlockSpec(AttentionSpec(no_op=True), parent.shape.blocks[layer].ffn)
+    child = family.build_child(parent, blocks)
+    attention = variant(family, parent, layer, AttentionSpec(no_op=True))
+    for batch, outputs, _ in engine.outputs(layer, attention, runner.sublayer(layer, "ffn")):
+        with torch.no_grad():
+            expected = child.model(batch.input_ids).logits
+        assert torch.allclose(outputs.head(outputs.hidden), expected, atol=1e-5)
+
+
+def test_cache_larger_than_the_bound_is_a_user_error(registries):
+    family, parent = tiny_parent(num_layers=2)
+    with pytest.raises(UserError, match="max_cache_mib"):
+        ReplaceOneBlockEngine(family.layer_runner(parent.model), batches(), keep_log_probs=True,
+                              vocab_size=parent.shape.vocab_size, max_cache_mib=0.01, progress=False)
+
+
+def test_session_shares_one_engine_per_data_and_keeps_log_probs_only_when_needed(registries):
+    from puzzle_core.interfaces import ScoringData
+
+    family, parent = tiny_parent(num_layers=2)
+    runner = family.layer_runner(parent.model)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return batches(num=1)
+
+    data = ScoringData(key="same", load=load)
+    chosen = scorers(registries)
+    session = ScoringSession(runner, parent.shape.vocab_size, chosen, {name: data for name in chosen},
+                             max_cache_mib=64, progress=False)
+    values = session.score(0, runner.sublayer(0, "attention"), runner.sublayer(0, "ffn"))
+    assert set(values) == set(SCORERS) and len(loads) == 1 and len(session._engines) == 1
+    assert session.engine("same").parent[0]._log_probs is not None  # kl needs them
+
+    cosine_only = ScoringSession(runner, parent.shape.vocab_size, {"cosine": chosen["cosine"]},
+                                 {"cosine": data}, max_cache_mib=64, progress=False)
+    assert cosine_only.engine("same").parent[0]._log_probs is None
+
+
+def test_scorers_are_registered_with_descriptions(registries):
+    for name in SCORERS:
+        record = registries.scorers.get(name)
+        assert record.description
+        assert record.create().higher_is_better is False
