@@ -12,6 +12,7 @@ from typing import Literal
 import attrs
 
 from puzzle_core.config import (
+    CONVERTER,
     ArchitectureChoice,
     BlockVariantsChoice,
     CostModelChoice,
@@ -141,21 +142,69 @@ class SearchSection:
 
 
 @attrs.frozen
+class WeightedLoss:
+    """One term of the GKD loss: a distillation-loss plugin and its weight.
+
+    In YAML a term is the plugin's name or ``{name: cosine, weight: 0.5, <options>}``;
+    ``weight`` is ours, every other key goes to the plugin's options.
+    """
+
+    loss: DistillationLossChoice
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.loss.name
+
+
+def _structure_weighted_loss(value, _type) -> WeightedLoss:
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a loss name or a mapping with 'name' and 'weight', got {value!r}")
+    raw = dict(value)
+    weight = CONVERTER.structure(raw.pop("weight", 1.0), float)
+    if not (weight >= 0.0 and weight != float("inf")):
+        raise ValueError(f"a loss weight must be a finite number >= 0, got {weight!r}")
+    return WeightedLoss(loss=CONVERTER.structure(raw, DistillationLossChoice), weight=weight)
+
+
+def _unstructure_weighted_loss(term: WeightedLoss) -> dict:
+    return {**CONVERTER.unstructure(term.loss), "weight": term.weight}
+
+
+CONVERTER.register_structure_hook(WeightedLoss, _structure_weighted_loss)
+CONVERTER.register_unstructure_hook(WeightedLoss, _unstructure_weighted_loss)
+
+
+def _default_gkd_losses() -> list[WeightedLoss]:
+    """The paper's GKD objective: cosine on every layer's hidden states + KL on logits."""
+    return [structure("cosine", WeightedLoss), structure("kl", WeightedLoss)]
+
+
+@attrs.frozen
 class GKDSection:
-    """Stage 3: global knowledge distillation of the assembled child."""
+    """Stage 3: global knowledge distillation (uptraining) of the assembled children."""
 
     enabled: bool = True
-    tokens: int = 65536
-    batch_size: int = 8
-    grad_accum: int = 1
+    children: Literal["all", "main"] = "all"  # 'main': only the first child of children/index.json
+    tokens: int = 65536  # training tokens per child (all processes together)
+    seq_len: int | None = None  # None: data.seq_len
+    batch_size: int = 8  # sequences per micro-batch and process
+    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4
+    min_lr_fraction: float = 0.1  # the cosine schedule decays to lr * min_lr_fraction
     warmup_fraction: float = 0.05
-    checkpoint_every: int = 50
-    bf16: bool = False
-    lora_rank: int = 0  # 0: full fine-tuning
-    losses: list[DistillationLossChoice] = attrs.Factory(
-        lambda: [structure("cosine", DistillationLossChoice), structure("kl", DistillationLossChoice)]
-    )
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    bf16: bool = False  # bfloat16 autocast for the forward passes
+    device: str = "auto"  # 'auto': CUDA when available (the local rank's GPU under torchrun), else CPU
+    lora_rank: int = 0  # 0: full fine-tuning; >0: LoRA (peft) on every linear layer, merged before export
+    lora_alpha: float | None = None  # None: 2 * lora_rank
+    validation_tokens: int = 2048  # validation-split tokens for the KL curve
+    validate_every: int = 0  # optimizer steps between validations; 0: at every checkpoint
+    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    losses: list[WeightedLoss] = attrs.Factory(_default_gkd_losses)
     executor: ExecutorChoice = _choice(ExecutorChoice, "local")
 
 

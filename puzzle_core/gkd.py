@@ -1,0 +1,577 @@
+"""Global knowledge distillation (GKD): uptraining an assembled child against its parent.
+
+Puzzle's stage 3. Every layer of a child was trained alone (BLD); GKD trains them
+together so the child's *whole* forward pass matches the parent's. The objective is a
+weighted sum of distillation-loss plugins (paper default: cosine on every layer's
+hidden states + KL on the logits; LM loss is available but was found to hurt).
+
+One training run is :func:`distill`: full fine-tuning or LoRA (peft, merged back into
+plain ``Linear`` weights at the end), AdamW with linear warmup + cosine decay, gradient
+accumulation, optional bf16 autocast, and resumable checkpoints (weights, optimizer,
+step, RNG and the curves so far, all as safetensors + JSON) so that a killed run resumes
+and ends with the same weights as an uninterrupted one. When ``torch.distributed`` is
+initialised (a run under ``torchrun``) the student is wrapped in DDP, micro-batches are
+dealt round-robin to the ranks, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from puzzle_core.config import CONVERTER
+from puzzle_core.errors import UserError
+from puzzle_core.interfaces import DistillationLoss, LoadedModel, ModelFamily
+from puzzle_core.rundir import atomic_path, atomic_write_json
+from puzzle_core.schema import GKDSection
+
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "state.json"  # written last: a checkpoint folder without it is incomplete
+
+
+# ---------------------------------------------------------------- records
+
+
+@attrs.frozen
+class TrainPoint:
+    """One optimizer step: the mean objective and each weighted term's mean."""
+
+    step: int
+    tokens: int
+    lr: float
+    loss: float
+    terms: dict[str, float]
+
+
+@attrs.frozen
+class ValidationPoint:
+    """Mean per-token KL(parent || child) on the validation split after ``step`` steps."""
+
+    step: int
+    tokens: int
+    kl: float
+
+
+@attrs.define
+class GKDLog:
+    """The curves of one GKD run (``gkd/<child>/log.json``)."""
+
+    train: list[TrainPoint] = attrs.Factory(list)
+    validation: list[ValidationPoint] = attrs.Factory(list)
+
+
+@attrs.frozen
+class GKDResult:
+    """What one child's uptraining achieved (``gkd/<child>/result.json``)."""
+
+    child: str
+    steps: int
+    tokens: int
+    kl_before: float
+    kl_after: float
+    lora_rank: int
+    train_seconds: float
+    tokens_per_second: float
+    fingerprint: str
+
+
+# ---------------------------------------------------------------- distributed seam
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` outside ``torchrun``."""
+    if _distributed():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    if _distributed():
+        torch.distributed.barrier()
+
+
+def _all_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """Sum ``values`` over all ranks (identity in a single process)."""
+    if not _distributed():
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto``: the local rank's GPU when CUDA is present, else the CPU."""
+    if setting != "auto":
+        return torch.device(setting)
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- forward + objective
+
+
+@attrs.frozen
+class ForwardOutput:
+    """Every layer's output (the residual stream after it) and the logits."""
+
+    hidden: list[torch.Tensor]
+    logits: torch.Tensor
+
+
+class LayerwiseForward(nn.Module):
+    """Runs a causal LM through its family's :class:`LayerRunner`, keeping each layer's output.
+
+    Going through the runner (not ``output_hidden_states``) works for any family and any
+    child, whatever its layers look like; the model is a registered submodule, so DDP
+    and optimizers see its parameters.
+    """
+
+    def __init__(self, model: nn.Module, family: ModelFamily):
+        super().__init__()
+        self.model = model
+        self.__dict__["runner"] = family.layer_runner(model)  # not a submodule: it only points into model
+
+    def forward(self, input_ids: torch.Tensor, keep_hidden: bool = True) -> ForwardOutput:
+        runner = self.runner
+        hidden = runner.embed(input_ids)
+        context = runner.context(hidden)
+        outputs = []
+        for index in range(runner.num_layers):
+            hidden = runner.layer(index, hidden, context)
+            if keep_hidden:
+                outputs.append(hidden)
+        return ForwardOutput(hidden=outputs, logits=runner.head(hidden))
+
+
+class DistillationObjective:
+    """The weighted sum of distillation losses; a hidden-state loss is averaged over layers."""
+
+    def __init__(self, terms: Sequence[tuple[str, float, DistillationLoss]]):
+        self.terms = [(name, weight, loss) for name, weight, loss in terms if weight > 0]
+        if not self.terms:
+            raise UserError(
+                "gkd.losses has no term with a weight above 0, so there is nothing to train. "
+                "Use the default (cosine + kl) or give at least one loss a positive weight."
+            )
+        names = [name for name, _, _ in self.terms]
+        if len(set(names)) != len(names):
+            raise UserError(f"gkd.losses names a loss more than once ({names}); merge their weights into one term.")
+        self.needs_hidden = any(loss.target == "hidden" for _, _, loss in self.terms)
+
+    @classmethod
+    def from_config(cls, section: GKDSection, registries) -> "DistillationObjective":
+        return cls([(term.name, term.weight, term.loss.create(registries)) for term in section.losses])
+
+    def __call__(self, student: ForwardOutput, teacher: ForwardOutput, labels: torch.Tensor):
+        """``(total, {name: unweighted value})``."""
+        total = 0.0
+        parts: dict[str, torch.Tensor] = {}
+        for name, weight, loss in self.terms:
+            if loss.target == "hidden":
+                value = torch.stack([loss(s, t) for s, t in zip(student.hidden, teacher.hidden)]).mean()
+            else:
+                value = loss(student.logits, teacher.logits, labels)
+            parts[name] = value
+            total = total + weight * value.float()
+        return total, parts
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> tuple[float, int]:
+    """Summed KL(teacher || student) over next-token distributions, and the token count."""
+    teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum()
+    return float(kl), teacher.numel() // teacher.shape[-1]
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def learning_rate(step: int, total_steps: int, section: GKDSection) -> float:
+    """Linear warmup then cosine decay to ``lr * min_lr_fraction``; ``step`` counts from 0."""
+    warmup = math.ceil(section.warmup_fraction * total_steps)
+    if step < warmup:
+        return section.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    floor = section.lr * section.min_lr_fraction
+    return floor + (section.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------- student
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Every ``nn.Linear`` except the LM head: what LoRA adapts (custom linear blocks included)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and not name.endswith("lm_head")
+    ]
+
+
+class Student:
+    """The child being trained: every parameter, or LoRA adapters on its linear layers.
+
+    peft injects the adapters into ``model`` in place, so ``model`` is what is run and
+    checkpointed either way; :meth:`finish` merges the adapters back into the weights.
+    """
+
+    def __init__(self, model: nn.Module, section: GKDSection):
+        self.model = model
+        self.peft = None
+        if section.lora_rank <= 0:
+            for parameter in model.parameters():
+                parameter.requires_grad_(True)
+            return
+        from peft import LoraConfig, get_peft_model
+
+        targets = linear_module_names(model)
+        if not targets:
+            raise UserError("gkd.lora_rank is set but the child has no linear layers to adapt; set gkd.lora_rank: 0.")
+        config = LoraConfig(
+            r=section.lora_rank,
+            lora_alpha=section.lora_alpha if section.lora_alpha is not None else 2 * section.lora_rank,
+            lora_dropout=0.0,
+            target_modules=targets,
+            bias="none",
+        )
+        self.peft = get_peft_model(model, config)  # freezes everything but the adapters
+
+    def finish(self) -> nn.Module:
+        """The trained model with any LoRA adapters merged: plain ``nn.Linear`` modules only."""
+        if self.peft is None:
+            return self.model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        merged = self.peft.merge_and_unload()
+        leftovers = [name for name, module in merged.named_modules() if isinstance(module, BaseTunerLayer)]
+        if leftovers:
+            raise RuntimeError(f"LoRA layers left after merging: {leftovers[:3]}")
+        return merged
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    np_state = np.random.get_state()
+    plain = {
+        "python": _to_json(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_to_tuple(plain["python"]))
+    kind, keys, *rest = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _to_json(value):
+    return [_to_json(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _to_tuple(value):
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state split into tensors (for safetensors) and the rest (for JSON)."""
+    state = optimizer.state_dict()
+    tensors, plain_state = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain_state.setdefault(str(index), {})[key] = value
+    return tensors, {"state": plain_state, "param_groups": state["param_groups"]}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    state: dict[int, dict] = {int(k): dict(v) for k, v in plain["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters being trained (shared ones once), detached copies on the CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``directory``."""
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer, log: GKDLog, fingerprint: str) -> Path:
+    """Write ``step_<N>/`` (weights, optimizer, RNG as safetensors; the rest as JSON), then drop older ones."""
+    from safetensors.torch import save_file
+
+    target = directory / f"{CHECKPOINT_PREFIX}{step:07d}"
+    optim_tensors, optim_plain = _optimizer_tensors(optimizer)
+    rng_tensors, rng_plain = _rng_state()
+    for filename, tensors in (
+        ("model.safetensors", trainable_state(model)),
+        ("optimizer.safetensors", {**optim_tensors, **rng_tensors}),
+    ):
+        with atomic_path(target / filename) as tmp:
+            save_file(tensors, str(tmp))
+    atomic_write_json(
+        target / STATE_FILE,
+        {
+            "step": step,
+            "fingerprint": fingerprint,
+            "optimizer": optim_plain,
+            "rng": rng_plain,
+            "log": CONVERTER.unstructure(log),
+        },
+    )
+    for old in directory.glob(CHECKPOINT_PREFIX + "*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer) -> tuple[int, GKDLog]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns ``(step, log)``."""
+    from safetensors.torch import load_file
+
+    state = json.loads((path / STATE_FILE).read_text())
+    weights = load_file(str(path / "model.safetensors"))
+    parameters = dict(model.named_parameters())
+    missing = sorted(set(weights) ^ {n for n, p in parameters.items() if p.requires_grad})
+    if missing:
+        raise UserError(
+            f"Checkpoint {path} does not match the child being trained (e.g. {missing[0]}). "
+            f"Delete {path.parent} to start this child's GKD over."
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            parameters[name].copy_(tensor)
+    extra = load_file(str(path / "optimizer.safetensors"))
+    _load_optimizer(optimizer, extra, state["optimizer"])
+    _set_rng_state(extra, state["rng"])
+    return int(state["step"]), CONVERTER.structure(state["log"], GKDLog)
+
+
+# ---------------------------------------------------------------- training
+
+
+class GKDDiverged(UserError):
+    """The objective or its gradient became NaN/inf."""
+
+
+@attrs.frozen
+class DistillRun:
+    """What :func:`distill` needs besides the models: data, where to write, identity."""
+
+    corpus: Any  # puzzle_core.data.Corpus: .batches(split, seq_len, batch_size, max_tokens, seed)
+    seq_len: int
+    seed: int
+    checkpoint_dir: Path
+    fingerprint: str  # checkpoints with another fingerprint belong to another child or layout
+    label: str = "GKD"
+
+
+def _micro_batches(run: DistillRun, section: GKDSection, skip: int) -> Iterator[torch.Tensor]:
+    stream = run.corpus.batches("train", run.seq_len, section.batch_size, section.tokens, run.seed)
+    for index, batch in enumerate(stream):
+        if index >= skip:
+            yield batch
+
+
+def _validation_kl(student: LayerwiseForward, teacher: LayerwiseForward, batches, device, autocast) -> float:
+    rank, size = world()
+    kl_sum, count = 0.0, 0
+    was_training = student.training
+    student.eval()
+    with torch.no_grad(), autocast():
+        for batch in batches[rank::size]:
+            ids = batch.to(device)
+            kl, n = token_kl(teacher(ids, keep_hidden=False).logits, student(ids, keep_hidden=False).logits)
+            kl_sum, count = kl_sum + kl, count + n
+    student.train(was_training)
+    kl_sum, count = _all_sum([kl_sum, count], device)
+    return kl_sum / max(1, count)
+
+
+def distill(
+    student: LoadedModel,
+    teacher: LoadedModel,
+    family: ModelFamily,
+    objective: DistillationObjective,
+    section: GKDSection,
+    run: DistillRun,
+) -> tuple[nn.Module, GKDLog, dict]:
+    """Uptrain ``student`` against ``teacher``; resumes from ``run.checkpoint_dir`` when it can.
+
+    Returns the trained model (LoRA merged), the curves, and ``{"steps", "tokens",
+    "train_seconds"}``. Raises :class:`GKDDiverged` on a NaN/inf loss, leaving the last
+    good checkpoint in place.
+    """
+    rank, size = world()
+    device = resolve_device(section.device)
+    tokens_per_step = section.batch_size * run.seq_len * section.grad_accum * size
+    total_steps = section.tokens // tokens_per_step
+    if total_steps < 1:
+        raise UserError(
+            f"gkd.tokens ({section.tokens}) is less than one optimizer step "
+            f"({section.batch_size} sequences x {run.seq_len} tokens x {section.grad_accum} accumulation x "
+            f"{size} processes = {tokens_per_step} tokens). Raise gkd.tokens or lower gkd.batch_size."
+        )
+    every_validation = section.validate_every or section.checkpoint_every
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if section.bf16 else nullcontext
+    )
+
+    teacher_device = next(teacher.model.parameters()).device
+    teacher.model.to(device)
+    trainee = Student(student.model.to(device), section)
+    model = trainee.model
+    model.train()
+    forward = LayerwiseForward(model, family)
+    teacher_forward = LayerwiseForward(teacher.model, family).eval()
+    trained = forward
+    if _distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=section.lr, weight_decay=section.weight_decay)
+
+    checkpoint = latest_checkpoint(run.checkpoint_dir)
+    if checkpoint is not None and json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprint") != run.fingerprint:
+        checkpoint = None  # another child or data layout: start over
+    validation = list(
+        run.corpus.batches("validation", run.seq_len, section.batch_size, section.validation_tokens, run.seed)
+    )
+    if checkpoint is not None:
+        step, log = load_checkpoint(checkpoint, model, optimizer)
+    else:
+        step, log = 0, GKDLog()
+        log.validation.append(ValidationPoint(0, 0, _validation_kl(forward, teacher_forward, validation, device, autocast)))
+
+    micro = _micro_batches(run, section, skip=step * section.grad_accum * size)
+    bar = tqdm(
+        total=total_steps, initial=step, desc=run.label, unit="step", file=sys.stderr,
+        disable=rank != 0, dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+    trained_steps = 0
+    try:
+        while step < total_steps:
+            lr = learning_rate(step, total_steps, section)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = {"loss": 0.0, **{name: 0.0 for name, _, _ in objective.terms}}
+            batches = 0
+            for k in range(section.grad_accum):
+                mine = None
+                for r in range(size):  # deal micro-batches round-robin over ranks
+                    batch = next(micro, None)
+                    if r == rank:
+                        mine = batch
+                if mine is None:
+                    break
+                ids = mine.to(device)
+                sync = k == section.grad_accum - 1 or not _distributed()
+                with (nullcontext() if sync else trained.no_sync()):
+                    with torch.no_grad(), autocast():
+                        target = teacher_forward(ids, keep_hidden=objective.needs_hidden)
+                    with autocast():
+                        output = trained(ids, keep_hidden=objective.needs_hidden)
+                        loss, parts = objective(output, target, ids)
+                    (loss / section.grad_accum).backward()
+                sums["loss"] += float(loss.detach())
+                for name, value in parts.items():
+                    sums[name] += float(value.detach())
+                batches += 1
+            if batches == 0:
+                break  # the corpus ran out before the token budget
+            totals = _all_sum([*sums.values(), batches], device)
+            means = {name: total / totals[-1] for name, total in zip(sums, totals)}
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(parameters, section.max_grad_norm)
+                if section.max_grad_norm > 0
+                else torch.tensor(0.0)
+            )
+            if not (math.isfinite(means["loss"]) and math.isfinite(float(grad_norm))):
+                last = latest_checkpoint(run.checkpoint_dir)
+                kept = f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; "
+                raise GKDDiverged(
+                    f"GKD of {run.label} diverged at step {step + 1}: loss {means['loss']}, gradient norm "
+                    f"{float(grad_norm)}. {kept}lower gkd.lr (now {section.lr}) or set gkd.bf16: false, then "
+                    f"rerun with --resume to continue from the last good checkpoint."
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            trained_steps += 1
+            log.train.append(
+                TrainPoint(step, step * tokens_per_step, lr, means.pop("loss"), {k: v for k, v in means.items()})
+            )
+            if step % every_validation == 0 and step < total_steps:
+                kl = _validation_kl(forward, teacher_forward, validation, device, autocast)
+                log.validation.append(ValidationPoint(step, step * tokens_per_step, kl))
+            if step % section.checkpoint_every == 0 and step < total_steps:
+                if rank == 0:
+                    save_checkpoint(run.checkpoint_dir, step, model, optimizer, log, run.fingerprint)
+                barrier()
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(
+                loss=f"{log.train[-1].loss:.4f}",
+                val_kl=f"{log.validation[-1].kl:.4f}",
+                tok_s=f"{trained_steps * tokens_per_step / max(elapsed, 1e-9):.0f}",
+            )
+            bar.update(1)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+
+    final = trainee.finish()
+    final.eval()
+    final_forward = LayerwiseForward(final, family)
+    kl = _validation_kl(final_forward, teacher_forward, validation, device, autocast)
+    log.validation.append(ValidationPoint(step, step * tokens_per_step, kl))
+    teacher.model.to(teacher_device)
+    return final, log, {"steps": step, "tokens": step * tokens_per_step, "train_seconds": seconds}
