@@ -17,12 +17,8 @@ def ffn_mult_for(intermediate_size: int, hidden_size: int) -> float | None:
     """An ``ffn_mult`` that the published rule maps back to ``intermediate_size`` exactly, if any."""
     if intermediate_size % 256:
         return None
-    exact = 3 * intermediate_size / (2 * hidden_size)
-    for digits in range(1, 7):
-        mult = round(exact, digits)
-        if ffn_mult_to_intermediate_size(mult, hidden_size) == intermediate_size:
-            return mult
-    return None
+    mult = round(3 * intermediate_size / (2 * hidden_size), 6)  # the exact ratio, as the published configs write it
+    return mult if ffn_mult_to_intermediate_size(mult, hidden_size) == intermediate_size else None
 
 
 def block_config(block: BlockSpec, hidden_size: int) -> dict:
