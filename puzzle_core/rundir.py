@@ -13,11 +13,10 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
-
-import attrs
 
 from puzzle_core.errors import UserError
 
@@ -57,12 +56,15 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temp folder next to ``target``; on success it replaces ``target`` whole."""
-    import shutil
+    """Yield a temp folder next to ``target``; on success it replaces ``target`` whole.
 
+    An existing ``target`` is renamed aside (a temp name, so a crash leaves nothing that
+    looks finished) and deleted only after the new folder is in place.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + target.name + ".", dir=target.parent))
+    aside = tmp.with_name(tmp.name + ".old")
     try:
         yield tmp
         for path in tmp.rglob("*"):
@@ -70,11 +72,12 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
                 with open(path, "rb+") as handle:
                     os.fsync(handle.fileno())
         if target.exists():
-            shutil.rmtree(target)
+            os.replace(target, aside)
         os.replace(tmp, target)
         fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def atomic_write(target: str | Path, data: bytes | str) -> None:
@@ -96,23 +99,13 @@ def sha256_file(path: str | Path) -> str:
 
 
 def remove_temp_files(root: str | Path) -> int:
-    """Delete temp files left by a killed writer; returns how many."""
-    import shutil
-
+    """Delete temp files and folders left by a killed writer; returns how many."""
     count = 0
     for path in sorted(Path(root).rglob(TEMP_PREFIX + "*"), reverse=True):
         with contextlib.suppress(OSError):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             count += 1
     return count
-
-
-@attrs.define
-class StageRecord:
-    """What a finished stage wrote, by relative path -> sha256, and with which config."""
-
-    config_hash: str
-    outputs: dict[str, str] = attrs.Factory(dict)
 
 
 class RunDir:
