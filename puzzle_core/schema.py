@@ -48,9 +48,10 @@ class ParentSection:
 class DataSection:
     """Where training, validation and test text comes from."""
 
-    corpus: str = "demo"  # 'demo' (prepared Debian texts), 'synthetic' (random tokens, tests), or a file/folder
+    corpus: str = "demo"  # 'demo' (`puzzle data prepare`), 'synthetic' (generated text, tests), or a file/folder
     seq_len: int = 128
-    validation_fraction: float = 0.05
+    validation_fraction: float = 0.05  # of the text, when the source does not give the splits itself
+    test_fraction: float = 0.05
 
 
 @attrs.frozen
