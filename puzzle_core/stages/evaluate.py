@@ -1,1 +1,143 @@
-"""(being written)"""
+"""Stage ``evaluate``: measure the parent and every child, before and after GKD.
+
+The evaluators are ``evaluation.evaluators`` (default: ``kl_to_parent`` + ``throughput``;
+add ``lm_eval`` for benchmark accuracy). Each model's numbers go to
+``eval/models/<model>.json`` as soon as they exist, so a crash loses at most one model;
+``eval/results.json`` joins them::
+
+    {"evaluators": [{"name": "kl_to_parent", ...}, ...],
+     "models": {"parent":  {"role": "parent", "child": null, "phase": null, "path": null, "params": 134515008,
+                            "metrics": {"kl_to_parent": 0.0, "throughput_tok_s": 812.0, ...}, "seconds": 9.1},
+                "mip":     {"role": "child", "child": "mip", "phase": "assembled", "path": "children/mip", ...},
+                "mip+gkd": {"role": "child", "child": "mip", "phase": "gkd", "path": "gkd/mip/final", ...}}}
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+import attrs
+from tqdm.auto import tqdm
+
+from puzzle_core.config import CONVERTER, EvaluatorChoice, stable_hash, structure, unstructure
+from puzzle_core.evaluation import EvalContext, evaluate_all
+from puzzle_core.interfaces import LoadedModel
+from puzzle_core.rundir import RunDir, atomic_write_json
+from puzzle_core.stages.gkd import child_dir, read_children, read_results
+
+RESULTS = ("eval", "results.json")
+DEFAULT_EVALUATORS = ("kl_to_parent", "throughput")
+GKD_SUFFIX = "+gkd"
+
+
+@attrs.frozen
+class ModelEvaluation:
+    """One evaluated model: which it is, where its weights are, and its numbers."""
+
+    role: Literal["parent", "child"]
+    child: str | None
+    phase: Literal["assembled", "gkd"] | None
+    path: str | None  # relative to the run directory; None for the parent
+    params: int
+    metrics: dict[str, float]
+    seconds: float  # loading + every evaluator
+    fingerprint: str = ""
+
+
+@attrs.frozen
+class Candidate:
+    """A model still to evaluate and how to load it."""
+
+    key: str
+    role: Literal["parent", "child"]
+    child: str | None
+    phase: Literal["assembled", "gkd"] | None
+    path: str | None
+    load: Callable[[], LoadedModel]
+
+
+def parameter_count(model) -> int:
+    """Parameters of a model, tied ones counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def evaluator_choices(ctx) -> list[EvaluatorChoice]:
+    configured = ctx.config.evaluation.evaluators
+    return list(configured) if configured else [structure(name, EvaluatorChoice) for name in DEFAULT_EVALUATORS]
+
+
+def candidates(ctx) -> list[Candidate]:
+    """The parent, then each child as assembled and (when GKD ran for it) after GKD."""
+    run_dir: RunDir = ctx.run_dir
+    dtype = ctx.config.parent.dtype
+    uptrained = read_results(run_dir)
+    found = [Candidate("parent", "parent", None, None, None, lambda: ctx.parent)]
+    for child in read_children(run_dir):
+        found.append(Candidate(child.name, "child", child.name, "assembled", child.path,
+                               lambda p=child.path: ctx.family.load_child(run_dir.path(p), dtype=dtype)))
+        if child.name in uptrained:
+            final = child_dir(run_dir, child.name) / "final"
+            found.append(Candidate(child.name + GKD_SUFFIX, "child", child.name, "gkd",
+                                   str(final.relative_to(run_dir.root)),
+                                   lambda f=final: ctx.family.load_child(f, dtype=dtype)))
+    return found
+
+
+def read_evaluations(run_dir: RunDir) -> dict[str, ModelEvaluation]:
+    """``{model: evaluation}`` from ``eval/results.json`` (empty before the stage ran)."""
+    path = run_dir.path(*RESULTS)
+    if not path.is_file():
+        return {}
+    return CONVERTER.structure(json.loads(path.read_text())["models"], dict[str, ModelEvaluation])
+
+
+def run(ctx) -> list[Path]:
+    run_dir: RunDir = ctx.run_dir
+    choices = evaluator_choices(ctx)
+    evaluators = [(choice.name, ctx.create(choice)) for choice in choices]
+    context = EvalContext.from_run(ctx)
+    todo = candidates(ctx)
+    results: dict[str, ModelEvaluation] = {}
+    written = []
+    bar = tqdm(todo, desc="evaluating", unit="model", file=sys.stderr, dynamic_ncols=True)
+    for candidate in bar:
+        bar.set_postfix_str(candidate.key)
+        path = run_dir.path("eval", "models", f"{candidate.key}.json")
+        fingerprint = stable_hash({"stage": ctx.hashes["evaluate"], "model": candidate.key})
+        if path.is_file():
+            previous = CONVERTER.structure(json.loads(path.read_text()), ModelEvaluation)
+            if previous.fingerprint == fingerprint:
+                results[candidate.key] = previous
+                written.append(path)
+                continue
+        started = time.perf_counter()
+        model = candidate.load()
+        metrics = evaluate_all(model, evaluators, context)
+        evaluation = ModelEvaluation(
+            role=candidate.role,
+            child=candidate.child,
+            phase=candidate.phase,
+            path=candidate.path,
+            params=parameter_count(model.model),
+            metrics=metrics,
+            seconds=time.perf_counter() - started,
+            fingerprint=fingerprint,
+        )
+        atomic_write_json(path, CONVERTER.unstructure(evaluation))
+        results[candidate.key] = evaluation
+        written.append(path)
+        if candidate.role == "child":
+            del model
+            gc.collect()
+    bar.close()
+    results_path = run_dir.path(*RESULTS)
+    atomic_write_json(
+        results_path,
+        {"evaluators": [unstructure(c) for c in choices], "models": CONVERTER.unstructure(results)},
+    )
+    return [results_path, *written]
