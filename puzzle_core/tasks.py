@@ -195,6 +195,24 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     return whole[: len(context_ids)], whole[len(context_ids) :]
 
 
+def choice_requests(tokenizer, questions: Sequence[Question], max_length: int) -> list[tuple[int, int, list[int], int]]:
+    """``(question index, choice index, token ids, number of answer tokens)`` per answer text.
+
+    The ids are :func:`mmlu_prompt` followed by ``" " + choice``, cut to the last
+    ``max_length + 1`` tokens; the model reads all but the last and is scored on the answer tokens.
+    """
+    requests = []
+    for qi, question in enumerate(questions):
+        context = mmlu_prompt(question)
+        for ci, choice in enumerate(question.choices):
+            context_ids, continuation_ids = _encode_pair(tokenizer, context, " " + choice)
+            if not continuation_ids:
+                raise ValueError(f"answer {choice!r} encodes to no tokens")
+            sequence = (context_ids + continuation_ids)[-(max_length + 1) :]
+            requests.append((qi, ci, sequence, min(len(continuation_ids), len(sequence) - 1)))
+    return requests
+
+
 def choice_loglikelihoods(
     model,
     tokenizer,
@@ -213,15 +231,7 @@ def choice_loglikelihoods(
 
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
-    requests = []  # (question index, choice index, input ids, number of continuation tokens)
-    for qi, question in enumerate(questions):
-        context = mmlu_prompt(question)
-        for ci, choice in enumerate(question.choices):
-            context_ids, continuation_ids = _encode_pair(tokenizer, context, " " + choice)
-            if not continuation_ids:
-                raise ValueError(f"answer {choice!r} encodes to no tokens")
-            sequence = (context_ids + continuation_ids)[-(max_length + 1) :]
-            requests.append((qi, ci, sequence, min(len(continuation_ids), len(sequence) - 1)))
+    requests = choice_requests(tokenizer, questions, max_length)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][2]))
     scores = [[0.0] * len(q.choices) for q in questions]
     device = next(model.parameters()).device
