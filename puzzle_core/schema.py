@@ -56,17 +56,31 @@ class DataSection:
 
 @attrs.frozen
 class LibrarySection:
-    """Stage 1: blockwise local distillation (BLD) of every alternative block."""
+    """Stage 1: blockwise local distillation (BLD) of every alternative block.
+
+    Decoupled BLD trains each attention and FFN variant on its own; coupled BLD trains
+    (attention, FFN) pairs together, over every pair of the variants offered or only over
+    a subspace: ``subspace`` (per layer, the block or sub-block ids to combine) or
+    ``subspace_solutions`` (a decoupled search's ``solutions/index.json`` or one solution
+    file: the variants its solutions chose, per layer).
+    """
 
     variants: BlockVariantsChoice | None = None  # None: the architecture's default provider
     mode: Literal["decoupled", "coupled"] = "decoupled"
-    tokens: int = 16384  # training tokens per block
-    batch_size: int = 8
+    tokens: int = attrs.field(default=16384, validator=attrs.validators.ge(1))  # training tokens per block
+    heldout_tokens: int = attrs.field(default=2048, validator=attrs.validators.ge(0))  # validation tokens for held-out loss
+    calibration_tokens: int = attrs.field(default=1024, validator=attrs.validators.ge(0))  # for init from the parent
+    seq_len: int | None = None  # None: data.seq_len
+    batch_size: int = attrs.field(default=8, validator=attrs.validators.ge(1))  # sequences per step
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_fraction: float = 0.05
+    warmup_fraction: float = attrs.field(default=0.05, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
     activation_dtype: TorchDtype = "bfloat16"
-    shard_tokens: int = 8192
+    shard_tokens: int = attrs.field(default=8192, validator=attrs.validators.ge(1))  # tokens per activation file
+    keep_activations: bool = True  # False: delete activations/ once every block is trained
+    device: str = "auto"  # auto: one CUDA device per process when available, else cpu
+    subspace: list[list[str]] | None = None
+    subspace_solutions: str | None = None
     loss: DistillationLossChoice = _choice(DistillationLossChoice, "normalized_mse")
     executor: ExecutorChoice = _choice(ExecutorChoice, "local")
 

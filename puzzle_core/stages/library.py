@@ -1,1 +1,92 @@
-"""(being written)"""
+"""Stage ``library``: capture the parent's activations, then train every block variant (BLD).
+
+Both steps are job lists run by the configured executor (``library.executor``), so they
+spread over torchrun processes (or a cluster plugin) the same way. Writes
+``library/blocks/`` (weights and per-job records), ``library/index.json`` (blocks per
+layer, parent first, with every trained unit's record) and the merged
+``library/library.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from puzzle_core.activations import ActivationStore, CaptureSettings
+from puzzle_core.bld import BLOCKS, BLDTrainer, TrainSettings, plan_library, resolve_device, resolve_subspace, write_index
+from puzzle_core.config import unstructure
+from puzzle_core.errors import UserError
+from puzzle_core.library_view import write_library_view
+from puzzle_core.pipeline import is_stage_worker
+
+
+def run(ctx) -> list[Path]:
+    config, section = ctx.config, ctx.config.library
+    shape = ctx.parent.shape
+    spaces = [ctx.variant_provider.variants(shape, layer) for layer in range(shape.num_layers)]
+    plan = plan_library(section.mode, shape, spaces, resolve_subspace(section, shape.num_layers))
+    executor = ctx.create(section.executor)
+    driver = not is_stage_worker()
+
+    capture = CaptureSettings.from_config(config)
+    store = ActivationStore(ctx.run_dir, capture, shape.num_layers)
+    store.plan(ctx.corpus)
+    if not store.split_shards("train"):
+        raise UserError("library.tokens gives no training sequences; raise it to at least one sequence (seq_len).")
+    if driver:
+        store.write_meta(shape.hidden_size)
+    runner = ctx.family.layer_runner(ctx.parent.model)
+    parent_device = next(ctx.parent.model.parameters()).device
+    executor.run(
+        store.jobs(),
+        lambda job: store.capture(runner, job.payload, section.batch_size, parent_device),
+        "capturing activations",
+        context=ctx,
+    )
+
+    settings = TrainSettings(
+        activations=capture.key,
+        mode=section.mode,
+        loss=unstructure(section.loss),
+        lr=section.lr,
+        weight_decay=section.weight_decay,
+        warmup_fraction=section.warmup_fraction,
+        batch_size=section.batch_size,
+        calibration_tokens=section.calibration_tokens,
+        init_method=ctx.variant_provider.init_method,
+        seed=config.seed,
+    )
+    trainer = BLDTrainer(
+        ctx.run_dir, ctx.family, ctx.parent, store, settings, ctx.create(section.loss), resolve_device(section.device)
+    )
+    executor.run(trainer.jobs(plan, capture.seq_len), trainer.run, "training blocks (BLD)", context=ctx)
+    if not driver:
+        return []
+
+    index = write_index(
+        ctx.run_dir,
+        plan,
+        trainer,
+        {
+            "parent": ctx.parent.source,
+            "num_layers": shape.num_layers,
+            "seq_len": capture.seq_len,
+            "train_tokens": store.tokens("train"),
+            "heldout_tokens": store.tokens("heldout"),
+            "loss": settings.loss,
+            "activations": capture.key,
+        },
+    )
+    write_library_view(ctx.run_dir)
+    _remove_stale_blocks(ctx.run_dir.path(*BLOCKS), {trainer.weights_path(u) for u in plan.units})
+    store.remove_others()
+    if not section.keep_activations:
+        store.remove()
+    return [index, ctx.run_dir.path(*BLOCKS)]
+
+
+def _remove_stale_blocks(folder: Path, current: set[Path]) -> None:
+    """Delete blocks of units the plan no longer has (an earlier config's variants)."""
+    keep = current | {p.with_suffix(".json") for p in current}
+    for path in folder.rglob("*"):
+        if path.is_file() and path not in keep:
+            path.unlink()

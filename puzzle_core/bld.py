@@ -1,0 +1,670 @@
+"""Blockwise local distillation (BLD): train every alternative sub-block to imitate the parent's.
+
+A *unit* is what one job trains: one attention or FFN variant of a layer (decoupled BLD)
+or an (attention, FFN) pair trained together (coupled BLD). Its input is the parent's
+residual stream entering it and its target what the parent's own sub-block(s) add to
+that stream, both read from the captured activations (:mod:`puzzle_core.activations`).
+Parent and no-op sub-blocks need no training; they are listed in the index but have no
+weights.
+
+Every job starts from the parent (the family's ``init_sublayer``, calibrated on the
+first training activations), trains with AdamW and a warmup + cosine schedule over the
+library's token budget, with a seed derived from the run seed and the job's id alone,
+so the result does not depend on which process runs it or when. It then writes
+``library/blocks/layer_<i>/<unit>.safetensors`` and, last, a JSON :class:`BlockRecord`
+holding the weights' sha256: a job whose record matches its weights and its settings is
+finished and never run again; a damaged weights file is reported and trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import attrs
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from puzzle_core.activations import ActivationStore
+from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec, VariantSpace
+from puzzle_core.config import CONVERTER, stable_hash, unstructure
+from puzzle_core.errors import UserError
+from puzzle_core.interfaces import Calibration, Job, LoadedModel, ModelFamily, ModelShape, Part
+from puzzle_core.library import layer_key
+from puzzle_core.library_view import INDEX
+from puzzle_core.rundir import RunDir, atomic_path, atomic_write_json, sha256_file
+
+BLOCKS = ("library", "blocks")
+WEIGHTS_FORMAT = "puzzle-bld-1"
+CURVE_POINTS = 20
+
+
+class BlockWarning(UserWarning):
+    """A stored block was damaged and is being trained again."""
+
+
+class DivergedError(UserError):
+    """A BLD job's loss stopped being finite."""
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+@attrs.frozen
+class Unit:
+    """What one BLD job trains: ``attention``, ``ffn`` or both (coupled) variant ids of ``layer``."""
+
+    layer: int
+    attention: str | None = None
+    ffn: str | None = None
+
+    @property
+    def name(self) -> str:
+        return "+".join(part for part in (self.attention, self.ffn) if part)
+
+    @property
+    def id(self) -> str:
+        return f"{layer_key(self.layer)}/{self.name}"
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return tuple(p for p, v in (("attention", self.attention), ("ffn", self.ffn)) if v)
+
+
+@attrs.frozen
+class LayerPlan:
+    """What a layer offers (ids, parent first) and which units need training."""
+
+    attention: tuple[str, ...]
+    ffn: tuple[str, ...]
+    blocks: tuple[str, ...]
+    units: tuple[Unit, ...]
+
+
+@attrs.frozen
+class LibraryPlan:
+    mode: str
+    layers: tuple[LayerPlan, ...]
+
+    @property
+    def units(self) -> list[Unit]:
+        return [unit for layer in self.layers for unit in layer.units]
+
+
+def _needs_training(spec, parent_spec) -> bool:
+    return spec != parent_spec and not spec.no_op
+
+
+def _parent_first(ids: Iterable[str], parent: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([parent, *ids]))
+
+
+def plan_library(
+    mode: str, shape: ModelShape, spaces: Sequence[VariantSpace], subspace: Sequence[Sequence[str]] | None = None
+) -> LibraryPlan:
+    """Blocks offered and units trained per layer.
+
+    Decoupled: every offered attention and FFN variant that is neither the parent's nor a
+    no-op is a unit (|A| + |F| minus those). Coupled: every (attention, FFN) pair of the
+    offered variants, or of ``subspace[i]`` (block or sub-block ids) when given, except
+    the pairs made only of parent and no-op sub-blocks (|A| x |F| minus those).
+    """
+    if len(spaces) != shape.num_layers:
+        raise ValueError(f"{len(spaces)} variant spaces for {shape.num_layers} layers")
+    layers = []
+    for index, space in enumerate(spaces):
+        parent = shape.blocks[index]
+        offered_attention = {s.id: s for s in space.attention}
+        offered_ffn = {s.id: s for s in space.ffn}
+        if mode == "coupled" and subspace is not None:
+            attention_ids, ffn_ids = _subspace_ids(index, subspace[index], offered_attention, offered_ffn)
+        else:
+            attention_ids, ffn_ids = list(offered_attention), list(offered_ffn)
+        attention = _parent_first(attention_ids, parent.attention.id)
+        ffn = _parent_first(ffn_ids, parent.ffn.id)
+        a_spec = {**offered_attention, parent.attention.id: parent.attention}
+        f_spec = {**offered_ffn, parent.ffn.id: parent.ffn}
+        if mode == "decoupled":
+            units = [Unit(index, attention=a) for a in attention if _needs_training(a_spec[a], parent.attention)]
+            units += [Unit(index, ffn=f) for f in ffn if _needs_training(f_spec[f], parent.ffn)]
+        elif mode == "coupled":
+            units = [
+                Unit(index, attention=a, ffn=f)
+                for a in attention
+                for f in ffn
+                if _needs_training(a_spec[a], parent.attention) or _needs_training(f_spec[f], parent.ffn)
+            ]
+        else:
+            raise UserError(f"library.mode is '{mode}'; use 'decoupled' or 'coupled'.")
+        blocks = tuple(f"{a}+{f}" for a in attention for f in ffn)
+        layers.append(LayerPlan(attention, ffn, blocks, tuple(units)))
+    return LibraryPlan(mode, tuple(layers))
+
+
+def _subspace_ids(layer: int, ids: Sequence[str], attention: Mapping, ffn: Mapping) -> tuple[list[str], list[str]]:
+    """Split a layer's subspace (block ids ``a+f`` or sub-block ids) into attention and FFN ids."""
+    chosen_attention, chosen_ffn = [], []
+    for text in ids:
+        pieces = text.split("+") if "+" in text else [text]
+        for piece in pieces:
+            if piece.startswith("attn_"):
+                AttentionSpec.parse(piece)
+                target, offered = chosen_attention, attention
+            else:
+                FFNSpec.parse(piece)
+                target, offered = chosen_ffn, ffn
+            if piece not in offered:
+                raise UserError(
+                    f"The coupled subspace of {layer_key(layer)} names '{piece}', which the variant provider does not "
+                    f"offer there (offered: {', '.join([*attention, *ffn])}). Use ids from the decoupled library."
+                )
+            target.append(piece)
+    return chosen_attention, chosen_ffn
+
+
+def read_solution_subspace(path: str | Path, num_layers: int) -> list[list[str]]:
+    """Per layer, the block ids chosen by the solutions in ``path``.
+
+    ``path`` is a search stage's ``solutions/index.json`` (every solution it lists), or one
+    solution file (``{"chosen": {"layer_0": "attn_g3+ffn_768", ...}}``).
+    """
+    path = Path(path)
+
+    def read(file: Path) -> Any:
+        try:
+            return json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(
+                f"library.subspace_solutions: {file} cannot be read as JSON ({exc}). Point it at a search stage's "
+                f"solutions/index.json or one of its solution files."
+            ) from None
+
+    data = read(path)
+    if isinstance(data, dict) and "solutions" in data:
+        solutions = [read(path.parent / entry["file"]) for entry in data["solutions"]]
+    else:
+        solutions = [data]
+    per_layer: list[list[str]] = [[] for _ in range(num_layers)]
+    for solution in solutions:
+        chosen = solution.get("chosen") if isinstance(solution, dict) else None
+        if not isinstance(chosen, dict) or any(layer_key(i) not in chosen for i in range(num_layers)):
+            raise UserError(
+                f"library.subspace_solutions: {path} holds a solution without a block for each of the "
+                f"{num_layers} layers ('chosen': {{'layer_0': ..., ...}}). Use solutions of a search on this parent."
+            )
+        for index in range(num_layers):
+            per_layer[index].append(chosen[layer_key(index)])
+    return per_layer
+
+
+def resolve_subspace(section, num_layers: int) -> list[list[str]] | None:
+    """The coupled subspace the library section asks for, or ``None`` (every pair)."""
+    if section.subspace is not None and section.subspace_solutions is not None:
+        raise UserError("Give library.subspace or library.subspace_solutions, not both.")
+    if section.subspace_solutions is not None:
+        subspace = read_solution_subspace(section.subspace_solutions, num_layers)
+    else:
+        subspace = section.subspace
+    if subspace is not None:
+        if section.mode != "coupled":
+            raise UserError("A library subspace only applies to coupled BLD; set library.mode: coupled, or remove it.")
+        if len(subspace) != num_layers:
+            raise UserError(
+                f"library.subspace has {len(subspace)} entries for a parent of {num_layers} layers; give one list of "
+                f"block ids per layer."
+            )
+    return subspace
+
+
+def unit_cost(shape: ModelShape, unit: Unit, seq_len: int, tokens: int) -> float:
+    """Estimated training FLOPs of a unit (for balancing jobs across workers)."""
+    hidden, heads, head_dim = shape.hidden_size, shape.num_attention_heads, shape.head_dim
+    per_token = 0.0
+    if unit.attention:
+        spec = AttentionSpec.parse(unit.attention)
+        if spec.replace_with_linear:
+            per_token += hidden * hidden
+        elif not spec.no_op:
+            kv_heads = heads // spec.n_heads_in_group
+            per_token += 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 2 * seq_len * heads * head_dim
+    if unit.ffn:
+        spec = FFNSpec.parse(unit.ffn)
+        if spec.replace_with_linear:
+            per_token += hidden * hidden
+        elif not spec.no_op:
+            per_token += 3 * hidden * spec.intermediate_size
+    return 6.0 * per_token * tokens  # forward + backward, 2 FLOPs per multiply-add
+
+
+def job_seed(run_seed: int, job_id: str) -> int:
+    """A seed that depends only on the run seed and the job."""
+    digest = hashlib.sha256(f"{run_seed}/{job_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@attrs.frozen
+class BlockRecord:
+    """What a finished BLD job wrote (``library/blocks/layer_<i>/<unit>.json``)."""
+
+    job: str
+    layer: int
+    attention: str | None
+    ffn: str | None
+    weights: str  # relative to the run directory
+    sha256: str
+    settings_hash: str
+    seed: int
+    steps: int
+    tokens: int
+    train_loss_initial: float
+    train_loss_final: float
+    train_loss_min: float
+    heldout_loss_before: float | None
+    heldout_loss_after: float | None
+    loss_curve: list[float]  # mean training loss over equal stretches of the run
+    wall_s: float
+    train_tokens_per_s: float
+    peak_memory_mib: float | None  # CPU: the process's peak RSS during the job; CUDA: peak allocated
+    device: str
+    threads: int
+
+
+@attrs.frozen
+class TrainSettings:
+    """Everything besides the unit that changes a trained block (hashed into its record)."""
+
+    activations: str  # the capture key
+    mode: str
+    loss: Any  # unstructured loss choice
+    lr: float
+    weight_decay: float
+    warmup_fraction: float
+    batch_size: int
+    calibration_tokens: int
+    init_method: str
+    seed: int
+
+    def hash_for(self, unit: Unit) -> str:
+        return stable_hash({"settings": unstructure(self), "unit": unstructure(unit)})
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def summarize_curve(losses: Sequence[float], points: int = CURVE_POINTS) -> list[float]:
+    """Mean loss over ``points`` equal stretches of the run (fewer for short runs)."""
+    if not losses:
+        return []
+    points = min(points, len(losses))
+    edges = [round(i * len(losses) / points) for i in range(points + 1)]
+    return [sum(losses[a:b]) / (b - a) for a, b in zip(edges, edges[1:])]
+
+
+# ---------------------------------------------------------------------------- modules
+
+
+class CoupledBlock(nn.Module):
+    """An attention and an FFN sub-block trained together; returns the layer's whole delta."""
+
+    def __init__(self, attention: nn.Module, ffn: nn.Module):
+        super().__init__()
+        self.attention = attention
+        self.ffn = ffn
+
+    def forward(self, hidden, context):
+        attention = self.attention(hidden, context)
+        return attention + self.ffn(hidden + attention, context)
+
+
+def unit_inputs(unit: Unit, batch: Mapping[str, torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unit's input and target from a batch of captured activations (float32 on ``device``)."""
+    hidden = batch["hidden"].to(device=device, dtype=torch.float32)
+    attn_out = batch["attn_out"].to(device=device, dtype=torch.float32)
+    if unit.attention and unit.ffn:
+        return hidden, attn_out + batch["ffn_out"].to(device=device, dtype=torch.float32)
+    if unit.attention:
+        return hidden, attn_out
+    return hidden + attn_out, batch["ffn_out"].to(device=device, dtype=torch.float32)
+
+
+def _to_device(value, device):
+    """Move the tensors in a layer context (tensors, tuples, dicts, attrs records) to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if attrs.has(type(value)):
+        return attrs.evolve(value, **{f.name: _to_device(getattr(value, f.name), device) for f in attrs.fields(type(value)) if f.init})
+    return value
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's CUDA device (``LOCAL_RANK`` under torchrun) when there is one, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"library.device '{name}' is not a torch device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"library.device is '{name}', but torch sees no CUDA device here. Use auto or cpu.")
+    return device
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the process's RSS high-water mark (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """Peak memory since the last reset: CUDA allocations, or the process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _progress_enabled() -> bool:
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+# ---------------------------------------------------------------------------- training
+
+
+class BLDTrainer:
+    """Trains and stores the units of a library plan; :meth:`run` is the executor's work function."""
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        family: ModelFamily,
+        parent: LoadedModel,
+        store: ActivationStore,
+        settings: TrainSettings,
+        loss,
+        device: torch.device,
+    ):
+        if getattr(loss, "target", "hidden") != "hidden":
+            raise UserError(
+                f"BLD compares sub-block outputs (hidden states), but library.loss compares {loss.target}. Pick a "
+                f"hidden-state loss: normalized_mse (default), mse or cosine."
+            )
+        self.run_dir = run_dir
+        self.family = family
+        self.parent = parent
+        self.runner = family.layer_runner(parent.model)
+        self.store = store
+        self.settings = settings
+        self.loss = loss
+        self.device = device
+        self._contexts: dict[tuple, Any] = {}
+
+    # ---- files
+
+    def weights_path(self, unit: Unit) -> Path:
+        return self.run_dir.path(*BLOCKS, f"layer_{unit.layer:03d}", f"{unit.name}.safetensors")
+
+    def record_path(self, unit: Unit) -> Path:
+        return self.weights_path(unit).with_suffix(".json")
+
+    def jobs(self, plan: LibraryPlan, seq_len: int) -> list[Job]:
+        tokens = self.store.tokens("train")
+        return [Job(unit.id, unit_cost(self.parent.shape, unit, seq_len, tokens), unit) for unit in plan.units]
+
+    def finished(self, unit: Unit) -> BlockRecord | None:
+        """The unit's record if it finished with these settings and its weights are intact."""
+        record_path, weights_path = self.record_path(unit), self.weights_path(unit)
+        if not record_path.is_file():
+            return None
+        try:
+            record = CONVERTER.structure(json.loads(record_path.read_text(encoding="utf-8")), BlockRecord)
+        except Exception:  # a damaged record in any way: the job simply runs again
+            warnings.warn(f"Block record {record_path} is unreadable; training {unit.id} again.", BlockWarning, stacklevel=2)
+            return None
+        if record.settings_hash != self.settings.hash_for(unit):
+            return None
+        if not weights_path.is_file() or sha256_file(weights_path) != record.sha256:
+            warnings.warn(
+                f"Block file {weights_path} is missing, truncated or corrupt (its sha256 does not match "
+                f"{record_path.name}); training {unit.id} again.",
+                BlockWarning,
+                stacklevel=2,
+            )
+            return None
+        return record
+
+    # ---- one job
+
+    def run(self, job: Job) -> None:
+        unit: Unit = job.payload
+        if self.finished(unit) is not None:
+            return
+        seed = job_seed(self.settings.seed, unit.id)
+        torch.manual_seed(seed)
+        _reset_peak_memory(self.device)
+        started = time.perf_counter()
+        module = self.build(unit).to(self.device)
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        total = self.store.steps("train", self.settings.batch_size)
+        warmup = max(1, round(self.settings.warmup_fraction * total)) if self.settings.warmup_fraction > 0 else 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+        heldout_before = self.evaluate(module, unit)
+        module.train()
+        losses: list[float] = []
+        tokens = 0
+        generator = torch.Generator().manual_seed(seed)
+        bar = tqdm(total=total, desc=unit.id, unit="step", leave=False, dynamic_ncols=True, disable=not _progress_enabled())
+        train_started = time.perf_counter()
+        for batch in self.store.batches(unit.layer, "train", self.settings.batch_size, generator):
+            inputs, target = unit_inputs(unit, batch, self.device)
+            loss = self.loss(module(inputs, self.context(inputs)), target)
+            value = loss.item()
+            if not math.isfinite(value):
+                bar.close()
+                raise DivergedError(
+                    f"BLD job {unit.id} diverged: its loss is {value} at step {len(losses) + 1} of {total} "
+                    f"(lr {scheduler.get_last_lr()[0]:.3g}). Lower library.lr, or check the parent's activations in "
+                    f"{self.store.root}."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(value)
+            tokens += inputs.shape[0] * inputs.shape[1]
+            bar.update()
+            if len(losses) % 10 == 0:
+                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+        train_seconds = time.perf_counter() - train_started
+        bar.close()
+        heldout_after = self.evaluate(module, unit)
+        self.save(unit, module)
+        tail = losses[-max(1, len(losses) // 10) :]
+        record = BlockRecord(
+            job=unit.id,
+            layer=unit.layer,
+            attention=unit.attention,
+            ffn=unit.ffn,
+            weights=str(self.weights_path(unit).relative_to(self.run_dir.root)),
+            sha256=sha256_file(self.weights_path(unit)),
+            settings_hash=self.settings.hash_for(unit),
+            seed=seed,
+            steps=len(losses),
+            tokens=tokens,
+            train_loss_initial=losses[0],
+            train_loss_final=sum(tail) / len(tail),
+            train_loss_min=min(losses),
+            heldout_loss_before=heldout_before,
+            heldout_loss_after=heldout_after,
+            loss_curve=summarize_curve(losses),
+            wall_s=time.perf_counter() - started,
+            train_tokens_per_s=tokens / train_seconds if train_seconds > 0 else 0.0,
+            peak_memory_mib=peak_memory_mib(self.device),
+            device=str(self.device),
+            threads=torch.get_num_threads(),
+        )
+        atomic_write_json(self.record_path(unit), CONVERTER.unstructure(record))
+
+    def build(self, unit: Unit) -> nn.Module:
+        """The unit's module, initialised from the parent with a calibration slice of the activations."""
+        calibration = self.store.calibration(unit.layer, self.settings.calibration_tokens)
+        modules = {}
+        for part in unit.parts:
+            if calibration is None:
+                calib = None
+            elif part == "attention":
+                calib = Calibration(calibration["hidden"], calibration["attn_out"])
+            else:
+                calib = Calibration(calibration["hidden"] + calibration["attn_out"], calibration["ffn_out"])
+            spec = AttentionSpec.parse(unit.attention) if part == "attention" else FFNSpec.parse(unit.ffn)
+            modules[part] = self.family.init_sublayer(self.parent, unit.layer, spec, calib, self.settings.init_method)
+        if len(modules) == 2:
+            return CoupledBlock(modules["attention"], modules["ffn"])
+        return next(iter(modules.values()))
+
+    def context(self, inputs: torch.Tensor):
+        """The layer context for a batch shape (rotary tables, mask), computed once per shape."""
+        key = tuple(inputs.shape)
+        if key not in self._contexts:
+            parent_device = next(self.parent.model.parameters()).device
+            probe = torch.zeros(inputs.shape, dtype=inputs.dtype, device=parent_device)
+            with torch.no_grad():
+                self._contexts[key] = _to_device(self.runner.context(probe), inputs.device)
+        return self._contexts[key]
+
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module, unit: Unit) -> float | None:
+        """The loss on the held-out activations, token-weighted over batches (None without any)."""
+        module.eval()
+        total, weight = 0.0, 0
+        for batch in self.store.batches(unit.layer, "heldout", self.settings.batch_size):
+            inputs, target = unit_inputs(unit, batch, self.device)
+            count = inputs.shape[0] * inputs.shape[1]
+            total += self.loss(module(inputs, self.context(inputs)), target).item() * count
+            weight += count
+        return total / weight if weight else None
+
+    def save(self, unit: Unit, module: nn.Module) -> None:
+        if isinstance(module, CoupledBlock):
+            parts = {"attention": module.attention, "ffn": module.ffn}
+        else:
+            parts = {unit.parts[0]: module}
+        tensors = {
+            f"{part}.{name}": tensor.detach().to("cpu").contiguous().clone()
+            for part, sub in parts.items()
+            for name, tensor in sub.state_dict().items()
+        }
+        path = self.weights_path(unit)
+        with atomic_path(path) as tmp:
+            # one metadata key only: safetensors writes several in a random order, and the bytes must be reproducible
+            save_file(tensors, str(tmp), metadata={"format": f"{WEIGHTS_FORMAT} {unit.id}"})
+
+
+# ---------------------------------------------------------------------------- the library index
+
+
+def write_index(run_dir: RunDir, plan: LibraryPlan, trainer: BLDTrainer, extra: Mapping[str, Any]) -> Path:
+    """``library/index.json``: blocks per layer (parent first) plus every trained unit's record."""
+    layers = []
+    for layer in plan.layers:
+        trained = {}
+        for unit in layer.units:
+            record = trainer.finished(unit)
+            if record is None:
+                raise UserError(f"BLD job {unit.id} did not finish; re-run the library stage with --resume.")
+            trained[unit.name] = CONVERTER.unstructure(record)
+        layers.append({"attention": list(layer.attention), "ffn": list(layer.ffn), "blocks": list(layer.blocks),
+                       "trained": trained})
+    path = run_dir.path(*INDEX)
+    atomic_write_json(path, {"mode": plan.mode, **extra, "layers": layers})
+    return path
+
+
+def read_index(run_dir: RunDir | str | Path) -> dict:
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    path = run_dir.path(*INDEX)
+    if not path.is_file():
+        raise UserError(f"{run_dir.root} has no block library (library/index.json). Run `puzzle run CONFIG --stage library`.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); re-run the library stage with --resume.") from None
+
+
+def load_sublayers(
+    run_dir: RunDir | str | Path, blocks: Sequence[BlockSpec | str]
+) -> dict[tuple[int, Part], dict[str, torch.Tensor]]:
+    """Trained sub-block weights for a child with ``blocks`` (one per layer): ``{(layer, part): state_dict}``.
+
+    Parent and no-op sub-blocks have no entry (the family builds them from the parent).
+    """
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    index = read_index(run_dir)
+    if len(blocks) != len(index["layers"]):
+        raise UserError(f"The library has {len(index['layers'])} layers; got {len(blocks)} blocks.")
+    sublayers: dict[tuple[int, Part], dict[str, torch.Tensor]] = {}
+    for layer, (block, entry) in enumerate(zip(blocks, index["layers"])):
+        spec = block if isinstance(block, BlockSpec) else BlockSpec.parse(block)
+        if spec.id not in entry["blocks"]:
+            raise UserError(
+                f"Block {spec.id} is not in the library at {layer_key(layer)} (it offers {', '.join(entry['blocks'])})."
+            )
+        names = [spec.id] if index["mode"] == "coupled" else [spec.attention.id, spec.ffn.id]
+        for name in names:
+            record = entry["trained"].get(name)
+            if record is None:
+                continue
+            for (part, key), tensor in _read_block(run_dir, record).items():
+                sublayers.setdefault((layer, part), {})[key] = tensor
+    return sublayers
+
+
+def _read_block(run_dir: RunDir, record: Mapping[str, Any]) -> dict[tuple[str, str], torch.Tensor]:
+    path = run_dir.path(record["weights"])
+    if not path.is_file() or sha256_file(path) != record["sha256"]:
+        raise UserError(
+            f"Block file {path} is missing or damaged (sha256 mismatch). Re-run `puzzle run CONFIG --stage library "
+            f"--resume`: damaged blocks are trained again."
+        )
+    try:
+        tensors = load_file(path)
+    except SafetensorError as exc:
+        raise UserError(f"Block file {path} cannot be read ({exc}); re-run the library stage with --resume.") from None
+    out = {}
+    for name, tensor in tensors.items():
+        part, _, key = name.partition(".")
+        out[(part, key)] = tensor
+    return out
