@@ -88,7 +88,7 @@ def read_questions(path: str | Path) -> list[Question]:
     """Questions from a JSONL of ``{"question", "choices", "answer", "subject"}`` lines."""
     path = Path(path)
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
