@@ -4,7 +4,8 @@ Binary ``x[i, j]`` (layer ``i`` uses variant ``j``), ``sum_j x[i, j] = 1`` per l
 one or two linear rows per constraint (``min <= sum cost x <= max``, fixed costs already
 subtracted), and the summed objective. Diverse solutions come from no-good cuts: after a
 solution ``c``, ``sum_i x[i, c_i] <= layers - k`` makes every later one differ from it in
-at least ``k`` layers.
+at least ``k`` layers. For a single solution, variants dominated within their layer are
+dropped first (an exact reduction that halves typical programs).
 """
 
 from __future__ import annotations
@@ -48,29 +49,64 @@ def relative_gap(value: float, bound: float) -> float:
     return 0.0 if difference <= 1e-12 * max(1.0, abs(value)) else difference / max(abs(value), 1e-12)
 
 
+def undominated(problem: SearchProblem) -> np.ndarray:
+    """``problem.mask`` without variants another variant of the same layer dominates.
+
+    ``k`` dominates ``j`` when it is no worse in the objective and in every constraint's
+    direction (lower cost under a maximum, higher above a minimum, equal under both),
+    and strictly better somewhere or listed first. Swapping ``j`` for ``k`` keeps any
+    choice feasible and no worse, so dropping ``j`` cannot lose the optimum; on
+    Puzzle-like libraries it removes about half the variables.
+    """
+    sign = 1.0 if problem.minimize else -1.0
+    columns = [sign * problem.scores()]  # lower is better in every column
+    for constraint in problem.constraints:
+        costs = problem.values(constraint.path, cost=True)
+        if constraint.max is not None:
+            columns.append(costs)
+        if constraint.min is not None:
+            columns.append(-costs)
+    points = np.nan_to_num(np.stack(columns, axis=-1), nan=np.inf)  # (layers, variants, criteria)
+    no_worse = (points[:, :, None, :] <= points[:, None, :, :]).all(axis=-1)  # [i, k, j]: k no worse than j
+    better = (points[:, :, None, :] < points[:, None, :, :]).any(axis=-1)
+    width = points.shape[1]
+    earlier = np.arange(width)[:, None] < np.arange(width)[None, :]
+    dominated = (no_worse & (better | earlier) & problem.mask[:, :, None]).any(axis=1)
+    return problem.mask & ~dominated
+
+
+def _linear(variables: list, coefficients: list[float]) -> mip.LinExpr:
+    """A linear expression built in one call (much faster than ``xsum`` of products)."""
+    return mip.LinExpr(variables=variables, coeffs=coefficients)
+
+
 def solve_mip(problem: SearchProblem, options: MipOptions, solver: str) -> list[MipResult]:
-    """Up to ``problem.num_solutions`` diverse optima of ``problem``, best first."""
+    """Up to ``problem.num_solutions`` diverse optima of ``problem``, best first.
+
+    Dominated variants are left out when one solution is asked for; runners-up may need
+    them, so diverse searches keep every variant.
+    """
     model = mip.Model(sense=mip.MINIMIZE if problem.minimize else mip.MAXIMIZE, solver_name=mip.CBC)
     model.verbose = 0
     model.threads = options.threads
     model.max_mip_gap = options.gap
     model.max_mip_gap_abs = 1e-10
-    mask = problem.mask
-    x = [[model.add_var(var_type=mip.BINARY) for _ in range(int(row.sum()))] for row in mask]
+    usable = undominated(problem) if problem.num_solutions == 1 else problem.mask
+    indices = [np.flatnonzero(row) for row in usable]  # variant indices with a variable, per layer
+    x = [[model.add_var(var_type=mip.BINARY) for _ in row] for row in indices]
+    flat = [var for row in x for var in row]
+    layer_of = np.repeat(np.arange(problem.num_layers), [len(row) for row in indices])
+    variant_of = np.concatenate(indices)
     for row in x:
-        model += mip.xsum(row) == 1
+        model.add_constr(_linear(row, [1.0] * len(row)) == 1)
     for constraint in problem.constraints:
-        table = problem.values(constraint.path, cost=True)
-        expression = mip.xsum(
-            float(table[i, j]) * var for i, row in enumerate(x) for j, var in enumerate(row) if table[i, j] != 0
-        )
+        coefficients = problem.values(constraint.path, cost=True)[layer_of, variant_of].tolist()
         low, high = problem.bounds(constraint)
         if high is not None:
-            model += expression <= high
+            model.add_constr(_linear(flat, coefficients) <= high)
         if low is not None:
-            model += expression >= low
-    scores = problem.scores()
-    model.objective = mip.xsum(float(scores[i, j]) * var for i, row in enumerate(x) for j, var in enumerate(row))
+            model.add_constr(_linear(flat, coefficients) >= low)
+    model.objective = _linear(flat, problem.scores()[layer_of, variant_of].tolist())
 
     results: list[MipResult] = []
     status = mip.OptimizationStatus.LOADED
@@ -79,7 +115,7 @@ def solve_mip(problem: SearchProblem, options: MipOptions, solver: str) -> list[
         status = model.optimize(max_seconds=options.time_limit)
         seconds = time.perf_counter() - started
         if status in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
-            choice = [int(np.argmax([var.x for var in row])) for row in x]
+            choice = [int(row[np.argmax([var.x for var in variables])]) for row, variables in zip(indices, x)]
             gap = relative_gap(model.objective_value, model.objective_bound)
             kind: Status = "optimal" if status == mip.OptimizationStatus.OPTIMAL else "time_limit"
             if kind == "time_limit":
@@ -90,7 +126,8 @@ def solve_mip(problem: SearchProblem, options: MipOptions, solver: str) -> list[
                     stacklevel=2,
                 )
             results.append(MipResult(choice, kind, gap, seconds))
-            model += mip.xsum(x[i][j] for i, j in enumerate(choice)) <= problem.num_layers - problem.min_diversity
+            chosen = [x[i][int(np.flatnonzero(row == j)[0])] for i, (row, j) in enumerate(zip(indices, choice))]
+            model.add_constr(_linear(chosen, [1.0] * len(chosen)) <= problem.num_layers - problem.min_diversity)
             continue
         if results:  # no further diverse solution (or none within the time limit)
             break
