@@ -1,0 +1,169 @@
+"""Evaluators on the tiny random Llama: lm-eval tasks offline, KL to the parent, throughput."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import attrs
+import pytest
+import torch
+
+from puzzle_core.config import EvaluatorChoice, structure
+from puzzle_core.data import load_corpus
+from puzzle_core.errors import UserError
+from puzzle_core.evaluation import EvalContext, evaluate_all
+from puzzle_core.interfaces import LoadedModel
+from puzzle_core.schema import DataSection, ParentSection, Scenario
+from puzzle_core.tasks import Question, choice_loglikelihoods, load_mmlu
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """PUZZLE_CACHE, the tiny-random-llama parent, a small corpus and an MMLU-format fixture."""
+    root = tmp_path_factory.mktemp("evaluators")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PUZZLE_CACHE", str(root / "cache"))
+        from puzzle_core.parents import load_parent
+        from puzzle_core.registry import get_registries
+
+        _, parent = load_parent(ParentSection(source="tiny-random-llama"), get_registries())
+        rng = random.Random(0)
+        words = "the river stone light house quiet morning garden letter road".split()
+        text = "\n\n".join(" ".join(rng.choice(words) for _ in range(60)) + "." for _ in range(40))
+        (root / "book.txt").write_text(text)
+        corpus = load_corpus(DataSection(corpus=str(root / "book.txt"), test_fraction=0.4), parent.tokenizer)
+        subjects = ["astronomy", "law", "music", "geology", "poetry", "chess"]
+        mmlu = root / "mmlu.jsonl"
+        with mmlu.open("w") as handle:
+            for s, subject in enumerate(subjects):
+                for i in range(3):
+                    choices = [f"{subject} answer {k}{' longer' * ((i + k) % 3)}" for k in range(4)]
+                    question = Question(f"Which {subject} fact {i} holds?", choices, (s + i) % 4, subject)
+                    handle.write(json.dumps(question.to_json()) + "\n")
+        yield {"root": root, "parent": parent, "corpus": corpus, "mmlu": mmlu}
+
+
+@pytest.fixture
+def context(workspace, monkeypatch):
+    monkeypatch.setenv("PUZZLE_CACHE", str(workspace["root"] / "cache"))
+    return EvalContext(
+        parent=workspace["parent"],
+        corpus=workspace["corpus"],
+        scenario=Scenario(batch_size=2, prefill_len=16, decode_len=4, dtype="fp32", threads=1),
+        threads=1,
+        seed=0,
+        cache_dir=workspace["root"] / "eval-cache",
+    )
+
+
+def evaluator(name: str, **options):
+    return structure({"name": name, **options}, EvaluatorChoice).create()
+
+
+def test_lm_eval_builtin_tasks(workspace, context):
+    lm_eval = evaluator("lm_eval", mmlu_file=str(workspace["mmlu"]), limit={"heldout_perplexity": 3}, batch_size=4)
+    metrics = lm_eval.evaluate(workspace["parent"], context)
+    # the harness's accuracy equals our own answer-text scoring on the same held-out half
+    questions = load_mmlu("eval", path=workspace["mmlu"])
+    assert metrics["mmlu_heldout.samples"] == len(questions) == 9
+    direct = choice_loglikelihoods(workspace["parent"].model, workspace["parent"].tokenizer, questions, progress=False)
+    assert metrics["mmlu_heldout.acc"] == pytest.approx(direct.acc)
+    assert metrics["mmlu_heldout.acc_norm"] == pytest.approx(direct.acc_norm)
+    assert "mmlu_heldout.acc_stderr" in metrics
+    # an untrained model over 260 byte tokens is close to uniform: about log2(260) = 8 bits per byte
+    assert metrics["heldout_perplexity.samples"] == 3
+    assert 6.0 < metrics["heldout_perplexity.bits_per_byte"] < 10.0
+    assert metrics["heldout_perplexity.word_perplexity"] > metrics["heldout_perplexity.byte_perplexity"] > 1.0
+    assert workspace["parent"].model.training is False
+
+
+def test_lm_eval_accepts_a_plain_module_with_the_hf_signature(workspace, context):
+    parent = workspace["parent"]
+
+    class Plain(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, **kwargs):
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    plain = attrs.evolve(parent, model=Plain(parent.model))
+    lm_eval = evaluator("lm_eval", tasks=["mmlu_heldout"], mmlu_file=str(workspace["mmlu"]))
+    ours = lm_eval.evaluate(plain, context)
+    questions = load_mmlu("eval", path=workspace["mmlu"])
+    assert ours["mmlu_heldout.acc_norm"] == pytest.approx(
+        choice_loglikelihoods(parent.model, parent.tokenizer, questions, progress=False).acc_norm
+    )
+
+
+def test_lm_eval_user_task_by_yaml_path_and_unknown_names(workspace, context, tmp_path):
+    data = tmp_path / "lines.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in workspace["corpus"].documents("test")[:2]))
+    task = tmp_path / "my_ppl.yaml"
+    task.write_text(
+        "task: my_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + json.dumps(str(data)) + "\n"
+        "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: bits_per_byte\n"
+    )
+    metrics = evaluator("lm_eval", tasks=[str(task)]).evaluate(workspace["parent"], context)
+    assert set(metrics) == {"my_ppl.bits_per_byte", "my_ppl.samples"} and metrics["my_ppl.samples"] == 2
+    by_name = evaluator("lm_eval", tasks=["my_ppl"], include_path=[str(tmp_path)], limit={"my_ppl": 1})
+    assert by_name.evaluate(workspace["parent"], context)["my_ppl.samples"] == 1
+    with pytest.raises(UserError, match="Unknown lm_eval task 'hellaswag'.*include_defaults"):
+        evaluator("lm_eval", tasks=["hellaswag"]).evaluate(workspace["parent"], context)
+    with pytest.raises(UserError, match="include_path 'nowhere' does not exist"):
+        evaluator("lm_eval", include_path=["nowhere"]).evaluate(workspace["parent"], context)
+
+
+def test_builtin_prompt_matches_the_scoring_prompt(tmp_path):
+    import yaml
+    from jinja2 import Template
+
+    from puzzle_core.tasks import mmlu_prompt
+    from puzzle_plugins.lm_eval_evaluator import render_template
+
+    config = yaml.safe_load(render_template("mmlu_heldout", tmp_path / "x.jsonl"))
+    assert config["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "x.jsonl").resolve())
+    question = Question("  What is 2+2? ", ("3", "4"), 1, "arithmetic")
+    assert Template(config["doc_to_text"]).render(**question.to_json()) == mmlu_prompt(question)
+
+
+def test_kl_to_parent(workspace, context):
+    parent = workspace["parent"]
+    kl = evaluator("kl_to_parent", tokens=512, seq_len=64, batch_size=4)
+    same = kl.evaluate(parent, context)
+    assert abs(same["kl_to_parent"]) < 1e-6
+    assert same["test_lm_loss"] == pytest.approx(math.log(len(parent.tokenizer)), rel=0.05)
+    noisy = copy.deepcopy(parent.model)
+    with torch.no_grad():
+        noisy.lm_head.weight.add_(torch.randn_like(noisy.lm_head.weight), alpha=0.5)
+    changed = kl.evaluate(LoadedModel(noisy, parent.tokenizer, parent.shape, "noisy"), context)
+    assert changed["kl_to_parent"] > 1e-3
+
+
+def test_throughput(workspace, context):
+    metrics = evaluator("throughput", warmup=1, repeats=2).evaluate(workspace["parent"], context)
+    assert metrics["throughput_tok_s"] > 0
+    assert metrics["throughput_tok_s"] == pytest.approx(2 * 4 / metrics["latency_s"])
+    assert 0 < metrics["prefill_s"] < metrics["latency_s"]
+    bf16 = attrs.evolve(context, scenario=attrs.evolve(context.scenario, dtype="bf16"))
+    assert evaluator("throughput", warmup=0, repeats=1).evaluate(workspace["parent"], bf16)["throughput_tok_s"] > 0
+    assert next(workspace["parent"].model.parameters()).dtype == torch.float32  # measured on a copy
+
+
+def test_evaluate_all_merges_and_rejects_clashes(workspace, context):
+    kl = evaluator("kl_to_parent", tokens=128, seq_len=64)
+    merged = evaluate_all(workspace["parent"], [("kl", kl), ("speed", evaluator("throughput", repeats=1))], context)
+    assert {"kl_to_parent", "test_lm_loss", "throughput_tok_s", "latency_s", "prefill_s"} == set(merged)
+    with pytest.raises(ValueError, match="both report 'kl_to_parent'"):
+        evaluate_all(workspace["parent"], [("a", kl), ("b", kl)], context)
+
+
+def test_evaluators_are_registered(registries):
+    assert {"lm_eval", "kl_to_parent", "throughput"} <= set(registries.evaluators.names())
+    with pytest.raises(Exception, match="batch_size"):
+        structure({"name": "lm_eval", "batch_size": 0}, EvaluatorChoice)
