@@ -131,3 +131,14 @@ def test_scorers_are_registered_with_descriptions(registries):
         record = registries.scorers.get(name)
         assert record.description
         assert record.create().higher_is_better is False
+
+
+def test_a_third_party_scorer_from_the_example_plugin_runs_in_the_engine(setup, registries):
+    pytest.importorskip("puzzle_example_plugin", reason="pip install -e examples/puzzle-example-plugin")
+    family, parent, runner, engine = setup
+    chosen = {"top1_mismatch": registries.scorers.get("top1_mismatch").create()}
+    layer = 0
+    same = engine.score(layer, runner.sublayer(layer, "attention"), runner.sublayer(layer, "ffn"), chosen)
+    noop = engine.score(layer, variant(family, parent, layer, AttentionSpec(no_op=True)),
+                        runner.sublayer(layer, "ffn"), chosen)
+    assert same["top1_mismatch"] == 0.0 and 0.0 < noop["top1_mismatch"] <= 1.0

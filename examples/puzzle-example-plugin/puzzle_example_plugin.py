@@ -14,7 +14,8 @@ import numpy as np
 
 from puzzle_core import hookimpl
 from puzzle_core.errors import UserError
-from puzzle_core.interfaces import Solver
+from puzzle_core.interfaces import ModelOutputs, Scorer, ScoringBatch, Solver
+from puzzle_core.records import Scorer as ScorerRecord
 from puzzle_core.records import Solver as SolverRecord
 from puzzle_core.search import SearchProblem, Solution, check_diversity_count, infeasible_error
 from puzzle_plugins.roofline import GPUSpec, roofline_cost_model
@@ -105,3 +106,25 @@ def brute_force_solver():
             description="Exhaustive search over every combination (small libraries; a reference for tests)",
         )
     ]
+
+
+# ---------------------------------------------------------------- a replace-1-block scorer
+# A new scorer is one method: given the model with one block replaced and the parent on
+# a batch of validation tokens, return (sum of per-token values, number of tokens). The
+# engine caches the parent, runs only the layers after the block, and averages.
+
+
+class TopOneMismatch(Scorer):
+    """Share of tokens whose most likely next token differs from the parent's."""
+
+    needs_parent_log_probs = True
+
+    def batch_score(self, child: ModelOutputs, parent: ModelOutputs, batch: ScoringBatch) -> tuple[float, float]:
+        differs = child.log_probs.argmax(-1) != parent.log_probs.argmax(-1)
+        return float(differs[batch.mask].sum()), float(batch.mask.sum())
+
+
+@hookimpl(specname="puzzle_scorers")
+def top1_mismatch_scorer():
+    return [ScorerRecord(name="top1_mismatch", implementation=TopOneMismatch,
+                         description="share of validation tokens whose top-1 prediction changes, block replaced alone")]
