@@ -9,7 +9,7 @@ entering layer ``i`` and runs only layers ``i..N-1`` and the head.
 Memory bound (checked before caching, ``scoring.max_cache_mib``): ``tokens x hidden x
 (layers + 1)`` activations in the parent's dtype, plus ``tokens x vocab`` float32
 log-probs when kept. SmolLM2-135M at 4096 validation tokens: 4096 x 576 x 31 x 4 B =
-292 MiB of hidden states + 4096 x 49152 x 4 B = 768 MiB of log-probs.
+279 MiB of hidden states + 4096 x 49152 x 4 B = 768 MiB of log-probs.
 """
 
 from __future__ import annotations

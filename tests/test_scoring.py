@@ -142,3 +142,24 @@ def test_a_third_party_scorer_from_the_example_plugin_runs_in_the_engine(setup, 
     noop = engine.score(layer, variant(family, parent, layer, AttentionSpec(no_op=True)),
                         runner.sublayer(layer, "ffn"), chosen)
     assert same["top1_mismatch"] == 0.0 and 0.0 < noop["top1_mismatch"] <= 1.0
+
+
+@pytest.mark.slow
+def test_smollm2_parent_block_scores_zero_kl_and_a_no_op_does_not(registries):
+    from puzzle_core.parents import load_parent
+    from puzzle_core.schema import ParentSection
+
+    family, parent = load_parent(ParentSection(source="smollm2-135m"), registries)
+    runner = family.layer_runner(parent.model)
+    ids = torch.as_tensor(parent.tokenizer("The quick brown fox jumps over the lazy dog. " * 6)["input_ids"][:64])[None]
+    data = [ScoringBatch(ids, torch.ones_like(ids, dtype=torch.bool), next_token_labels(ids))]
+    engine = ReplaceOneBlockEngine(runner, data, keep_log_probs=True, vocab_size=parent.shape.vocab_size,
+                                   max_cache_mib=1024, progress=False)
+    with torch.no_grad():
+        parent_loss = parent.model(ids, labels=ids).loss.item()
+    layer = parent.shape.num_layers - 1
+    attention, ffn = runner.sublayer(layer, "attention"), runner.sublayer(layer, "ffn")
+    own = engine.score(layer, attention, ffn, scorers(registries))
+    noop = engine.score(layer, attention, variant(family, parent, layer, FFNSpec(no_op=True)), scorers(registries))
+    assert own["kl"] < 1e-6 and own["lm_loss"] == pytest.approx(parent_loss, abs=1e-4)
+    assert noop["kl"] > 1e-3
