@@ -266,7 +266,7 @@ def _read_file(path: Path) -> list[str]:
 
 def _parse_jsonl(path: Path, text: str) -> list[str]:
     texts = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): text may hold U+2028
         if not line.strip():
             continue
         try:

@@ -127,6 +127,14 @@ def test_jsonl_folder_with_explicit_splits(tmp_path, tokenizer):
     assert corpus.test.numel() > 0
 
 
+def test_jsonl_text_may_hold_unicode_line_separators(tmp_path):
+    path = tmp_path / "texts.jsonl"
+    texts = [paragraphs(3, i) + "\u2028" + paragraphs(1, i) for i in range(4)]
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    splits = read_splits(str(path)).splits
+    assert sum(len(d.text) for s in splits.values() for d in s) >= sum(len(t) for t in texts) - 20
+
+
 def test_missing_splits_are_carved_from_train(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
