@@ -1,0 +1,101 @@
+"""The ``measured`` cost model on tiny random Llama blocks (CPU, one thread)."""
+
+from __future__ import annotations
+
+import pytest
+
+from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec
+from puzzle_core.errors import UserError
+from puzzle_core.interfaces import ModelShape
+from puzzle_core.schema import Scenario
+from puzzle_plugins.measured_cost import MeasuredCostModel, MeasuredOptions, decode_steps_timed
+from puzzle_plugins.roofline import block_params, fixed_params, kv_cache_bytes
+
+SHAPE = ModelShape(
+    "llama", 2, 64, 4, 2, 16, 128, 256, True,
+    (BlockSpec(AttentionSpec(n_heads_in_group=2), FFNSpec(intermediate_size=128)),) * 2,
+)
+SCENARIO = Scenario(batch_size=2, prefill_len=16, decode_len=5, dtype="fp32", kv_dtype="fp32", threads=1)
+
+
+def scenario(**changes) -> Scenario:
+    fields = {"batch_size": 2, "prefill_len": 16, "decode_len": 5, "dtype": "fp32", "kv_dtype": "fp32", "threads": 1}
+    return Scenario(**{**fields, **changes})
+
+
+@pytest.fixture
+def family(registries):
+    return registries.architectures.get("llama").create()
+
+
+@pytest.fixture
+def measured(tmp_path):
+    return MeasuredCostModel(MeasuredOptions(layers=2, warmup=1, repeats=3, decode_points=2, cache_dir=str(tmp_path)))
+
+
+def test_second_call_hits_the_disk_cache(measured, family, tmp_path):
+    block = BlockSpec.parse("attn_g4+ffn_64")
+    first = measured.block_costs(SHAPE, block, SCENARIO, family)
+    assert measured.measured == 1 and len(list(tmp_path.glob("*.json"))) == 1
+    again = MeasuredCostModel(measured.options)  # a new process would start like this
+    assert again.block_costs(SHAPE, block, SCENARIO, family) == first
+    assert again.measured == 0
+    again.block_costs(SHAPE, block, scenario(batch_size=1), family)
+    assert again.measured == 1  # another scenario is another measurement
+
+
+def test_counts_match_the_architecture_and_fixed_costs_are_separate(measured, family):
+    for text in ("attn_g2+ffn_128", "attn_g4+ffn_32", "attn_linear+ffn_linear", "attn_noop+ffn_64"):
+        block = BlockSpec.parse(text)
+        costs = measured.block_costs(SHAPE, block, SCENARIO, family)
+        kv_bytes = kv_cache_bytes(SHAPE, block.attention, SCENARIO)
+        assert costs["num_params"] == block_params(SHAPE, block), text
+        assert costs["kv_cache_mib"] * 2**20 == pytest.approx(kv_bytes)
+        assert costs["memory_mib"] * 2**20 == pytest.approx(costs["num_params"] * 4 + kv_bytes)
+        assert costs["runtime_ms"] == pytest.approx(costs["prefill_ms"] + costs["decode_ms"])
+        assert costs["runtime_ms"] >= 0  # tiny blocks: a paired difference near the noise, clipped at 0
+    fixed = measured.fixed_costs(SHAPE, SCENARIO, family)
+    assert fixed["num_params"] == fixed_params(SHAPE) and fixed["kv_cache_mib"] == 0
+    assert fixed["prefill_ms"] > 0 and fixed["decode_ms"] > 0
+
+
+def test_no_op_block_costs_nothing(measured, family):
+    costs = measured.block_costs(SHAPE, BlockSpec.parse("attn_noop+ffn_noop"), SCENARIO, family)
+    assert costs["runtime_ms"] == 0 and costs["memory_mib"] == 0 and costs["num_params"] == 0
+    assert measured.measured == 0
+
+
+def test_kv_cache_memory_grows_with_batch_and_length(measured, family):
+    parent = SHAPE.blocks[0]
+    base = measured.block_costs(SHAPE, parent, SCENARIO, family)["kv_cache_mib"]
+    assert measured.block_costs(SHAPE, parent, scenario(batch_size=4), family)["kv_cache_mib"] == pytest.approx(2 * base)
+    longer = scenario(prefill_len=37, decode_len=16)  # 53 positions instead of 21
+    assert measured.block_costs(SHAPE, parent, longer, family)["kv_cache_mib"] == pytest.approx(53 / 21 * base)
+
+
+def test_a_much_smaller_block_is_measured_faster(family):
+    shape = ModelShape("llama", 1, 256, 8, 8, 32, 2048, 256, True,
+                       (BlockSpec(AttentionSpec(n_heads_in_group=1), FFNSpec(intermediate_size=2048)),))
+    workload = scenario(batch_size=4, prefill_len=64, decode_len=3)
+    model = MeasuredCostModel(MeasuredOptions(layers=2, repeats=5, decode_points=1, cache=False))
+    big = model.block_costs(shape, shape.blocks[0], workload, family)
+    small = model.block_costs(shape, BlockSpec.parse("attn_g8+ffn_64"), workload, family)
+    assert small["prefill_ms"] < big["prefill_ms"]
+    assert small["num_params"] < big["num_params"] and small["memory_mib"] < big["memory_mib"]
+
+
+def test_inputs_it_cannot_measure_are_user_errors(measured, family):
+    with pytest.raises(UserError, match="dtype 'fp8'"):
+        measured.block_costs(SHAPE, SHAPE.blocks[0], scenario(dtype="fp8", kv_dtype="fp8"), family)
+    with pytest.raises(UserError, match="kv_dtype"):
+        measured.block_costs(SHAPE, SHAPE.blocks[0], scenario(kv_dtype="bf16"), family)
+    with pytest.raises(UserError, match="model family"):
+        measured.fixed_costs(SHAPE, SCENARIO, None)
+
+
+def test_decode_steps_timed_spread_over_the_generation():
+    assert decode_steps_timed(1, 3) == []
+    assert decode_steps_timed(2, 3) == [1]
+    assert decode_steps_timed(128, 3) == [1, 64, 127]
+    assert decode_steps_timed(128, 1) == [64]
+    assert decode_steps_timed(4, 10) == [1, 2, 3]
