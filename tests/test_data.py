@@ -333,3 +333,16 @@ def test_prepare_real_demo_data(cache):
     halves = split_subjects(mmlu)
     assert (len(halves.score), len(halves.eval)) == (28, 29)
     assert len(load_mmlu("score")) + len(load_mmlu("eval")) == 14042
+
+
+def test_data_info_command():
+    from click.testing import CliRunner
+
+    from puzzle_core.cli import cli
+
+    result = CliRunner().invoke(cli, ["data", "info", "synthetic", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert "Corpus: synthetic" in result.output
+    assert [line.split()[0] for line in result.output.splitlines()[1:]] == ["train", "validation", "test"]
+    missing = CliRunner().invoke(cli, ["data", "info", "no/such/folder"])
+    assert missing.exit_code == 2 and "is not 'demo', 'synthetic'" in missing.output
