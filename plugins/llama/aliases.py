@@ -8,24 +8,42 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from puzzle_core.cache import cache_root
 from puzzle_core.errors import UserError
-from puzzle_core.rundir import atomic_dir
+from puzzle_core.rundir import TEMP_PREFIX, fsync_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 0
 
 
-def cache_dir() -> Path:
-    """Where converted parents are kept."""
-    return Path(os.environ.get("PUZZLE_CACHE") or Path.home() / ".cache" / "puzzle").expanduser()
-
-
 def _model_dir(name: str) -> Path:
-    return cache_dir() / "models" / name
+    return cache_root() / "models" / name
+
+
+def _publish(folder: Path, model, tokenizer) -> None:
+    """Save into a temp folder and rename it into place; if another process got there first, keep theirs."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + folder.name + ".", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for path in tmp.iterdir():
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # the folder exists (and is not empty): a concurrent first use finished before us
+            if not (folder / "config.json").is_file():
+                raise
+        fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def smollm2_135m() -> Path:
@@ -48,22 +66,32 @@ def smollm2_135m() -> Path:
           f"(once; about 20 s)...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     model, tokenizer = load_gguf(gguf_path, torch.float32)
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    _publish(folder, model, tokenizer)
     print(f"Cached SmolLM2-135M-Instruct in {time.perf_counter() - started:.1f}s.", file=sys.stderr, flush=True)
     return folder
 
 
+def _byte_symbols() -> list[str]:
+    """The printable stand-in ByteLevel uses for each byte 0..255 (GPT-2's table), in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[byte] for byte in range(256)]
+
+
 def byte_tokenizer():
-    """A byte-level BPE tokenizer without merges: 256 byte tokens + 4 specials (built in code)."""
+    """A byte-level BPE tokenizer without merges: ids 0-3 are specials, byte ``b`` is id ``b + 4``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {token: index for index, token in enumerate(specials + alphabet)}
+    vocab = {token: index for index, token in enumerate(specials + _byte_symbols())}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
@@ -93,7 +121,7 @@ def tiny_llama_config(vocab_size: int):
 
 def tiny_random_llama() -> Path:
     """A seeded 4-layer Llama (hidden 64, 4 heads / 2 KV heads, FFN 128) with a byte tokenizer."""
-    folder = _model_dir("tiny-random-llama-v1")
+    folder = _model_dir("tiny-random-llama-v2")
     if (folder / "config.json").is_file():
         return folder
     import torch
@@ -103,9 +131,7 @@ def tiny_random_llama() -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(TINY_SEED)
         model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    _publish(folder, model, tokenizer)
     return folder
 
 
