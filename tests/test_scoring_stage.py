@@ -113,3 +113,15 @@ def test_only_missing_or_stale_shards_are_rescored(scored, monkeypatch):
     assert sorted(set(scored_layers)) == [0, 2]
     assert {name: (shards / name).stat().st_mtime_ns for name in untouched} == untouched
     assert read_json(run_dir / "scores" / "scores.json") == before
+
+
+def test_a_non_finite_score_names_the_block_instead_of_writing_it(scored, monkeypatch):
+    from puzzle_core.errors import UserError
+    from puzzle_core.scoring import ScoringSession
+
+    run_dir, _ = scored
+    (run_dir / "scores" / "shards" / "layer_3.json").unlink()
+    monkeypatch.setattr(ScoringSession, "score", lambda self, layer, a, f: {name: float("nan") for name in SCORERS})
+    with pytest.raises(UserError, match="layer_3 gave a non-finite"):
+        run_pipeline(config(), run_dir, stages=["score"], echo=lambda _m: None)
+    assert not (run_dir / "scores" / "shards" / "layer_3.json").exists()

@@ -10,6 +10,7 @@ and the run's library view is rewritten with the scores as ``metrics.<scorer>``.
 from __future__ import annotations
 
 import json
+import math
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ SHARDS = ("scores", "shards")
 def read_index(run_dir) -> list[list[str]]:
     path = run_dir.path(*INDEX)
     if not path.is_file():
-        raise UserError(f"{path} does not exist: scoring needs the block library. Run `puzzle run CONFIG --stage library` first.")
+        raise UserError(
+            f"{path} does not exist: scoring needs the block library. Run `puzzle run CONFIG --stage library` first."
+        )
     return layer_blocks(json.loads(path.read_text()))
 
 
@@ -89,7 +92,7 @@ class LayerScoring:
                 f"The block library has no trained weights for {spec.id} at {layer_key(layer)}. Re-run "
                 f"`puzzle run CONFIG --stage library` so every block in library/index.json is trained."
             )
-        return module.to(dtype=self.ctx.parent.model.dtype).eval()
+        return module.to(dtype=next(ctx.parent.model.parameters()).dtype).eval()
 
     def block_modules(self, layer: int, block: BlockSpec):
         from puzzle_core.bld import load_sublayers
@@ -114,6 +117,13 @@ class LayerScoring:
                 bar.set_postfix_str(block_id, refresh=False)
                 attention, ffn = self.block_modules(layer, BlockSpec.parse(block_id))
                 scores[block_id] = session.score(layer, attention, ffn)
+                bad = [name for name, value in scores[block_id].items() if not math.isfinite(value)]
+                if bad:
+                    raise UserError(
+                        f"Scoring {block_id} at {layer_key(layer)} gave a non-finite {', '.join(bad)}: its trained "
+                        f"weights are broken (diverged BLD?). Delete its files under library/blocks/ and re-run "
+                        f"`puzzle run CONFIG --resume` to retrain and rescore it."
+                    )
         atomic_write_json(path, {"key": self.keys[layer], "layer": layer, "parent": session.reference(),
                                  "scores": scores})
 
