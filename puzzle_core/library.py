@@ -12,6 +12,7 @@ Unknown keys are kept. Objectives and constraints address values by dot-path
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -49,7 +50,7 @@ class BlockLibrary:
             indices[int(match[1])] = key
         last = max(indices)
         if last + 1 != len(indices):
-            missing = [layer_key(i) for i in range(last) if i not in indices][:10]
+            missing = list(itertools.islice((layer_key(i) for i in range(last) if i not in indices), 10))
             raise UserError(
                 f"{source}: layers {', '.join(missing)}{' ...' if len(missing) == 10 else ''} are missing; a library "
                 f"needs every layer from layer_0 to layer_{last}."
@@ -57,18 +58,20 @@ class BlockLibrary:
         layers = []
         for index in range(len(indices)):
             variants = data[indices[index]]
-            if not isinstance(variants, dict) or not variants:
+            if not isinstance(variants, dict):
+                raise UserError(f"{source}: {layer_key(index)} must map variant names to records, not {variants!r:.60}.")
+            if not variants:
                 raise UserError(f"{source}: {layer_key(index)} must map variant names to records; it has none.")
             for name, record in variants.items():
+                where = f"{source}: {layer_key(index)}.{name}"
                 if not isinstance(record, dict):
-                    raise UserError(f"{source}: {layer_key(index)}.{name} must be a mapping with 'stats'/'metrics'.")
+                    raise UserError(f"{where} must be a mapping with 'stats'/'metrics'.")
                 for section in ("stats", "metrics"):
-                    values = record.get(section, {})
-                    if not isinstance(values, dict):
-                        raise UserError(f"{source}: {layer_key(index)}.{name}.{section} must be a mapping.")
-                    for key, value in values.items():
-                        if _is_number(value):  # non-numeric extras are kept as they are
-                            _check_number(value, f"{source}: {layer_key(index)}.{name}.{section}.{key}")
+                    if not isinstance(record.get(section, {}), dict):
+                        raise UserError(f"{where}.{section} must be a mapping.")
+                # unknown keys are kept, so they must survive being written back as strict JSON too
+                for path, value in _numbers(record):
+                    _check_number(value, f"{where}.{path}")
             layers.append(dict(variants))
         return cls(layers)
 
@@ -132,6 +135,19 @@ class BlockLibrary:
 
 
 _LAYER_KEY = re.compile(r"layer_(0|[1-9][0-9]*)", re.ASCII)
+
+
+def _numbers(record: dict) -> Iterator[tuple[str, float]]:
+    """Every number nested anywhere in ``record``, with its dot-path (no recursion limit)."""
+    stack: list[tuple[str, Any]] = [("", record)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{path}.{key}" if path else str(key), child) for key, child in node.items())
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", child) for i, child in enumerate(node))
+        elif _is_number(node):
+            yield path, node
 
 
 def _is_number(value: Any) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Literal
 
@@ -252,7 +254,7 @@ def test_read_yaml_problems_are_user_errors(tmp_path):
         ("seed: 1\nsearch: {}\nseed: 2\n", "at line 3, column 1: found duplicate key 'seed'"),
         ("? [a]\n: 1\n", "found unhashable key"),
         ("a: !!python/object:os.system {}\n", "could not determine a constructor"),
-        ("[" * 1500 + "]" * 1500, "nested too deeply"),
+        ("[" * 600 + "]" * 600, "nested too deeply"),
     ],
 )
 def test_malformed_yaml_is_a_user_error(text, problem):
@@ -371,8 +373,40 @@ YAML_DATA = st.recursive(
 SECTIONS = st.dictionaries(st.sampled_from([f.name for f in attrs.fields(PuzzleConfig)]) | KEYS, YAML_DATA, max_size=6)
 
 
+@functools.cache
+def resolved_tiny() -> dict:
+    return unstructure(load_config(TINY))
+
+
+def _places(node, path=()):
+    """Every (container, key) inside ``node``."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        yield path + (key,)
+        yield from _places(child, path + (key,))
+
+
+@st.composite
+def damaged_configs(draw):
+    """The resolved tiny config with one value replaced, one key dropped or one key added."""
+    data = copy.deepcopy(resolved_tiny())
+    *parents, last = draw(st.sampled_from(list(_places(data))))
+    container = functools.reduce(lambda node, key: node[key], parents, data)
+    action = draw(st.sampled_from(["replace", "drop", "add"]))
+    if action == "replace":
+        container[last] = draw(YAML_DATA)
+    elif action == "drop":
+        del container[last]
+    elif isinstance(container, dict):
+        container[draw(KEYS)] = draw(YAML_DATA)
+    return data
+
+
+CONFIGS = damaged_configs() | SECTIONS | YAML_DATA
+
+
 @settings(max_examples=300, deadline=None)
-@given(data=SECTIONS | YAML_DATA)
+@given(data=CONFIGS)
 def test_fuzz_structure_gives_a_config_or_a_config_error(data):
     try:
         config = structure(data, PuzzleConfig)
@@ -382,7 +416,7 @@ def test_fuzz_structure_gives_a_config_or_a_config_error(data):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=SECTIONS)
+@given(data=damaged_configs() | SECTIONS)
 def test_fuzz_config_files_give_a_config_or_a_user_error(data, tmp_path):
     path = write(tmp_path, yaml.safe_dump(data, allow_unicode=True))
     try:
