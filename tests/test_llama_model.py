@@ -406,3 +406,58 @@ def test_mixed_child_loads_in_a_python_without_our_package(tiny, tmp_path):
     torch.testing.assert_close(outputs["logits"], logits(child.model, ids, attention_mask=mask), atol=1e-5, rtol=0)
     expected = child.model.generate(ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=3)
     assert torch.equal(outputs["generated"], expected)
+
+
+# ---------------------------------------------------------------- random models, look-alike families
+
+
+def test_random_model_follows_the_shape(tiny):
+    from transformers import LlamaForCausalLM
+
+    from puzzle_plugins.llama.modeling_decilm import DeciLMForCausalLM
+
+    family, parent = tiny
+    uniform = family.random_model(parent.shape)
+    assert isinstance(uniform, LlamaForCausalLM) and family.shape(uniform.config.to_dict()) == parent.shape
+    mixed_shape = parent.shape.with_blocks(blocks(MIXED))
+    mixed = family.random_model(mixed_shape, dtype="bfloat16")
+    assert isinstance(mixed, DeciLMForCausalLM) and next(mixed.parameters()).dtype == torch.bfloat16
+    assert family.shape(mixed.config.to_dict()).blocks == mixed_shape.blocks
+    assert mixed(token_batch()).logits.shape == (2, 12, 260)
+
+
+def test_a_child_used_as_parent_cannot_grow_back_removed_weights(tiny):
+    family, parent = tiny
+    child = family.build_child(parent, blocks(MIXED))
+    with pytest.raises(UserError, match="cannot be initialised from the parent's attn_noop"):
+        family.build_child(child, blocks(["attn_g4+ffn_64", "attn_linear+ffn_linear", "attn_g4+ffn_noop",
+                                          "attn_g2+ffn_16"]))
+    smaller = family.build_child(child, blocks(["attn_g4+ffn_32", "attn_noop+ffn_linear", "attn_noop+ffn_noop",
+                                                "attn_g4+ffn_8"]))
+    assert torch.isfinite(logits(smaller.model, token_batch())).all()
+
+
+def test_a_look_alike_family_is_a_few_lines():
+    """A Mistral family: same module layout, other model_type (short inputs stay inside its window)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from puzzle_core.interfaces import LoadedModel
+    from puzzle_plugins.llama.family import LlamaLikeFamily
+
+    class MistralFamily(LlamaLikeFamily):
+        name = "mistral"
+        model_types = ("mistral",)
+
+    family = MistralFamily()
+    config = MistralConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MistralForCausalLM(config).eval()
+    assert family.detect(config.to_dict())
+    parent = LoadedModel(model, None, family.shape(config.to_dict()))
+    child = family.build_child(parent, parent.shape.blocks)
+    ids = token_batch()
+    torch.testing.assert_close(logits(child.model, ids), logits(model, ids), atol=1e-5, rtol=0)
+    mixed = family.build_child(parent, blocks(MIXED))
+    assert mixed.shape.family == "mistral" and torch.isfinite(logits(mixed.model, ids)).all()

@@ -78,8 +78,7 @@ def load_child(family, folder: Path, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoTokenizer
 
     from puzzle_plugins.llama.configuration_decilm import DeciLMConfig
-    from puzzle_plugins.llama.family import DECILM_MODEL_TYPES, read_config
-    from puzzle_plugins.llama.modeling_decilm import DeciLMForCausalLM
+    from puzzle_plugins.llama.family import DECILM_MODEL_TYPES, read_config, uninitialised_child
 
     if not folder.is_dir():
         raise UserError(f"Child checkpoint {folder} does not exist; pass a folder written by 'puzzle model assemble'.")
@@ -90,7 +89,7 @@ def load_child(family, folder: Path, dtype: torch.dtype) -> LoadedModel:
         raise UserError(f"{folder} is not a DeciLM child (model_type {raw.get('model_type')!r}, no block_configs).")
     shape = family.shape(raw)  # validates block_configs
     config = DeciLMConfig.from_pretrained(folder)
-    model = DeciLMForCausalLM(config)
+    model = uninitialised_child(config, torch.float32)
     weights = read_weights(folder)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:

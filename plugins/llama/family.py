@@ -70,6 +70,16 @@ def read_config(folder: Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({exc}); re-export the model.") from None
 
 
+def uninitialised_child(config: DeciLMConfig, dtype: torch.dtype) -> DeciLMForCausalLM:
+    """A DeciLM model whose weights are about to be loaded: random initialisation skipped (it dominates build time)."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = DeciLMForCausalLM(config)
+    model.tie_weights()
+    return model.to(dtype)
+
+
 class LlamaLikeFamily(ModelFamily):
     """A family whose models have the Llama module layout; children are DeciLM models."""
 
@@ -172,9 +182,19 @@ class LlamaLikeFamily(ModelFamily):
 
     def init_sublayer(self, parent: LoadedModel, layer: int, spec: SubBlockSpec, calibration: Calibration | None,
                       method: str = "default") -> nn.Module:
-        blocks = list(parent.shape.blocks)
-        config = self.child_config(parent.model.config, blocks)
-        return init_sublayer(parent.model.model.layers[layer], spec, config, calibration, InitMethods.parse(method))
+        config = self.child_config(parent.model.config, parent.shape.blocks)
+        return self._init_sublayer(parent, layer, spec, config, calibration, InitMethods.parse(method))
+
+    def _init_sublayer(self, parent: LoadedModel, layer: int, spec: SubBlockSpec, config: DeciLMConfig,
+                       calibration: Calibration | None, methods: InitMethods) -> nn.Module:
+        block = parent.shape.blocks[layer]
+        source = block.attention if isinstance(spec, AttentionSpec) else block.ffn
+        if spec.kind != "no_op" and (source.kind == "no_op" or (source.kind == "linear" and spec.kind != "linear")):
+            raise UserError(
+                f"Variant {spec.id} of layer {layer} cannot be initialised from the parent's {source.id}: it has no "
+                f"weights of that kind. Compress the original parent instead of a child."
+            )
+        return init_sublayer(parent.model.model.layers[layer], spec, config, calibration, methods)
 
     def build_child(self, parent: LoadedModel, blocks: Sequence[BlockSpec],
                     sublayers: Mapping[tuple[int, Part], Mapping[str, Any]] | None = None) -> LoadedModel:
@@ -185,8 +205,7 @@ class LlamaLikeFamily(ModelFamily):
         sublayers = dict(sublayers or {})
         parent_model = parent.model
         config = self.child_config(parent_model.config, blocks)
-        dtype = next(parent_model.parameters()).dtype
-        child = DeciLMForCausalLM(config).to(dtype)
+        child = uninitialised_child(config, next(parent_model.parameters()).dtype)
         parent_state = parent_model.state_dict()
         state = {key: parent_state[key] for key in ("model.embed_tokens.weight", "model.norm.weight")}
         state["lm_head.weight"] = parent_state.get("lm_head.weight", parent_state["model.embed_tokens.weight"])
@@ -199,7 +218,7 @@ class LlamaLikeFamily(ModelFamily):
                 elif spec == parent_spec:
                     weights = layer_sublayer(parent_model.model.layers[index], part).state_dict()
                 else:
-                    weights = init_sublayer(parent_model.model.layers[index], spec, config, None, InitMethods()).state_dict()
+                    weights = self._init_sublayer(parent, index, spec, config, None, InitMethods()).state_dict()
                 expected = layer_sublayer(child.model.layers[index], part).state_dict()
                 _check_sublayer(index, part, spec, weights, expected)
                 state.update({f"model.layers.{index}.{key}": value for key, value in weights.items()})
