@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -120,13 +121,27 @@ def _all_sum(values: Sequence[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def under_torchrun() -> bool:
+    """Whether this process is one of several started by ``torchrun`` (its environment says so)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def join_process_group() -> None:
+    """Join torchrun's process group unless an executor already did: NCCL on GPUs, gloo on CPUs."""
+    if _distributed():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl")
+    else:
+        torch.distributed.init_process_group("gloo")
+
+
 def resolve_device(setting: str) -> torch.device:
     """``auto``: the local rank's GPU when CUDA is present, else the CPU."""
     if setting != "auto":
         return torch.device(setting)
     if torch.cuda.is_available():
-        import os
-
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 

@@ -238,54 +238,71 @@ def _pareto(points: list[tuple[float, float]], lower_is_better: bool) -> list[tu
 
 
 def plot_frontier(summary: Mapping, path: Path) -> Path:
-    """Quality (KL to the parent; accuracy when measured) against throughput, before and after GKD."""
+    """Quality (KL to the parent; accuracy when measured) against throughput, before and after GKD.
+
+    A child's architecture does not change in GKD, so both of its points sit at its final
+    throughput measurement and the arrow between them shows what GKD did to quality.
+    """
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
     parent = summary["parent"]
     measured = parent.get("throughput_tok_s") is not None
     base = parent.get("throughput_tok_s") if measured else 1.0
 
     def x_of(child):
-        if measured and child.get("throughput_tok_s") is not None:
-            return child["throughput_tok_s"]
-        return None if measured or child.get("predicted_speedup") is None else child["predicted_speedup"]
+        if measured:
+            return child.get("throughput_tok_s")
+        return child.get("predicted_speedup")
 
     panels = [("KL to parent (lower is better)", lambda m: m.get(KL), True, 0.0)]
     if mean_accuracy(parent["eval"]) is not None:
-        panels.append(("mean task accuracy", mean_accuracy, False, mean_accuracy(parent["eval"])))
-    figure, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+        panels.append(("mean task accuracy (higher is better)", mean_accuracy, False, mean_accuracy(parent["eval"])))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels) + 2.4, 4.4), squeeze=False)
+    handles = [Line2D([], [], marker="*", color="black", markersize=13, linestyle="none", label="parent")]
     for axis, (label, value_of, lower, parent_value) in zip(axes[0], panels):
         points = [(base, parent_value)]
-        axis.scatter([base], [parent_value], marker="*", s=220, color="black", zorder=5, label="parent")
+        axis.scatter([base], [parent_value], marker="*", s=220, color="black", zorder=5)
         for number, child in enumerate(summary["children"]):
             x = x_of(child)
             if x is None:
                 continue
-            color = f"C{number % 10}"
-            marker = MARKERS.get(child["solver"], "D")
-            before, after = value_of(child["eval_before_gkd"]), value_of(child["eval"]) if child["gkd"] else None
+            color, marker = f"C{number % 10}", MARKERS.get(child["solver"], "D")
+            before = value_of(child["eval_before_gkd"])
+            after = value_of(child["eval"]) if child["gkd"] else None
             if before is not None:
-                axis.scatter([x], [before], marker=marker, s=70, facecolors="none", edgecolors=color, linewidths=1.6,
-                             label=f"{child['name']} [{child['solver']}]" + (" before GKD" if after is not None else ""))
+                axis.scatter([x], [before], marker=marker, s=70, facecolors="none", edgecolors=color, linewidths=1.6)
                 points.append((x, before))
             if after is not None:
-                axis.scatter([x], [after], marker=marker, s=70, color=color, label=f"{child['name']} after GKD")
+                axis.scatter([x], [after], marker=marker, s=70, color=color)
                 if before is not None:
                     axis.annotate("", xy=(x, after), xytext=(x, before),
                                   arrowprops={"arrowstyle": "->", "color": color, "lw": 1.2})
                 points.append((x, after))
+            if axis is axes[0][0]:
+                handles.append(Line2D([], [], marker=marker, color=color, linestyle="none", markersize=8,
+                                      label=child["name"] if child["name"] == child["solver"]
+                                      else f"{child['name']} ({child['solver']})"))
         front = _pareto(points, lower)
         if len(front) > 1:
-            axis.plot(*zip(*front), linestyle="--", color="grey", linewidth=1, label="frontier", zorder=1)
+            axis.plot(*zip(*front), linestyle="--", color="grey", linewidth=1, zorder=1)
         axis.set_xlabel("measured throughput (tokens/s)" if measured else "predicted speedup (x parent)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best")
+    handles += [
+        Line2D([], [], marker="o", markerfacecolor="none", color="grey", linestyle="none", label="as assembled"),
+        Line2D([], [], marker="o", color="grey", linestyle="none", label="after GKD"),
+        Line2D([], [], color="grey", linestyle="--", label="frontier"),
+    ]
+    figure.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     scenario = summary.get("scenario") or {}
-    figure.suptitle(
-        "Quality vs throughput" + (f" — scenario: batch {scenario.get('batch_size')}, prefill {scenario.get('prefill_len')}, "
-                                   f"decode {scenario.get('decode_len')}, {scenario.get('device')}" if scenario else ""),
-        fontsize=10,
-    )
+    if scenario:
+        figure.suptitle(
+            f"Quality vs throughput — scenario: batch {scenario.get('batch_size')}, prefill {scenario.get('prefill_len')}, "
+            f"decode {scenario.get('decode_len')}, {scenario.get('device')}",
+            fontsize=10,
+        )
+    figure.tight_layout()
     return _save(figure, path)
 
 

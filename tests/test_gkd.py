@@ -22,9 +22,8 @@ SEQ_LEN = 16
 CHILD_BLOCKS = ("attn_g2+ffn_128", "attn_g4+ffn_64", "attn_linear+ffn_128", "attn_g2+ffn_noop")
 
 
-@pytest.fixture
-def setup():
-    """A parent with peaked next-token distributions, a perturbed heterogeneous child, a corpus."""
+def make_setup():
+    """A parent with peaked next-token distributions and a corpus of random tokens."""
     family, parent = tiny_parent(seed=0, num_layers=4)
     with torch.no_grad():
         parent.model.lm_head.weight.mul_(5.0)  # a random init is near-uniform; make KL informative
@@ -35,8 +34,14 @@ def setup():
     return family, parent, Corpus("random", splits)
 
 
-def make_child(family, parent):
-    child = family.build_child(parent, [BlockSpec.parse(b) for b in CHILD_BLOCKS])
+@pytest.fixture
+def setup():
+    return make_setup()
+
+
+def make_child(family, parent, blocks=CHILD_BLOCKS):
+    """A heterogeneous child, its weights perturbed so that GKD has something to recover."""
+    child = family.build_child(parent, [BlockSpec.parse(b) for b in blocks])
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in child.model.parameters():
@@ -182,3 +187,49 @@ def test_token_budget_below_one_step_is_a_user_error(setup, tmp_path):
     family, parent, corpus = setup
     with pytest.raises(UserError, match="less than one optimizer step"):
         train(family, parent, corpus, tmp_path, section(tokens=32))
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One torchrun-like process: same data and child as the single-process run, half the batch."""
+    import os
+    from pathlib import Path
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    gkd.join_process_group()
+    try:
+        family, parent, corpus = make_setup()
+        model, log, totals = train(family, parent, corpus, Path(out_dir), section(tokens=1024, batch_size=2))
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+                      f"{out_dir}/ddp.safetensors")
+            Path(out_dir, "ddp_log.json").write_text(json.dumps(unstructure(log)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # starts two Python processes
+def test_ddp_over_two_processes_matches_one_process_with_the_whole_batch(setup, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    family, parent, corpus = setup
+    single, single_log, _ = train(family, parent, corpus, tmp_path / "single", section(tokens=1024, batch_size=4))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+
+    ddp = load_file(str(tmp_path / "ddp.safetensors"))
+    state = single.state_dict()
+    assert ddp.keys() <= state.keys() and len(ddp) > 10
+    for name, tensor in ddp.items():  # Adam magnifies summation-order noise where gradients are ~0
+        torch.testing.assert_close(tensor, state[name], rtol=1e-3, atol=2e-4)
+    ddp_log = json.loads((tmp_path / "ddp_log.json").read_text())
+    assert [p["step"] for p in ddp_log["validation"]] == [p.step for p in single_log.validation]
+    assert ddp_log["validation"][-1]["kl"] == pytest.approx(single_log.validation[-1].kl, rel=1e-4)

@@ -7,12 +7,17 @@ one), ``log.json`` (training loss and validation-KL curves) and ``result.json`` 
 the parent before and after). ``gkd/index.json`` lists the results. Checkpoints live in
 ``gkd/<child>/checkpoints/`` while a child trains, so a killed run resumes mid-child;
 they are deleted once its final weights are exported.
+
+Under ``torchrun`` (started by hand, or by the ``torchrun`` executor's ``nproc``) the
+processes train each child together with DDP instead of sharing children out: one
+child's uptraining is the unit of work, and it is the one that needs the speed-up.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 from puzzle_core.config import CONVERTER, stable_hash
@@ -24,6 +29,8 @@ from puzzle_core.gkd import (
     barrier,
     distill,
     is_main_process,
+    join_process_group,
+    under_torchrun,
     world,
 )
 from puzzle_core.interfaces import Job, LoadedModel
@@ -31,6 +38,10 @@ from puzzle_core.rundir import RunDir, atomic_dir, atomic_write_json
 from puzzle_core.stages.assemble import CHILDREN_INDEX, ChildRecord
 
 GKD_INDEX = ("gkd", "index.json")
+
+
+class GKDWarning(UserWarning):
+    """Uptraining finished but did not bring the child closer to the parent."""
 
 
 def read_children(run_dir: RunDir) -> list[ChildRecord]:
@@ -115,6 +126,14 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
             fingerprint=result_fingerprint,
         )
         atomic_write_json(result_path, CONVERTER.unstructure(result))
+        if result.kl_after > result.kl_before:
+            warnings.warn(
+                f"GKD raised the validation KL of child '{child.name}' from {result.kl_before:.4g} to "
+                f"{result.kl_after:.4g}: the assembled child was closer to the parent. Both are evaluated; for "
+                f"a better uptrained one lower gkd.lr (now {section.lr}) or raise gkd.batch_size / gkd.grad_accum.",
+                GKDWarning,
+                stacklevel=2,
+            )
         shutil.rmtree(directory / "checkpoints", ignore_errors=True)
     barrier()
 
@@ -130,11 +149,21 @@ def selected_children(ctx) -> list[ChildRecord]:
 def run(ctx) -> list[Path]:
     run_dir: RunDir = ctx.run_dir
     children = selected_children(ctx)
-    executor = ctx.create(ctx.config.gkd.executor)
-    by_name = {child.name: child for child in children}
-    jobs = [Job(id=child.name, cost=float(child.params), payload=child.name) for child in children]
-    executor.run(jobs, lambda job: uptrain_child(ctx, by_name[job.payload]), description="GKD")
+    if under_torchrun():
+        # GKD is data-parallel: every process trains every child together (DDP), in order.
+        join_process_group()
+        for child in children:
+            uptrain_child(ctx, child)
+    else:
+        # In process, or an executor that starts torchrun workers re-running this stage
+        # (they take the branch above); afterwards each job is a cheap check here.
+        by_name = {child.name: child for child in children}
+        jobs = [Job(id=child.name, cost=float(child.params), payload=child.name) for child in children]
+        executor = ctx.create(ctx.config.gkd.executor)
+        executor.run(jobs, lambda job: uptrain_child(ctx, by_name[job.payload]), description="GKD", context=ctx)
     results = [json.loads((child_dir(run_dir, c.name) / "result.json").read_text()) for c in children]
     index_path = run_dir.path(*GKD_INDEX)
-    atomic_write_json(index_path, {"children": results})
+    if is_main_process():
+        atomic_write_json(index_path, {"children": results})
+    barrier()
     return [index_path] + [p for c in children for p in _outputs(child_dir(run_dir, c.name))]

@@ -1,0 +1,106 @@
+"""Stages gkd -> evaluate -> report over a run directory holding two exported children."""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+import pytest
+import torch
+
+from puzzle_core import gkd as gkd_core
+from puzzle_core.config import CONVERTER, structure
+from puzzle_core.pipeline import RunContext
+from puzzle_core.rundir import RunDir
+from puzzle_core.schema import GKDSection, PuzzleConfig
+from puzzle_core.stages import evaluate, gkd, report
+from puzzle_core.stages.assemble import CHILDREN_INDEX, ChildRecord
+from test_gkd import CHILD_BLOCKS, make_child, make_setup
+
+SEQ_LEN = 16
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    config = structure(
+        {
+            "threads": 1,
+            "data": {"corpus": "synthetic", "seq_len": SEQ_LEN},
+            "scenario": {"batch_size": 1, "prefill_len": 8, "decode_len": 4, "dtype": "fp32", "threads": 1},
+            "gkd": {"tokens": 1024, "batch_size": 4, "lr": 5e-4, "warmup_fraction": 0.25, "checkpoint_every": 8,
+                    "validation_tokens": 256,
+                    "device": "cpu"},
+            "evaluation": {"evaluators": [{"name": "kl_to_parent", "tokens": 256, "seq_len": SEQ_LEN},
+                                          {"name": "throughput", "warmup": 0, "repeats": 1}]},
+        },
+        PuzzleConfig,
+    )
+    context = RunContext(config, RunDir(tmp_path / "run"))
+    family, parent, corpus = make_setup()
+    context.__dict__.update(loaded_parent=(family, parent), corpus=corpus)  # instead of loading config.parent
+    records = []
+    for name, blocks in (("mip", CHILD_BLOCKS), ("greedy", ("attn_g1+ffn_64",) * 4)):
+        child = make_child(family, parent, blocks)
+        family.export(child, context.run_dir.path("children", name))
+        records.append(ChildRecord(name=name, solver=name, blocks=list(blocks), path=f"children/{name}",
+                                   params=sum(p.numel() for p in child.model.parameters()), predicted_speedup=1.5))
+    path = context.run_dir.path(*CHILDREN_INDEX)
+    path.write_text(json.dumps({"children": CONVERTER.unstructure(records)}))
+    return context
+
+
+def test_gkd_evaluate_report_stages(ctx, monkeypatch):
+    run_dir = ctx.run_dir
+    ctx.stage = "gkd"
+    outputs = gkd.run(ctx)
+    results = gkd.read_results(run_dir)
+    assert set(results) == {"mip", "greedy"}
+    for name, result in results.items():
+        assert result.kl_after < result.kl_before, name
+        assert result.steps == 1024 // (4 * SEQ_LEN)
+        assert not (run_dir.path("gkd", name, "checkpoints")).exists()
+    relative = {str(p.relative_to(run_dir.root)) for p in outputs}
+    assert {"gkd/index.json", "gkd/mip/result.json", "gkd/mip/log.json", "gkd/mip/final/config.json"} <= relative
+
+    # the exported child is the trained one: same validation KL when loaded back
+    trained = ctx.family.load_child(run_dir.path("gkd", "mip", "final"))
+    batches = list(ctx.corpus.batches("validation", SEQ_LEN, 4, 256, ctx.config.seed))
+    kl = gkd_core._validation_kl(gkd_core.LayerwiseForward(trained.model, ctx.family),
+                                 gkd_core.LayerwiseForward(ctx.parent.model, ctx.family), batches,
+                                 torch.device("cpu"), gkd_core.nullcontext)
+    assert kl == pytest.approx(results["mip"].kl_after, rel=1e-5)
+
+    # a second run finds every child done and trains nothing
+    monkeypatch.setattr(gkd, "distill", lambda *a, **k: pytest.fail("retrained a finished child"))
+    assert {str(p.relative_to(run_dir.root)) for p in gkd.run(ctx)} == relative
+
+    ctx.stage = "evaluate"
+    evaluate.run(ctx)
+    evaluations = evaluate.read_evaluations(run_dir)
+    assert set(evaluations) == {"parent", "mip", "mip+gkd", "greedy", "greedy+gkd"}
+    assert evaluations["parent"].metrics["kl_to_parent"] == pytest.approx(0.0, abs=1e-6)
+    assert evaluations["mip+gkd"].metrics["kl_to_parent"] < evaluations["mip"].metrics["kl_to_parent"]
+    assert evaluations["mip+gkd"].path == "gkd/mip/final" and evaluations["mip"].phase == "assembled"
+    assert all(e.metrics["throughput_tok_s"] > 0 for e in evaluations.values())
+
+    ctx.stage = "report"
+    names = {p.name for p in report.run(ctx)}
+    assert {"summary.json", "report.md", "frontier.png", "layer_map.png", "gkd.png"} <= names
+    summary = json.loads(run_dir.path("report", "summary.json").read_text())
+    mip = summary["children"][0]
+    assert mip["kl_to_parent"] == evaluations["mip+gkd"].metrics["kl_to_parent"]
+    assert mip["kl_to_parent_before_gkd"] == evaluations["mip"].metrics["kl_to_parent"]
+    assert mip["measured_speedup"] == pytest.approx(
+        evaluations["mip+gkd"].metrics["throughput_tok_s"] / evaluations["parent"].metrics["throughput_tok_s"])
+    assert summary["parent"]["params"] == sum(p.numel() for p in ctx.parent.model.parameters())
+
+
+def test_gkd_main_only_and_disabled(ctx):
+    ctx.stage = "gkd"
+    main_only = structure({"children": "main", "tokens": 256, "batch_size": 4, "device": "cpu"}, GKDSection)
+    ctx.config = attrs.evolve(ctx.config, gkd=main_only)
+    gkd.run(ctx)
+    assert set(gkd.read_results(ctx.run_dir)) == {"mip"}
+    ctx.config = attrs.evolve(ctx.config, gkd=attrs.evolve(main_only, enabled=False))
+    assert [p.name for p in gkd.run(ctx)] == ["index.json"]
+    assert gkd.read_results(ctx.run_dir) == {}
