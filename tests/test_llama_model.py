@@ -461,3 +461,12 @@ def test_a_look_alike_family_is_a_few_lines():
     torch.testing.assert_close(logits(child.model, ids), logits(model, ids), atol=1e-5, rtol=0)
     mixed = family.build_child(parent, blocks(MIXED))
     assert mixed.shape.family == "mistral" and torch.isfinite(logits(mixed.model, ids)).all()
+
+
+def test_exporting_a_plain_parent_writes_an_all_parent_child(tiny, tmp_path):
+    family, parent = tiny
+    family.export(parent, tmp_path / "parent")
+    back = family.load_child(tmp_path / "parent")
+    assert back.shape.blocks == parent.shape.blocks
+    ids = token_batch()
+    torch.testing.assert_close(logits(back.model, ids), logits(parent.model, ids), atol=1e-5, rtol=0)
