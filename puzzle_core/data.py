@@ -190,6 +190,11 @@ def read_splits(
             )
     files = _corpus_files(path)
     named = {split: [f for f in files if f.stem == split] for split in SPLITS}
+    if any(named.values()) and not named["train"]:
+        raise UserError(
+            f"Folder '{path}' has {' and '.join(f.name for fs in named.values() for f in fs)} but no train.* file. "
+            f"Add one (train.txt, train.jsonl or train.parquet), or rename the split files to split automatically."
+        )
     if named["train"]:
         others = [f for f in files if f.stem not in SPLITS]
         if others:

@@ -143,6 +143,9 @@ def test_missing_splits_are_carved_from_train(tmp_path):
     splits = read_splits(str(folder)).splits
     assert {d.source for d in splits["validation"]} == {"train.txt"}
     assert {d.source for d in splits["test"]} == {"test.txt"}
+    (folder / "train.txt").unlink()
+    with pytest.raises(UserError, match="test.txt but no train"):
+        read_splits(str(folder))
 
 
 def test_parquet_file(tmp_path, tokenizer):
