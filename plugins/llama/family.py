@@ -49,7 +49,10 @@ _INHERITED_FIELDS = (
 )
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` (config spelling) or a torch dtype -> the torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
     try:
         return TORCH_DTYPES[name]
     except KeyError:
