@@ -145,6 +145,12 @@ def test_generate_uses_cache_and_skips_noop_layers(tiny):
     cache = out.cache
     assert len([layer for layer in cache.layers if layer.get_seq_length() > 0]) == 2  # two real attentions
     assert cache.get_seq_length() == 5
+    batch = torch.tensor([[10, 11, 12, 13, 14], [3, 3, 20, 21, 22]])  # left-padded with pad id 3
+    mask = (batch != 3).long()
+    together = child.model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=3)
+    for row, prompt in enumerate(([10, 11, 12, 13, 14], [20, 21, 22])):
+        alone = child.model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=3)
+        assert torch.equal(together[row, 5:], alone[0, len(prompt):])
 
 
 def test_bfloat16_child_runs(tiny):
