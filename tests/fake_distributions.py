@@ -66,8 +66,8 @@ def solver_plugin(name: str) -> str:
 
 
 @pytest.fixture
-def site(tmp_path, monkeypatch):
+def site_packages(tmp_path, monkeypatch):
     """A fresh folder on ``sys.path`` for temporary distributions."""
-    site = Site(tmp_path / "site-packages", monkeypatch)
-    yield site
-    site.forget_modules()
+    folder = Site(tmp_path / "site-packages", monkeypatch)
+    yield folder
+    folder.forget_modules()

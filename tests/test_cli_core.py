@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_distributions import site, solver_plugin  # noqa: F401  (fixture)
+from fake_distributions import site_packages, solver_plugin  # noqa: F401  (fixture)
 
 from puzzle_core.cli import main
 from puzzle_core.records import KINDS
@@ -46,14 +46,14 @@ def test_plugins_json_lists_every_kind_with_name_distribution_description(capsys
     assert {"mip", "greedy"} <= built_in
 
 
-def test_plugins_json_shows_a_new_distribution_by_its_name(site, capsys):
-    site.install("acme-solvers", {"acme": solver_plugin("acme_search")})
+def test_plugins_json_shows_a_new_distribution_by_its_name(site_packages, capsys):
+    site_packages.install("acme-solvers", {"acme": solver_plugin("acme_search")})
     listing = json.loads(run(capsys, "plugins", "--json")[1])
     assert {"name": "acme_search", "distribution": "acme-solvers", "description": "a test solver"} in listing["solvers"]
 
 
-def test_plugins_text_has_a_heading_per_kind(site, capsys):
-    site.install("acme-solvers", {"acme": solver_plugin("acme_search")})
+def test_plugins_text_has_a_heading_per_kind(site_packages, capsys):
+    site_packages.install("acme-solvers", {"acme": solver_plugin("acme_search")})
     code, out, _ = run(capsys, "plugins")
     assert code == 0
     lines = out.splitlines()
@@ -62,8 +62,8 @@ def test_plugins_text_has_a_heading_per_kind(site, capsys):
     assert any(line.split() == ["acme_search", "acme-solvers", "a", "test", "solver"] for line in lines)
 
 
-def test_a_broken_plugin_is_one_warning_line_and_the_listing_still_works(site, capsys):
-    site.install("broken-dist", {"broken": BROKEN_IMPORT})
+def test_a_broken_plugin_is_one_warning_line_and_the_listing_still_works(site_packages, capsys):
+    site_packages.install("broken-dist", {"broken": BROKEN_IMPORT})
     code, out, err = run(capsys, "plugins", "--json")
     assert code == 0
     assert err.startswith("Warning: Plugin entry point 'broken'") and "'broken-dist'" in err
@@ -71,8 +71,8 @@ def test_a_broken_plugin_is_one_warning_line_and_the_listing_still_works(site, c
     assert json.loads(out)["solvers"], "the other plugins are listed"
 
 
-def test_strict_plugins_turn_the_warning_into_exit_code_2(site, capsys, monkeypatch):
-    site.install("broken-dist", {"broken": BROKEN_IMPORT})
+def test_strict_plugins_turn_the_warning_into_exit_code_2(site_packages, capsys, monkeypatch):
+    site_packages.install("broken-dist", {"broken": BROKEN_IMPORT})
     monkeypatch.setenv("PUZZLE_STRICT_PLUGINS", "1")
     code, out, err = run(capsys, "plugins")
     assert code == 2 and out == ""
@@ -110,3 +110,12 @@ def test_the_console_script_exits_2_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "config error at $.search.solver.gap: expected float, got 'abc'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_duplicate_names_are_a_plugin_error_with_exit_code_2(site_packages, capsys):
+    site_packages.install("acme-solvers", {"acme": solver_plugin("fast_search")})
+    site_packages.install("zenith-solvers", {"zenith": solver_plugin("fast_search")})
+    code, out, err = run(capsys, "plugins", "--json")
+    assert code == 2 and out == ""
+    assert err.startswith("Plugin error: Two plugins register the solvers name 'fast_search'")
+    assert "'acme-solvers'" in err and "'zenith-solvers'" in err and "Traceback" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ CONTRIBUTING = ROOT / "CONTRIBUTING.md"
 HOOKS = sorted(name for name, function in vars(hookspecs).items() if hasattr(function, "puzzle_spec"))
 
 
+@functools.cache
 def exercised_hooks() -> set[str]:
     """Hooks named by a test function in tests/, plus the kind hooks the registry test runs per kind."""
     found = set()

@@ -8,7 +8,7 @@ import types
 import warnings
 
 import pytest
-from fake_distributions import site, solver_plugin  # noqa: F401  (fixture)
+from fake_distributions import site_packages, solver_plugin  # noqa: F401  (fixture)
 
 from puzzle_core.errors import PluginError
 from puzzle_core.plugins import PluginWarning, make_plugin_manager
@@ -44,17 +44,17 @@ def test_built_in_plugins_come_from_our_own_entry_points():
         assert manager.distribution_of(entry_point.name) == "puzzle-nas"
 
 
-def test_temporary_distribution_is_loaded_with_its_distribution_name(site):
-    site.install("acme-solvers", {"acme": solver_plugin("acme_search")})
+def test_temporary_distribution_is_loaded_with_its_distribution_name(site_packages):
+    site_packages.install("acme-solvers", {"acme": solver_plugin("acme_search")})
     manager = load_quietly()
     assert manager.distribution_of("acme") == "acme-solvers"
     entry = build_registries(manager).solvers.entry("acme_search")
     assert (entry.plugin, entry.distribution) == ("acme", "acme-solvers")
 
 
-def test_broken_import_is_a_warning_naming_entry_point_and_distribution(site):
-    site.install("broken-dist", {"broken": BROKEN_IMPORT})
-    site.install("good-dist", {"good": solver_plugin("good_search")})
+def test_broken_import_is_a_warning_naming_entry_point_and_distribution(site_packages):
+    site_packages.install("broken-dist", {"broken": BROKEN_IMPORT})
+    site_packages.install("good-dist", {"good": solver_plugin("good_search")})
     with pytest.warns(PluginWarning) as caught:
         manager = make_plugin_manager()
     (message,) = [str(w.message) for w in caught]
@@ -66,32 +66,32 @@ def test_broken_import_is_a_warning_naming_entry_point_and_distribution(site):
     assert manager.has_plugin("llama"), "built-ins keep working"
 
 
-def test_strict_plugins_make_a_broken_import_fatal(site, monkeypatch):
-    site.install("broken-dist", {"broken": BROKEN_IMPORT})
+def test_strict_plugins_make_a_broken_import_fatal(site_packages, monkeypatch):
+    site_packages.install("broken-dist", {"broken": BROKEN_IMPORT})
     monkeypatch.setenv("PUZZLE_STRICT_PLUGINS", "1")
     with pytest.raises(PluginError, match=r"'broken'.*'broken-dist'.*failed to import.*PUZZLE_STRICT_PLUGINS=1"):
         make_plugin_manager()
 
 
-def test_disabled_plugins_are_not_even_imported(site, monkeypatch):
-    site.install("broken-dist", {"broken": BROKEN_IMPORT})
-    site.install("good-dist", {"good": solver_plugin("good_search")})
+def test_disabled_plugins_are_not_even_imported(site_packages, monkeypatch):
+    site_packages.install("broken-dist", {"broken": BROKEN_IMPORT})
+    site_packages.install("good-dist", {"good": solver_plugin("good_search")})
     monkeypatch.setenv("PUZZLE_DISABLE_PLUGINS", "broken, good,greedy")
     manager = load_quietly()
     assert not manager.has_plugin("broken") and not manager.has_plugin("good") and not manager.has_plugin("greedy")
     assert manager.has_plugin("mip")
 
 
-def test_a_distribution_name_disables_all_its_entry_points(site, monkeypatch):
-    site.install("acme-tools", {"acme_a": solver_plugin("acme_a"), "acme_b": solver_plugin("acme_b")})
+def test_a_distribution_name_disables_all_its_entry_points(site_packages, monkeypatch):
+    site_packages.install("acme-tools", {"acme_a": solver_plugin("acme_a"), "acme_b": solver_plugin("acme_b")})
     monkeypatch.setenv("PUZZLE_DISABLE_PLUGINS", "acme-tools")
     manager = load_quietly()
     assert not manager.has_plugin("acme_a") and not manager.has_plugin("acme_b")
 
 
-def test_same_entry_point_name_in_two_distributions_keeps_the_first(site):
-    site.install("first-dist", {"shared": solver_plugin("first_search")})
-    site.install("second-dist", {"shared": solver_plugin("second_search")})
+def test_same_entry_point_name_in_two_distributions_keeps_the_first(site_packages):
+    site_packages.install("first-dist", {"shared": solver_plugin("first_search")})
+    site_packages.install("second-dist", {"shared": solver_plugin("second_search")})
     with pytest.warns(PluginWarning, match=r"'shared'.*'second-dist'.*same name.*'first-dist'"):
         manager = make_plugin_manager()
     assert manager.distribution_of("shared") == "first-dist"
@@ -109,8 +109,8 @@ def test_check_pending_catches_a_misspelt_hook():
     assert "'puzzle_solver'. Did you mean 'puzzle_solvers'?" in message
 
 
-def test_misspelt_hook_in_an_entry_point_is_reported_and_its_plugin_skipped(site, monkeypatch):
-    site.install("typo-dist", {"typo": MISSPELT_HOOK})
+def test_misspelt_hook_in_an_entry_point_is_reported_and_its_plugin_skipped(site_packages, monkeypatch):
+    site_packages.install("typo-dist", {"typo": MISSPELT_HOOK})
     with pytest.warns(PluginWarning, match=r"'typo' from distribution 'typo-dist'.*Did you mean 'puzzle_solvers'"):
         manager = make_plugin_manager()
     assert not manager.has_plugin("typo")
@@ -120,8 +120,8 @@ def test_misspelt_hook_in_an_entry_point_is_reported_and_its_plugin_skipped(site
         make_plugin_manager()
 
 
-def test_hook_with_arguments_the_spec_lacks_is_a_fault(site):
-    site.install(
+def test_hook_with_arguments_the_spec_lacks_is_a_fault(site_packages):
+    site_packages.install(
         "odd-dist",
         {
             "odd": """
@@ -162,10 +162,10 @@ IMPLEMENTING_PLUGIN = """
 """
 
 
-def test_puzzle_addhooks_lets_a_plugin_add_its_own_hookspec(site):
+def test_puzzle_addhooks_lets_a_plugin_add_its_own_hookspec(site_packages):
     # 'a_user' is loaded (alphabetically) before the plugin that defines its hook
-    site.install("tok-user", {"a_user": IMPLEMENTING_PLUGIN})
-    site.install("tok-spec", {"b_spec": SPEC_PLUGIN})
+    site_packages.install("tok-user", {"a_user": IMPLEMENTING_PLUGIN})
+    site_packages.install("tok-spec", {"b_spec": SPEC_PLUGIN})
     manager = load_quietly()
     assert manager.hook.puzzle_tokenizers() == [[{"name": "bytes"}]]
     manager.check_pending()
@@ -173,8 +173,8 @@ def test_puzzle_addhooks_lets_a_plugin_add_its_own_hookspec(site):
     assert manager.hook.puzzle_tokenizers.spec is not None
 
 
-def test_puzzle_addhooks_that_raises_skips_only_that_plugin(site):
-    site.install(
+def test_puzzle_addhooks_that_raises_skips_only_that_plugin(site_packages):
+    site_packages.install(
         "bad-spec",
         {
             "bad_spec": """
@@ -186,7 +186,7 @@ def test_puzzle_addhooks_that_raises_skips_only_that_plugin(site):
             """
         },
     )
-    site.install("good-dist", {"good": solver_plugin("good_search")})
+    site_packages.install("good-dist", {"good": solver_plugin("good_search")})
     with pytest.warns(PluginWarning, match=r"'bad_spec'.*'bad-spec'.*RuntimeError: spec module missing"):
         manager = make_plugin_manager()
     assert not manager.has_plugin("bad_spec")

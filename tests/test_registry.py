@@ -6,7 +6,7 @@ import types
 
 import attrs
 import pytest
-from fake_distributions import site, solver_plugin  # noqa: F401  (fixture)
+from fake_distributions import site_packages, solver_plugin  # noqa: F401  (fixture)
 
 from puzzle_core import hookimpl
 from puzzle_core.config import choice_type, structure
@@ -118,9 +118,9 @@ def test_a_hook_returning_none_registers_nothing():
     assert len(build_registries(manager).solvers) == 0
 
 
-def test_duplicate_names_are_an_error_naming_both_distributions(site):
-    site.install("acme-solvers", {"acme": solver_plugin("fast_search")})
-    site.install("zenith-solvers", {"zenith": solver_plugin("fast_search")})
+def test_duplicate_names_are_an_error_naming_both_distributions(site_packages):
+    site_packages.install("acme-solvers", {"acme": solver_plugin("fast_search")})
+    site_packages.install("zenith-solvers", {"zenith": solver_plugin("fast_search")})
     with pytest.raises(PluginError) as caught:
         get_registries()
     message = str(caught.value)
@@ -130,9 +130,9 @@ def test_duplicate_names_are_an_error_naming_both_distributions(site):
     assert "PUZZLE_DISABLE_PLUGINS" in message
 
 
-def test_duplicate_name_resolved_by_disabling_one(site, monkeypatch):
-    site.install("acme-solvers", {"acme": solver_plugin("fast_search")})
-    site.install("zenith-solvers", {"zenith": solver_plugin("fast_search")})
+def test_duplicate_name_resolved_by_disabling_one(site_packages, monkeypatch):
+    site_packages.install("acme-solvers", {"acme": solver_plugin("fast_search")})
+    site_packages.install("zenith-solvers", {"zenith": solver_plugin("fast_search")})
     monkeypatch.setenv("PUZZLE_DISABLE_PLUGINS", "zenith")
     assert get_registries().solvers.entry("fast_search").distribution == "acme-solvers"
 
