@@ -429,13 +429,15 @@ class DistillRun:
 
 
 def _micro_batches(run: DistillRun, section: GKDSection, skip: int) -> Iterator[torch.Tensor]:
+    """The training stream of micro-batches (all ranks'), without the first ``skip``."""
     stream = run.corpus.batches("train", run.seq_len, section.batch_size, section.tokens, run.seed)
     for index, batch in enumerate(stream):
         if index >= skip:
             yield batch
 
 
-def _validation_kl(student: LayerwiseForward, teacher: LayerwiseForward, batches, device, autocast) -> float:
+def validation_kl(student: LayerwiseForward, teacher: LayerwiseForward, batches, device, autocast) -> float:
+    """Mean per-token KL(teacher || student) over ``batches``, each rank taking every ``size``-th batch."""
     rank, size = world()
     kl_sum, count = 0.0, 0
     was_training = student.training
@@ -450,6 +452,94 @@ def _validation_kl(student: LayerwiseForward, teacher: LayerwiseForward, batches
     return kl_sum / max(1, count)
 
 
+def _diverged(run: DistillRun, section: GKDSection, step: int, loss: float, grad_norm: float) -> GKDDiverged:
+    last = latest_checkpoint(run.checkpoint_dir)
+    kept = f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; "
+    return GKDDiverged(
+        f"GKD of {run.label} diverged at step {step}: loss {loss}, gradient norm {grad_norm}. {kept}lower gkd.lr "
+        f"(now {section.lr}) or set gkd.bf16: false, then rerun with --resume to continue from the last good "
+        f"checkpoint."
+    )
+
+
+class _Training:
+    """One child's uptraining: the models on the device, the optimizer, the data, one step at a time."""
+
+    def __init__(self, student: LoadedModel, teacher: LoadedModel, family: ModelFamily,
+                 objective: DistillationObjective, section: GKDSection, run: DistillRun):
+        self.rank, self.size = world()
+        self.section, self.run, self.objective, self.family = section, run, objective, family
+        self.device = resolve_device(section.device)
+        self.tokens_per_step = section.batch_size * run.seq_len * section.grad_accum * self.size
+        self.total_steps = section.tokens // self.tokens_per_step
+        if self.total_steps < 1:
+            raise UserError(
+                f"gkd.tokens ({section.tokens}) is less than one optimizer step ({section.batch_size} sequences x "
+                f"{run.seq_len} tokens x {section.grad_accum} accumulation x {self.size} processes = "
+                f"{self.tokens_per_step} tokens). Raise gkd.tokens or lower gkd.batch_size."
+            )
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if section.bf16 else nullcontext
+        self.student = Student(student.model.to(self.device), section)
+        self.student.model.train()
+        self.forward = LayerwiseForward(self.student.model, family)
+        self.teacher = LayerwiseForward(teacher.model.to(self.device), family).eval()
+        self.trained = self.forward
+        if _distributed():
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trained = DistributedDataParallel(self.forward, device_ids=ids)
+        self.parameters = [p for p in self.student.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=section.lr, weight_decay=section.weight_decay)
+        available = run.corpus.num_sequences("validation", run.seq_len) * run.seq_len
+        self.validation = list(run.corpus.batches(
+            "validation", run.seq_len, section.batch_size, min(section.validation_tokens, available), run.seed
+        ))
+
+    def validate(self, forward: LayerwiseForward) -> float:
+        """Mean per-token KL(parent || child) on the validation batches, shared among the ranks."""
+        return validation_kl(forward, self.teacher, self.validation, self.device, self.autocast)
+
+    def step(self, step: int, micro: Iterator[torch.Tensor]) -> TrainPoint | None:
+        """One optimizer step over ``grad_accum`` micro-batches per rank; ``None`` when the data ran out."""
+        section, objective = self.section, self.objective
+        lr = learning_rate(step, self.total_steps, section)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums = {"loss": 0.0, **{name: 0.0 for name, _, _ in objective.terms}}
+        batches = 0
+        for k in range(section.grad_accum):
+            dealt = [next(micro, None) for _ in range(self.size)]  # round-robin over the ranks
+            if dealt[self.rank] is None:
+                break
+            ids = dealt[self.rank].to(self.device)
+            last = k == section.grad_accum - 1
+            with nullcontext() if last or not _distributed() else self.trained.no_sync():
+                with torch.no_grad(), self.autocast():
+                    target = self.teacher(ids, keep_hidden=objective.needs_hidden)
+                with self.autocast():
+                    loss, parts = objective(self.trained(ids, keep_hidden=objective.needs_hidden), target, ids)
+                (loss / section.grad_accum).backward()
+            for name, value in (("loss", loss), *parts.items()):
+                sums[name] += float(value.detach())
+            batches += 1
+        if batches == 0:
+            return None
+        totals = _all_sum([*sums.values(), batches], self.device)
+        means = {name: total / totals[-1] for name, total in zip(sums, totals)}
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(self.parameters, section.max_grad_norm))
+            if section.max_grad_norm > 0
+            else 0.0
+        )
+        if not (math.isfinite(means["loss"]) and math.isfinite(grad_norm)):
+            raise _diverged(self.run, section, step + 1, means["loss"], grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = means.pop("loss")
+        return TrainPoint(step + 1, (step + 1) * self.tokens_per_step, lr, loss, means)
+
+
 def distill(
     student: LoadedModel,
     teacher: LoadedModel,
@@ -462,131 +552,51 @@ def distill(
 
     Returns the trained model (LoRA merged), the curves, and ``{"steps", "tokens",
     "train_seconds"}``. Raises :class:`GKDDiverged` on a NaN/inf loss, leaving the last
-    good checkpoint in place.
+    good checkpoint in place. The teacher is moved back to its device afterwards.
     """
-    rank, size = world()
-    device = resolve_device(section.device)
-    tokens_per_step = section.batch_size * run.seq_len * section.grad_accum * size
-    total_steps = section.tokens // tokens_per_step
-    if total_steps < 1:
-        raise UserError(
-            f"gkd.tokens ({section.tokens}) is less than one optimizer step "
-            f"({section.batch_size} sequences x {run.seq_len} tokens x {section.grad_accum} accumulation x "
-            f"{size} processes = {tokens_per_step} tokens). Raise gkd.tokens or lower gkd.batch_size."
-        )
-    every_validation = section.validate_every or section.checkpoint_every
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if section.bf16 else nullcontext
-    )
-
     teacher_device = next(teacher.model.parameters()).device
-    teacher.model.to(device)
-    trainee = Student(student.model.to(device), section)
-    model = trainee.model
-    model.train()
-    forward = LayerwiseForward(model, family)
-    teacher_forward = LayerwiseForward(teacher.model, family).eval()
-    trained = forward
-    if _distributed():
-        from torch.nn.parallel import DistributedDataParallel
+    try:
+        return _distill(_Training(student, teacher, family, objective, section, run))
+    finally:
+        teacher.model.to(teacher_device)
 
-        trained = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=section.lr, weight_decay=section.weight_decay)
 
+def _distill(training: _Training) -> tuple[nn.Module, GKDLog, dict]:
+    section, run = training.section, training.run
+    model, optimizer = training.student.model, training.optimizer
     checkpoint = latest_checkpoint(run.checkpoint_dir)
     if checkpoint is not None and json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprint") != run.fingerprint:
         checkpoint = None  # another child or data layout: start over
-    validation = list(
-        run.corpus.batches("validation", run.seq_len, section.batch_size, section.validation_tokens, run.seed)
-    )
     if checkpoint is not None:
         step, log = load_checkpoint(checkpoint, model, optimizer)
     else:
-        step, log = 0, GKDLog()
-        log.validation.append(ValidationPoint(0, 0, _validation_kl(forward, teacher_forward, validation, device, autocast)))
+        step, log = 0, GKDLog(validation=[ValidationPoint(0, 0, training.validate(training.forward))])
 
-    micro = _micro_batches(run, section, skip=step * section.grad_accum * size)
-    bar = tqdm(
-        total=total_steps, initial=step, desc=run.label, unit="step", file=sys.stderr,
-        disable=rank != 0, dynamic_ncols=True,
-    )
-    started = time.perf_counter()
-    trained_steps = 0
-    try:
-        while step < total_steps:
-            lr = learning_rate(step, total_steps, section)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sums = {"loss": 0.0, **{name: 0.0 for name, _, _ in objective.terms}}
-            batches = 0
-            for k in range(section.grad_accum):
-                mine = None
-                for r in range(size):  # deal micro-batches round-robin over ranks
-                    batch = next(micro, None)
-                    if r == rank:
-                        mine = batch
-                if mine is None:
-                    break
-                ids = mine.to(device)
-                sync = k == section.grad_accum - 1 or not _distributed()
-                with (nullcontext() if sync else trained.no_sync()):
-                    with torch.no_grad(), autocast():
-                        target = teacher_forward(ids, keep_hidden=objective.needs_hidden)
-                    with autocast():
-                        output = trained(ids, keep_hidden=objective.needs_hidden)
-                        loss, parts = objective(output, target, ids)
-                    (loss / section.grad_accum).backward()
-                sums["loss"] += float(loss.detach())
-                for name, value in parts.items():
-                    sums[name] += float(value.detach())
-                batches += 1
-            if batches == 0:
+    every_validation = section.validate_every or section.checkpoint_every
+    micro = _micro_batches(run, section, skip=step * section.grad_accum * training.size)
+    bar = tqdm(total=training.total_steps, initial=step, desc=run.label, unit="step", file=sys.stderr,
+               disable=training.rank != 0, dynamic_ncols=True)
+    started, first_step = time.perf_counter(), step
+    with bar:
+        while step < training.total_steps:
+            point = training.step(step, micro)
+            if point is None:
                 break  # the corpus ran out before the token budget
-            totals = _all_sum([*sums.values(), batches], device)
-            means = {name: total / totals[-1] for name, total in zip(sums, totals)}
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(parameters, section.max_grad_norm)
-                if section.max_grad_norm > 0
-                else torch.tensor(0.0)
-            )
-            if not (math.isfinite(means["loss"]) and math.isfinite(float(grad_norm))):
-                last = latest_checkpoint(run.checkpoint_dir)
-                kept = f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; "
-                raise GKDDiverged(
-                    f"GKD of {run.label} diverged at step {step + 1}: loss {means['loss']}, gradient norm "
-                    f"{float(grad_norm)}. {kept}lower gkd.lr (now {section.lr}) or set gkd.bf16: false, then "
-                    f"rerun with --resume to continue from the last good checkpoint."
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            trained_steps += 1
-            log.train.append(
-                TrainPoint(step, step * tokens_per_step, lr, means.pop("loss"), {k: v for k, v in means.items()})
-            )
-            if step % every_validation == 0 and step < total_steps:
-                kl = _validation_kl(forward, teacher_forward, validation, device, autocast)
-                log.validation.append(ValidationPoint(step, step * tokens_per_step, kl))
-            if step % section.checkpoint_every == 0 and step < total_steps:
-                if rank == 0:
+            step = point.step
+            log.train.append(point)
+            if step < training.total_steps and step % every_validation == 0:
+                log.validation.append(ValidationPoint(step, point.tokens, training.validate(training.forward)))
+            if step < training.total_steps and step % section.checkpoint_every == 0:
+                if training.rank == 0:
                     save_checkpoint(run.checkpoint_dir, step, model, optimizer, log, run.fingerprint)
                 barrier()
             elapsed = time.perf_counter() - started
-            bar.set_postfix(
-                loss=f"{log.train[-1].loss:.4f}",
-                val_kl=f"{log.validation[-1].kl:.4f}",
-                tok_s=f"{trained_steps * tokens_per_step / max(elapsed, 1e-9):.0f}",
-            )
+            bar.set_postfix(loss=f"{point.loss:.4f}", val_kl=f"{log.validation[-1].kl:.4f}",
+                            tok_s=f"{(step - first_step) * training.tokens_per_step / max(elapsed, 1e-9):.0f}")
             bar.update(1)
-    finally:
-        bar.close()
     seconds = time.perf_counter() - started
 
-    final = trainee.finish()
-    final.eval()
-    final_forward = LayerwiseForward(final, family)
-    kl = _validation_kl(final_forward, teacher_forward, validation, device, autocast)
-    log.validation.append(ValidationPoint(step, step * tokens_per_step, kl))
-    teacher.model.to(teacher_device)
-    return final, log, {"steps": step, "tokens": step * tokens_per_step, "train_seconds": seconds}
+    final = training.student.finish().eval()
+    tokens = step * training.tokens_per_step
+    log.validation.append(ValidationPoint(step, tokens, training.validate(LayerwiseForward(final, training.family))))
+    return final, log, {"steps": step, "tokens": tokens, "train_seconds": seconds}

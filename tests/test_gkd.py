@@ -77,7 +77,7 @@ def test_gkd_lowers_validation_kl_of_a_perturbed_child(setup, tmp_path):
     forward = gkd.LayerwiseForward(model, family)
     teacher = gkd.LayerwiseForward(parent.model, family)
     batches = list(corpus.batches("validation", SEQ_LEN, 4, 256, 0))
-    assert gkd._validation_kl(forward, teacher, batches, torch.device("cpu"), gkd.nullcontext) == pytest.approx(after)
+    assert gkd.validation_kl(forward, teacher, batches, torch.device("cpu"), gkd.nullcontext) == pytest.approx(after)
 
 
 def test_killed_run_resumes_to_identical_weights(setup, tmp_path, monkeypatch):

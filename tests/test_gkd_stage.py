@@ -65,7 +65,7 @@ def test_gkd_evaluate_report_stages(ctx, monkeypatch):
     # the exported child is the trained one: same validation KL when loaded back
     trained = ctx.family.load_child(run_dir.path("gkd", "mip", "final"))
     batches = list(ctx.corpus.batches("validation", SEQ_LEN, 4, 256, ctx.config.seed))
-    kl = gkd_core._validation_kl(gkd_core.LayerwiseForward(trained.model, ctx.family),
+    kl = gkd_core.validation_kl(gkd_core.LayerwiseForward(trained.model, ctx.family),
                                  gkd_core.LayerwiseForward(ctx.parent.model, ctx.family), batches,
                                  torch.device("cpu"), gkd_core.nullcontext)
     assert kl == pytest.approx(results["mip"].kl_after, rel=1e-5)
