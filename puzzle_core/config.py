@@ -336,5 +336,3 @@ def stable_hash(data: Any) -> str:
     payload = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
-
-Dtype = Literal["float32", "bfloat16"]
