@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from puzzle_core.config import CONVERTER, EvaluatorChoice, stable_hash, structure, unstructure
 from puzzle_core.evaluation import EvalContext, evaluate_all
 from puzzle_core.interfaces import LoadedModel
+from puzzle_core.pipeline import is_stage_worker
 from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.stages.gkd import child_dir, read_children, read_results
 
@@ -97,6 +98,8 @@ def read_evaluations(run_dir: RunDir) -> dict[str, ModelEvaluation]:
 
 
 def run(ctx) -> list[Path]:
+    if is_stage_worker():
+        return []  # under torchrun the driver evaluates alone: timings must not share the machine
     run_dir: RunDir = ctx.run_dir
     choices = evaluator_choices(ctx)
     evaluators = [(choice.name, ctx.create(choice)) for choice in choices]
