@@ -197,28 +197,36 @@ def _default_gkd_losses() -> list[WeightedLoss]:
     return [structure("cosine", WeightedLoss), structure("kl", WeightedLoss)]
 
 
+_fraction = attrs.validators.and_(attrs.validators.ge(0.0), attrs.validators.le(1.0))
+
+
 @attrs.frozen
 class GKDSection:
-    """Stage 3: global knowledge distillation (uptraining) of the assembled children."""
+    """Stage 3: global knowledge distillation (uptraining) of the assembled children.
+
+    ``batch_size`` x ``seq_len`` x ``grad_accum`` x processes tokens make one optimizer
+    step; ``tokens`` / that is the number of steps. Children close to the parent need a
+    small ``lr`` (or a large step): Adam's first updates are noise-sized for every weight.
+    """
 
     enabled: bool = True
     children: Literal["all", "main"] = "all"  # 'main': only the first child of children/index.json
-    tokens: int = 65536  # training tokens per child (all processes together)
-    seq_len: int | None = None  # None: data.seq_len
-    batch_size: int = 8  # sequences per micro-batch and process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4
-    min_lr_fraction: float = 0.1  # the cosine schedule decays to lr * min_lr_fraction
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0: no clipping
+    tokens: int = attrs.field(default=65536, validator=_at_least(1))  # training tokens per child, all processes
+    seq_len: int | None = attrs.field(default=None, validator=attrs.validators.optional(_at_least(2)))  # None: data.seq_len
+    batch_size: int = attrs.field(default=8, validator=_at_least(1))  # sequences per micro-batch and process
+    grad_accum: int = attrs.field(default=1, validator=_at_least(1))  # micro-batches per optimizer step
+    lr: float = attrs.field(default=1e-4, validator=attrs.validators.gt(0.0))
+    min_lr_fraction: float = attrs.field(default=0.1, validator=_fraction)  # cosine decay ends at lr * this
+    warmup_fraction: float = attrs.field(default=0.05, validator=_fraction)
+    weight_decay: float = attrs.field(default=0.0, validator=_at_least(0.0))
+    max_grad_norm: float = attrs.field(default=1.0, validator=_at_least(0.0))  # 0: no clipping
     bf16: bool = False  # bfloat16 autocast for the forward passes
-    device: str = "auto"  # 'auto': CUDA when available (the local rank's GPU under torchrun), else CPU
-    lora_rank: int = 0  # 0: full fine-tuning; >0: LoRA (peft) on every linear layer, merged before export
+    device: str = attrs.field(default="auto", validator=_device)  # 'auto': the local rank's GPU if any, else CPU
+    lora_rank: int = attrs.field(default=0, validator=_at_least(0))  # 0: full fine-tuning; >0: LoRA, merged at the end
     lora_alpha: float | None = None  # None: 2 * lora_rank
-    validation_tokens: int = 2048  # validation-split tokens for the KL curve
-    validate_every: int = 0  # optimizer steps between validations; 0: at every checkpoint
-    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    validation_tokens: int = attrs.field(default=2048, validator=_at_least(1))  # validation tokens for the KL curve
+    validate_every: int = attrs.field(default=0, validator=_at_least(0))  # steps between validations; 0: at checkpoints
+    checkpoint_every: int = attrs.field(default=50, validator=_at_least(1))  # steps between resumable checkpoints
     losses: list[WeightedLoss] = attrs.Factory(_default_gkd_losses)
     executor: ExecutorChoice = _choice(ExecutorChoice, "local")
 

@@ -183,6 +183,13 @@ def test_gkd_loss_terms_from_yaml(registries):
         DistillationObjective.from_config(structure({"losses": [{"name": "kl", "weight": 0}]}, GKDSection), registries)
 
 
+@pytest.mark.parametrize("bad", [{"checkpoint_every": 0}, {"lr": 0}, {"warmup_fraction": 1.5}, {"device": "gpu"},
+                                 {"lora_rank": -1}, {"children": "best"}])
+def test_bad_gkd_settings_are_config_errors(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        structure(bad, GKDSection)
+
+
 def test_token_budget_below_one_step_is_a_user_error(setup, tmp_path):
     family, parent, corpus = setup
     with pytest.raises(UserError, match="less than one optimizer step"):
