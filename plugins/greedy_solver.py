@@ -68,7 +68,7 @@ def greedy_choice(problem: SearchProblem, start: str, solver: str) -> list[int]:
             return choice.tolist()
         swapped = totals[:, None, None] + budgets.costs - current[:, :, None]  # totals after each swap
         saved = excess - budgets.excess(swapped)  # (layers, variants)
-        valid = mask & (saved > 1e-12 * excess)
+        valid = mask & (saved > 1e-10)  # well above rounding; also rules out keeping the same variant
         if not valid.any():
             break
         loss = worse - worse[layers, choice][:, None]

@@ -162,6 +162,20 @@ def test_greedy_is_feasible_and_never_better_than_mip(data, start):
     assert solution.objective_value >= optimum.objective_value - 1e-6
 
 
+def test_greedy_never_takes_a_swap_that_only_rounding_makes_useful():
+    """Budget just below the parent: swapping a layer to its own variant 'saves' ~1e-16 by rounding."""
+    library = BlockLibrary(
+        [
+            {"v0": {"stats": {"runtime_ms": cost}, "metrics": {"kl": 0.0}},
+             "v1": {"stats": {"runtime_ms": cost / 2}, "metrics": {"kl": 1.0 + index}}}
+            for index, cost in enumerate((0.3, 0.6, 0.3))
+        ]
+    )
+    problem = build_problem(library, "metrics.kl", constraints=[f"stats.runtime_ms<={1.2 * (1 - 1e-7)!r}"])
+    (solution,) = GreedySolver(GreedyOptions()).solve(problem)
+    assert solution.chosen == {"layer_0": "v1", "layer_1": "v0", "layer_2": "v0"}
+
+
 @pytest.mark.filterwarnings("ignore::puzzle_core.search.SearchWarning")  # fewer diverse solutions may exist
 @SETTINGS
 @given(data=st.data(), min_diversity=st.integers(1, 3))
