@@ -555,7 +555,9 @@ def build_problem(
     fixed_costs = {}
     for key, value in (fixed or {}).items():
         path = key if "." in key else f"stats.{key}"
-        if not _is_number(value) or not math.isfinite(value) or value < 0:
+        if not _is_number(value):
+            continue  # notes a cost model keeps next to its numbers
+        if not math.isfinite(value) or value < 0:
             raise UserError(f"Fixed cost {path} is {value!r}; fixed costs must be non-negative finite numbers.")
         fixed_costs[path] = float(value)
     problem = SearchProblem(

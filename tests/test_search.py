@@ -323,6 +323,9 @@ def test_library_values_are_validated_for_the_paths_used():
         build_problem(_ladder(), "metrics.kll")
     with pytest.raises(UserError, match="finite"):
         BlockLibrary.from_json({"layer_0": {"a": {"stats": {"runtime_ms": math.nan}, "metrics": {"kl": 0.0}}}})
+    with pytest.raises(UserError, match="Fixed cost stats.runtime_ms"):
+        build_problem(_ladder(), "metrics.kl", fixed={"runtime_ms": -2.0})
+    assert build_problem(_ladder(), "metrics.kl", fixed={"runtime_ms": 2, "device": "cpu"}).fixed == {"stats.runtime_ms": 2.0}
     with pytest.raises(UserError, match="min_diversity"):
         build_problem(_ladder(), "metrics.kl", num_solutions=2, min_diversity=4)
 
