@@ -267,7 +267,7 @@ class ActivationStore:
     def batches(
         self, layer: int, split: Split, batch_size: int, generator: torch.Generator | None = None
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches of ``batch_size`` sequences of ``layer``'s tensors, shard by shard.
+        """Batches of ``batch_size`` sequences of ``layer``'s tensors (float32), shard by shard.
 
         With a ``generator`` the shard order and the sequences within each shard are
         shuffled by it (training); without one the order is fixed (evaluation).
@@ -276,7 +276,7 @@ class ActivationStore:
         if generator is not None:
             shards = [shards[i] for i in torch.randperm(len(shards), generator=generator).tolist()]
         for shard in shards:
-            data = self.load(layer, shard)
+            data = {name: tensor.float() for name, tensor in self.load(layer, shard).items()}  # once per shard
             count = data["hidden"].shape[0]
             order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
             for start in range(0, count, batch_size):

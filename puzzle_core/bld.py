@@ -275,7 +275,9 @@ class BlockRecord:
     heldout_loss_before: float | None
     heldout_loss_after: float | None
     loss_curve: list[float]  # mean training loss over equal stretches of the run
-    wall_s: float
+    wall_s: float  # the whole job: init, held-out evaluations, training, saving
+    train_s: float  # the training loop alone (data loading included)
+    train_cpu_s: float  # CPU time of this process during the training loop (all its threads)
     train_tokens_per_s: float
     peak_memory_mib: float | None  # CPU: the process's peak RSS during the job; CUDA: peak allocated
     device: str
@@ -487,7 +489,7 @@ class BLDTrainer:
         tokens = 0
         generator = torch.Generator().manual_seed(seed)
         bar = tqdm(total=total, desc=unit.id, unit="step", leave=False, dynamic_ncols=True, disable=not _progress_enabled())
-        train_started = time.perf_counter()
+        train_started, train_cpu_started = time.perf_counter(), time.process_time()
         for batch in self.store.batches(unit.layer, "train", self.settings.batch_size, generator):
             inputs, target = unit_inputs(unit, batch, self.device)
             loss = self.loss(module(inputs, self.context(inputs)), target)
@@ -508,7 +510,7 @@ class BLDTrainer:
             bar.update()
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-        train_seconds = time.perf_counter() - train_started
+        train_seconds, train_cpu = time.perf_counter() - train_started, time.process_time() - train_cpu_started
         bar.close()
         heldout_after = self.evaluate(module, unit)
         self.save(unit, module)
@@ -531,6 +533,8 @@ class BLDTrainer:
             heldout_loss_after=heldout_after,
             loss_curve=summarize_curve(losses),
             wall_s=time.perf_counter() - started,
+            train_s=train_seconds,
+            train_cpu_s=train_cpu,
             train_tokens_per_s=tokens / train_seconds if train_seconds > 0 else 0.0,
             peak_memory_mib=peak_memory_mib(self.device),
             device=str(self.device),

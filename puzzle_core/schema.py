@@ -69,7 +69,7 @@ class LibrarySection:
     mode: Literal["decoupled", "coupled"] = "decoupled"
     tokens: int = attrs.field(default=16384, validator=attrs.validators.ge(1))  # training tokens per block
     heldout_tokens: int = attrs.field(default=2048, validator=attrs.validators.ge(0))  # validation tokens for held-out loss
-    calibration_tokens: int = attrs.field(default=1024, validator=attrs.validators.ge(0))  # for init from the parent
+    calibration_tokens: int = attrs.field(default=4096, validator=attrs.validators.ge(0))  # for init from the parent
     seq_len: int | None = None  # None: data.seq_len
     batch_size: int = attrs.field(default=8, validator=attrs.validators.ge(1))  # sequences per step
     lr: float = 1e-3

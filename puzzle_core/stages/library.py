@@ -10,6 +10,7 @@ layer, parent first, with every trained unit's record) and the merged
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from puzzle_core.activations import ActivationStore, CaptureSettings
 from puzzle_core.bld import BLOCKS, BLDTrainer, TrainSettings, plan_library, resolve_device, resolve_subspace, write_index
@@ -19,30 +20,14 @@ from puzzle_core.library_view import write_library_view
 from puzzle_core.pipeline import is_stage_worker
 
 
-def run(ctx) -> list[Path]:
+def library_parts(ctx) -> tuple[ActivationStore, TrainSettings, Any]:
+    """The run's activation store (planned), BLD settings and loss, as the stage uses them."""
     config, section = ctx.config, ctx.config.library
-    shape = ctx.parent.shape
-    spaces = [ctx.variant_provider.variants(shape, layer) for layer in range(shape.num_layers)]
-    plan = plan_library(section.mode, shape, spaces, resolve_subspace(section, shape.num_layers))
-    executor = ctx.create(section.executor)
-    driver = not is_stage_worker()
-
     capture = CaptureSettings.from_config(config)
-    store = ActivationStore(ctx.run_dir, capture, shape.num_layers)
+    store = ActivationStore(ctx.run_dir, capture, ctx.parent.shape.num_layers)
     store.plan(ctx.corpus)
     if not store.split_shards("train"):
         raise UserError("library.tokens gives no training sequences; raise it to at least one sequence (seq_len).")
-    if driver:
-        store.write_meta(shape.hidden_size)
-    runner = ctx.family.layer_runner(ctx.parent.model)
-    parent_device = next(ctx.parent.model.parameters()).device
-    executor.run(
-        store.jobs(),
-        lambda job: store.capture(runner, job.payload, section.batch_size, parent_device),
-        "capturing activations",
-        context=ctx,
-    )
-
     settings = TrainSettings(
         activations=capture.key,
         mode=section.mode,
@@ -55,10 +40,30 @@ def run(ctx) -> list[Path]:
         init_method=ctx.variant_provider.init_method,
         seed=config.seed,
     )
-    trainer = BLDTrainer(
-        ctx.run_dir, ctx.family, ctx.parent, store, settings, ctx.create(section.loss), resolve_device(section.device)
+    return store, settings, ctx.create(section.loss)
+
+
+def run(ctx) -> list[Path]:
+    section = ctx.config.library
+    shape = ctx.parent.shape
+    spaces = [ctx.variant_provider.variants(shape, layer) for layer in range(shape.num_layers)]
+    plan = plan_library(section.mode, shape, spaces, resolve_subspace(section, shape.num_layers))
+    executor = ctx.create(section.executor)
+    driver = not is_stage_worker()
+
+    store, settings, loss = library_parts(ctx)
+    if driver:
+        store.write_meta(shape.hidden_size)
+    runner = ctx.family.layer_runner(ctx.parent.model)
+    parent_device = next(ctx.parent.model.parameters()).device
+    executor.run(
+        store.jobs(),
+        lambda job: store.capture(runner, job.payload, section.batch_size, parent_device),
+        "capturing activations",
+        context=ctx,
     )
-    executor.run(trainer.jobs(plan, capture.seq_len), trainer.run, "training blocks (BLD)", context=ctx)
+    trainer = BLDTrainer(ctx.run_dir, ctx.family, ctx.parent, store, settings, loss, resolve_device(section.device))
+    executor.run(trainer.jobs(plan, store.settings.seq_len), trainer.run, "training blocks (BLD)", context=ctx)
     if not driver:
         return []
 
@@ -69,11 +74,11 @@ def run(ctx) -> list[Path]:
         {
             "parent": ctx.parent.source,
             "num_layers": shape.num_layers,
-            "seq_len": capture.seq_len,
+            "seq_len": store.settings.seq_len,
             "train_tokens": store.tokens("train"),
             "heldout_tokens": store.tokens("heldout"),
             "loss": settings.loss,
-            "activations": capture.key,
+            "activations": settings.activations,
         },
     )
     write_library_view(ctx.run_dir)
