@@ -6,7 +6,11 @@ Each stage is a module in :mod:`puzzle_core.stages` with ``run(ctx) -> list[Path
 returning the files it wrote. A stage's hash covers the config sections it reads and
 the hashes of the stages before it; a stage whose outputs are recorded in the manifest
 with the same hash and intact checksums is skipped, so ``--resume`` after a crash
-redoes nothing that finished.
+redoes nothing that finished. Given other run directories to ``reuse``, a stage that
+finished in one of them with the same hash is linked in instead of run (ablations share
+one library and score table that way), and a stage that must run first links in their
+``caches``: keyed, self-checking work (activations, trained blocks, score shards) that
+it then reuses wherever the keys match.
 """
 
 from __future__ import annotations
@@ -18,32 +22,38 @@ import random
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Sequence
 
 import attrs
 
 from puzzle_core.config import stable_hash, unstructure
 from puzzle_core.errors import UserError
-from puzzle_core.rundir import RunDir, atomic_write, remove_temp_files
+from puzzle_core.rundir import RunDir, atomic_write, link_missing, remove_temp_files
 from puzzle_core.schema import PuzzleConfig
 
 
 @attrs.frozen
 class Stage:
-    """A pipeline stage: its name, the config sections it reads, and its module."""
+    """A pipeline stage: its name, the config sections it reads, and its module.
+
+    ``caches`` are folders (relative to the run directory) where the stage keeps keyed work
+    that it checks before reusing, so they may be seeded from another run directory.
+    """
 
     name: str
     sections: tuple[str, ...]
     module: str
     description: str
+    caches: tuple[str, ...] = ()
 
     def runner(self) -> Callable[["RunContext"], list[Path]]:
         return importlib.import_module(self.module).run
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("library", ("parent", "seed", "data", "library"), "puzzle_core.stages.library", "blockwise local distillation"),
-    Stage("score", ("scoring",), "puzzle_core.stages.score", "replace-1-block scores"),
+    Stage("library", ("parent", "seed", "data", "library"), "puzzle_core.stages.library", "blockwise local distillation",
+          caches=("activations", "library/blocks")),
+    Stage("score", ("scoring",), "puzzle_core.stages.score", "replace-1-block scores", caches=("scores/shards",)),
     Stage("cost", ("scenario", "costs"), "puzzle_core.stages.cost", "per-block costs for the scenario"),
     Stage("search", ("search",), "puzzle_core.stages.search", "choosing one block per layer"),
     Stage("assemble", (), "puzzle_core.stages.assemble", "building and exporting the children"),
@@ -105,6 +115,7 @@ class RunContext:
         self.argv = argv or []  # the CLI arguments of this run, for executors that relaunch it
         self.stage: str | None = None  # the stage being run, for executors that relaunch it
         self.hashes = stage_hashes(config)
+        self.outcomes: dict[str, StageOutcome] = {}  # per stage of this call: how it was done
 
     @cached_property
     def parent(self):
@@ -140,6 +151,17 @@ class RunContext:
         return choice.create(self.registries)
 
 
+StageOutcome = Literal["ran", "skipped", "reused"]
+
+
+def _donor(rundir: RunDir, donors: list[RunDir], stage: str, digest: str, adopt: bool) -> RunDir | None:
+    """The first donor where ``stage`` finished with ``digest``; the driver (``adopt``) also takes it over."""
+    for donor in donors:
+        if rundir.adopt(donor, stage, digest) if adopt else donor.stage_done(stage, digest):
+            return donor
+    return None
+
+
 def run_pipeline(
     config: PuzzleConfig,
     run_dir: str | Path,
@@ -149,8 +171,13 @@ def run_pipeline(
     config_text: str | None = None,
     argv: list[str] | None = None,
     echo: Callable[[str], None] = print,
+    reuse: Sequence[str | Path] = (),
 ) -> RunContext:
-    """Run ``stages`` (default: all) of the pipeline in ``run_dir``."""
+    """Run ``stages`` (default: all) of the pipeline in ``run_dir``.
+
+    ``reuse``: other run directories whose finished stages (same hash) and caches this
+    run may take over; see the module docstring.
+    """
     import torch
 
     unknown = [s for s in stages or [] if s not in STAGE_NAMES]
@@ -158,6 +185,7 @@ def run_pipeline(
         raise UserError(f"Unknown stage(s) {unknown}; stages are: {', '.join(STAGE_NAMES)}.")
     wanted = [s for s in STAGES if not stages or s.name in stages]
     rundir = RunDir(run_dir)
+    donors = [RunDir(p) for p in reuse if Path(p).resolve() != rundir.root.resolve()]
     worker = is_stage_worker()
     if worker:
         echo = _quiet  # the driver reports progress
@@ -180,7 +208,17 @@ def run_pipeline(
             label = f"[{index}/{len(wanted)}] {stage.name}: {stage.description}"
             if rundir.stage_done(stage.name, digest):
                 echo(f"{label} (done, skipped)")
+                ctx.outcomes[stage.name] = "skipped"
                 continue
+            donor = _donor(rundir, donors, stage.name, digest, adopt=not worker)
+            if donor is not None:
+                echo(f"{label} (done in {donor.root}, reused)")
+                ctx.outcomes[stage.name] = "reused"
+                continue
+            if not worker:
+                for donor in donors:
+                    for cache in stage.caches:
+                        link_missing(donor.path(cache), rundir.path(cache))
             echo(label)
             started = time.perf_counter()
             seed_everything(config.seed)
@@ -188,5 +226,6 @@ def run_pipeline(
             outputs = stage.runner()(ctx)
             if not worker:
                 rundir.mark_done(stage.name, digest, outputs)
+            ctx.outcomes[stage.name] = "ran"
             echo(f"    finished in {time.perf_counter() - started:.1f}s")
     return ctx

@@ -98,6 +98,32 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def link_file(source: Path, target: Path) -> None:
+    """Hard-link ``source`` at ``target`` (a copy across file systems), replacing ``target``.
+
+    Safe for artifacts because every writer replaces files by rename: a later write to
+    either path makes a new file and leaves the other's content alone.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copy2(source, tmp)
+
+
+def link_missing(source: Path, target: Path) -> int:
+    """Link every file under folder ``source`` that ``target`` lacks; returns how many."""
+    count = 0
+    for path in sorted(source.rglob("*")) if source.is_dir() else []:
+        destination = target / path.relative_to(source)
+        if path.is_file() and not path.name.startswith(TEMP_PREFIX) and not destination.exists():
+            link_file(path, destination)
+            count += 1
+    return count
+
+
 def remove_temp_files(root: str | Path) -> int:
     """Delete temp files and folders left by a killed writer; returns how many."""
     count = 0
@@ -156,6 +182,22 @@ class RunDir:
             files.update(str(p.relative_to(root)) for p in found if not p.name.startswith(TEMP_PREFIX))
         manifest[stage] = {"config_hash": config_hash, "outputs": {r: sha256_file(self.path(r)) for r in sorted(files)}}
         atomic_write_json(self.path(MANIFEST), manifest)
+
+    def adopt(self, source: "RunDir", stage: str, config_hash: str) -> bool:
+        """Take ``stage`` over from run directory ``source`` if it finished there with ``config_hash``.
+
+        Its outputs are linked in (:func:`link_file`) and its manifest entry copied, so
+        this run skips the stage as if it had run here. Returns whether it was adopted.
+        """
+        if not source.stage_done(stage, config_hash):
+            return False
+        record = source.manifest()[stage]
+        for rel in record["outputs"]:
+            link_file(source.path(rel), self.path(rel))
+        manifest = self.manifest()
+        manifest[stage] = record
+        atomic_write_json(self.path(MANIFEST), manifest)
+        return True
 
     def invalidate(self, stage: str) -> None:
         manifest = self.manifest()

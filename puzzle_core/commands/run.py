@@ -20,7 +20,13 @@ from puzzle_core.pipeline import STAGE_NAMES
     type=click.Choice(STAGE_NAMES),
     help="Run only these stages (repeatable); earlier stages must have run.",
 )
-def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tuple[str, ...]) -> None:
+@click.option(
+    "--reuse",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="Another run directory (repeatable): its stages finished with the same settings are linked in, not rerun.",
+)
+def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tuple[str, ...], reuse: tuple[str, ...]) -> None:
     """Run the Puzzle pipeline described by CONFIG."""
     import sys
 
@@ -37,6 +43,7 @@ def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tup
         config_text=Path(config_path).read_text(encoding="utf-8"),
         argv=sys.argv[1:],
         echo=click.echo,
+        reuse=reuse,
     )
     click.echo(f"Run directory: {run_dir}")
 
