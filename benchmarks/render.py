@@ -1,0 +1,135 @@
+"""An ablation's results as a markdown table and a PNG plot (next to its results JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from benchmarks.runner import final_metric
+from puzzle_core.rundir import atomic_path, atomic_write
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return f"{value:.{digits}g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def _accuracy_metric(results: Mapping) -> str | None:
+    for arm in results["arms"]:
+        if arm.get("accuracy_metrics"):
+            return arm["accuracy_metrics"][0]
+    return None
+
+
+def _assembled(arm: Mapping, name: str) -> float | None:
+    return ((arm.get("metrics") or {}).get("assembled") or {}).get(name)
+
+
+def markdown_table(results: Mapping) -> str:
+    """One row per arm: speedups, KL to the parent before / after GKD (and vs the reference), accuracy."""
+    accuracy = _accuracy_metric(results)
+    ratios = (results.get("comparison") or {}).get("kl_to_parent_vs_reference", {})
+    headers = ["arm", "solver", "predicted speedup", "measured speedup", "KL assembled", "KL after GKD",
+               f"KL vs {results['reference']}"]
+    if accuracy:
+        headers += [f"{accuracy} assembled", f"{accuracy} after GKD"]
+    headers += ["params", "status"]
+    rows = []
+    for arm in results["arms"]:
+        metrics = arm.get("metrics") or {}
+        child = arm.get("child") or {}
+        row = [
+            arm["name"],
+            child.get("solver", "–"),
+            _number(metrics.get("predicted_speedup")),
+            _number(metrics.get("measured_speedup")),
+            _number(_assembled(arm, "kl_to_parent")),
+            _number(final_metric(arm, "kl_to_parent")) if metrics.get("after_gkd") else "–",
+            f"{ratios[arm['name']]:.2f}x" if ratios.get(arm["name"]) else "–",
+        ]
+        if accuracy:
+            row += [_number(_assembled(arm, accuracy)), _number(final_metric(arm, accuracy)) if metrics.get("after_gkd") else "–"]
+        row += [_number(metrics.get("params")), arm["status"] + (f" ({arm['note']})" if arm.get("note") else "")]
+        rows.append(row)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def parent_line(results: Mapping) -> str:
+    """The parent's own numbers (from the reference arm's run, else the first that has them)."""
+    arms = sorted(results["arms"], key=lambda a: a["name"] != results["reference"])
+    parent = next((a["parent"] for a in arms if a.get("parent")), None)
+    if parent is None:
+        return ""
+    evaluation = parent.get("eval", {})
+    accuracy = _accuracy_metric(results)
+    parts = [f"{_number(parent.get('params'))} params", f"{_number(parent.get('throughput_tok_s'))} tok/s measured"]
+    if accuracy and accuracy in evaluation:
+        parts.append(f"{accuracy} {_number(evaluation[accuracy])}")
+    if "test_lm_loss" in evaluation:
+        parts.append(f"test LM loss {_number(evaluation['test_lm_loss'])}")
+    return "Parent: " + ", ".join(parts) + "."
+
+
+def write_markdown(results: Mapping, path: Path) -> None:
+    env = results["environment"]
+    errors = [f"- `{a['name']}` {a['status']}: {a['error']}" for a in results["arms"] if a.get("error")]
+    text = "\n\n".join(
+        part
+        for part in [
+            f"### Ablation `{results['ablation']}` ({env['budget']} budget)",
+            results["description"].strip(),
+            f"Paper: {results['paper'].strip()}" if results.get("paper") else "",
+            markdown_table(results),
+            parent_line(results),
+            "\n".join(errors),
+            f"Command: `{results['command']}` on {env['base_config']}; {env['device']} ({env['cpu']}, "
+            f"{env['cpu_count']} cores, load {env['load_average'][0]:.1f}), threads {env['threads']}, seeds "
+            f"{env['seeds']}, torch {env['packages'].get('torch')}, commit {str(env.get('git_commit'))[:10]}"
+            f"{' (dirty)' if env.get('git_dirty') else ''}.",
+        ]
+        if part
+    )
+    atomic_write(path, text + "\n")
+
+
+def write_plot(results: Mapping, path: Path) -> None:
+    """KL to the parent per arm (assembled and after GKD, log scale) beside predicted and measured speedups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arms = [a for a in results["arms"] if a.get("metrics")]
+    names = [a["name"] for a in arms]
+    x = np.arange(len(arms))
+    figure, (quality, speed) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(arms) + 4), 4.2))
+    for offset, (label, values) in zip(
+        (-0.2, 0.2),
+        [
+            ("assembled", [_assembled(a, "kl_to_parent") for a in arms]),
+            ("after GKD", [final_metric(a, "kl_to_parent") if a["metrics"].get("after_gkd") else None for a in arms]),
+        ],
+    ):
+        quality.bar(x + offset, [v if v else np.nan for v in values], width=0.4, label=label)
+    quality.set_yscale("log")
+    quality.set_ylabel("KL(parent || child) per token, test split")
+    quality.set_title("quality (lower is better)")
+    for offset, (label, key) in zip((-0.2, 0.2), [("predicted", "predicted_speedup"), ("measured", "measured_speedup")]):
+        speed.bar(x + offset, [a["metrics"].get(key) or np.nan for a in arms], width=0.4, label=label)
+    speed.axhline(1.0, color="grey", linewidth=0.8)
+    speed.set_ylabel("speedup over the parent")
+    speed.set_title("speed")
+    for axis in (quality, speed):
+        axis.set_xticks(x, names, rotation=30, ha="right")
+        axis.legend(fontsize=8)
+    figure.suptitle(f"{results['ablation']} ({results['environment']['budget']} budget)")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)

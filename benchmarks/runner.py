@@ -1,0 +1,455 @@
+"""The ablation runner behind ``puzzle bench`` and ``python -m benchmarks``.
+
+An ablation (``benchmarks/ablations/<name>.yaml``) is a set of *arms*, each a YAML overlay
+on one base config. An arm's config is, deep-merged in this order (mappings merge key by
+key; lists and everything else are replaced)::
+
+    base config  <-  budget overlay (budgets.yaml)  <-  ablation overlay
+                 <-  ablation's overlay for this budget  <-  arm overlay  (<- arm scale)
+
+``scale`` multiplies numbers of the resolved config (``{library.tokens: 0.5}``), so a sweep
+reads the same at every budget. A string ``{arm:NAME}`` becomes the run directory of an
+earlier arm (a coupled BLD arm reads the decoupled arm's solutions that way).
+
+Every arm runs the whole pipeline in its own run directory,
+``<results>/runs/<budget>/<ablation>/<arm>``, handed every other run directory of the same
+budget to reuse (:func:`puzzle_core.pipeline.run_pipeline`): a stage whose chained hash
+matches a finished stage elsewhere is linked in, not recomputed, so arms (and ablations)
+that agree upstream share one activation cache, one library and one score table, and an
+arm identical to one run before is free. Rerunning an ablation skips what is finished.
+
+Results go to ``<results>/<ablation>.json`` (``<ablation>.small.json`` for the small
+budget) with a markdown table and a PNG plot next to it; see :func:`arm_result` for what
+each arm records.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+import attrs
+import yaml
+
+from puzzle_core.config import read_yaml, stable_hash, structure, unstructure
+from puzzle_core.errors import UserError
+from puzzle_core.pipeline import STAGE_NAMES, run_pipeline, stage_hashes
+from puzzle_core.rundir import MANIFEST, atomic_write, atomic_write_json
+from puzzle_core.schema import PuzzleConfig
+from puzzle_core.search import InfeasibleError
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+ABLATIONS = HERE / "ablations"
+BUDGETS = HERE / "budgets.yaml"
+DEFAULT_RESULTS = HERE / "results" / "ablations"
+ORDER = ("search", "baselines", "scoring", "search_space", "gkd_losses", "bld")  # `all`: shared work first
+BudgetName = Literal["small", "full"]
+ARM_REFERENCE = re.compile(r"\{arm:([^{}]+)\}")
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+PACKAGES = ("puzzle-nas", "torch", "transformers", "lm_eval", "mip", "peft", "numpy")
+
+
+# ---------------------------------------------------------------------------- definitions
+
+
+def _arm_name(_instance, _attribute, value: str) -> None:
+    if not ARM_NAME.fullmatch(value):
+        raise ValueError(f"arm name {value!r} must be letters, digits and _ . + - (it names a folder)")
+
+
+@attrs.frozen
+class Arm:
+    """One setting of an ablation: an overlay on the base config, and optional scaled numbers."""
+
+    name: str = attrs.field(validator=_arm_name)
+    overlay: dict[str, Any] = attrs.Factory(dict)
+    scale: dict[str, float] = attrs.Factory(dict)  # dot-path in the resolved config -> factor
+    note: str = ""
+
+
+@attrs.frozen
+class Ablation:
+    """An ablation file: what it compares, the reference arm, and the arms."""
+
+    title: str  # one line
+    description: str
+    reference: str  # the arm every other arm is compared with
+    arms: list[Arm]
+    paper: str = ""  # what the paper found, for the table's caption
+    overlay: dict[str, Any] = attrs.Factory(dict)  # on every arm
+    budgets: dict[str, dict[str, Any]] = attrs.Factory(dict)  # budget -> overlay on every arm at that budget
+    name: str = ""  # the file's stem
+
+    def __attrs_post_init__(self):
+        names = [arm.name for arm in self.arms]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"arms must be a non-empty list with distinct names, got {names}")
+        if self.reference not in names:
+            raise ValueError(f"reference {self.reference!r} is not one of the arms ({', '.join(names)})")
+        unknown = set(self.budgets) - {"small", "full"}
+        if unknown:
+            raise ValueError(f"budgets has {sorted(unknown)}; the budgets are 'small' and 'full'")
+
+
+@attrs.frozen
+class Budget:
+    """A size every ablation runs at: the base config and an overlay on every arm."""
+
+    base: str  # relative to the repository root
+    description: str = ""
+    overlay: dict[str, Any] = attrs.Factory(dict)
+
+
+def available() -> list[str]:
+    """The ablations in ``benchmarks/ablations``, in the order ``all`` runs them."""
+    found = sorted(path.stem for path in ABLATIONS.glob("*.yaml"))
+    return [name for name in ORDER if name in found] + [name for name in found if name not in ORDER]
+
+
+def load_ablation(name_or_path: str) -> Ablation:
+    """An ablation by name (``search``) or by the path of its YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = ABLATIONS / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise UserError(
+                f"There is no ablation '{name_or_path}'. The ablations are: {', '.join(available())} (or 'all'), or "
+                f"pass the path of an ablation YAML file."
+            )
+    ablation = structure(read_yaml(path), Ablation, source=str(path))
+    return attrs.evolve(ablation, name=ablation.name or path.stem)
+
+
+def load_budget(name: BudgetName) -> Budget:
+    budgets = structure(read_yaml(BUDGETS), dict[str, Budget], source=str(BUDGETS))
+    return budgets[name]
+
+
+# ---------------------------------------------------------------------------- composing configs
+
+
+def deep_merge(base: Any, overlay: Any) -> Any:
+    """``overlay`` on ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    if isinstance(base, Mapping) and isinstance(overlay, Mapping):
+        merged = dict(base)
+        for key, value in overlay.items():
+            merged[key] = deep_merge(base[key], value) if key in base else value
+        return merged
+    return overlay
+
+
+def apply_scale(data: dict, scale: Mapping[str, float], arm: str) -> dict:
+    """Multiply the numbers at dot-paths of a resolved config; integers stay integers (at least 1)."""
+    data = json.loads(json.dumps(data))
+    for path, factor in scale.items():
+        *parents, leaf = path.split(".")
+        node = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"Arm '{arm}' scales '{path}', which is {value!r} in its config, not a number. Fix the path.")
+        node[leaf] = max(1, round(value * factor)) if isinstance(value, int) else value * factor
+    return data
+
+
+def resolve_arm_references(data: Any, run_dirs: Mapping[str, Path], arm: str) -> Any:
+    """Replace ``{arm:NAME}`` in strings with the run directory of the earlier arm NAME."""
+    if isinstance(data, dict):
+        return {key: resolve_arm_references(value, run_dirs, arm) for key, value in data.items()}
+    if isinstance(data, list):
+        return [resolve_arm_references(value, run_dirs, arm) for value in data]
+    if isinstance(data, str):
+        def replace(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in run_dirs:
+                raise UserError(
+                    f"Arm '{arm}' refers to {{arm:{name}}}, which is not an arm listed before it "
+                    f"({', '.join(run_dirs) or 'none'}). Put '{name}' first, or fix the name."
+                )
+            return str(run_dirs[name].resolve())
+
+        return ARM_REFERENCE.sub(replace, data)
+    return data
+
+
+@attrs.frozen
+class PlannedArm:
+    """An arm with its resolved config and where it runs."""
+
+    arm: Arm
+    config: PuzzleConfig
+    run_dir: Path
+
+    @property
+    def data(self) -> dict:
+        return unstructure(self.config)
+
+    @property
+    def config_hash(self) -> str:
+        return stable_hash(self.data)
+
+
+def plan(ablation: Ablation, budget: BudgetName, base: Path, results_dir: Path) -> list[PlannedArm]:
+    """Every arm's config (validated) and run directory."""
+    runs = runs_root(results_dir, budget) / ablation.name
+    common = deep_merge(
+        deep_merge(deep_merge(read_yaml(base), load_budget(budget).overlay), ablation.overlay),
+        ablation.budgets.get(budget, {}),
+    )
+    planned: list[PlannedArm] = []
+    run_dirs: dict[str, Path] = {}
+    for arm in ablation.arms:
+        source = f"{ablation.name} arm '{arm.name}' on {base}"
+        data = resolve_arm_references(deep_merge(common, arm.overlay), run_dirs, arm.name)
+        config = structure(data, PuzzleConfig, source=source)
+        if arm.scale:
+            config = structure(apply_scale(unstructure(config), arm.scale, arm.name), PuzzleConfig, source=source)
+        run_dirs[arm.name] = runs / arm.name
+        planned.append(PlannedArm(arm, config, runs / arm.name))
+    return planned
+
+
+def runs_root(results_dir: Path, budget: BudgetName) -> Path:
+    return results_dir / "runs" / budget
+
+
+def donors(planned: list[PlannedArm], current: PlannedArm, root: Path) -> list[Path]:
+    """Run directories ``current`` may reuse: its ablation's arms in order, then every other one."""
+    own = [p.run_dir for p in planned if p is not current]
+    others = sorted(path.parent for path in root.glob(f"*/*/{MANIFEST}"))
+    return [path for path in dict.fromkeys(own + others) if (path / MANIFEST).is_file()]
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def environment(budget: BudgetName, base: Path, planned: list[PlannedArm]) -> dict:
+    """Versions, machine, threads and seeds: what a number depends on besides the config."""
+    import torch
+
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cuda = torch.cuda.is_available()
+    return {
+        "budget": budget,
+        "base_config": _display_path(base),
+        "python": platform.python_version(),
+        "packages": versions,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "threads": sorted({p.config.threads for p in planned}),
+        "scenario_threads": sorted({p.config.scenario.threads for p in planned}),
+        "seeds": sorted({p.config.seed for p in planned}),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _display_path(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def arm_result(planned: PlannedArm, status: str, error: str | None, outcomes: Mapping[str, str], seconds: float) -> dict:
+    """What one arm records: its settings, how its stages were done, and its main child's numbers.
+
+    ``metrics`` hold the main child's (the first the arm's solver found) ``predicted_speedup``
+    (cost model), ``measured_speedup`` (evaluate stage, child / parent throughput),
+    ``params``, ``accuracy_preserved``, and every evaluator number ``after_gkd`` and as
+    ``assembled`` (before GKD); ``parent`` holds the parent's numbers from the same run.
+    """
+    run_dir = planned.run_dir
+    summary = _read_json(run_dir / "report" / "summary.json") if status == "ok" else None
+    solutions = _read_json(run_dir / "solutions" / "index.json") if status == "ok" else None
+    child = next((c for c in (summary or {}).get("children", []) if c.get("main")), None)
+    solution = next((s for s in (solutions or {}).get("solutions", []) if child and s["name"] == child["name"]), {})
+    return {
+        "name": planned.arm.name,
+        "note": planned.arm.note,
+        "status": status,
+        "error": error,
+        "overlay": planned.arm.overlay,
+        "scale": planned.arm.scale,
+        "config_hash": planned.config_hash,
+        "stage_hashes": stage_hashes(planned.config),
+        "seed": planned.config.seed,
+        "run_dir": str(run_dir),
+        "stages": {stage: outcomes.get(stage, "not run") for stage in STAGE_NAMES},
+        "seconds": round(seconds, 1),
+        "child": None
+        if child is None
+        else {
+            "name": child["name"],
+            "solver": child["solver"],
+            "blocks": child["blocks"],
+            "objective": (solutions or {}).get("objective"),
+            "objective_value": solution.get("objective_value"),
+            "search_status": solution.get("status"),
+        },
+        "metrics": None
+        if child is None
+        else {
+            "predicted_speedup": child["predicted_speedup"],
+            "measured_speedup": child["measured_speedup"],
+            "params": child["params"],
+            "accuracy_preserved": child["accuracy_preserved"],
+            "after_gkd": child["eval"] if child["gkd"] else None,
+            "assembled": child["eval_before_gkd"],
+        },
+        "parent": None if summary is None else summary["parent"],
+        "accuracy_metrics": [] if summary is None else summary["accuracy_metrics"],
+    }
+
+
+def final_metric(arm: Mapping, name: str) -> float | None:
+    """An arm's evaluator number after GKD (as assembled when GKD did not run)."""
+    metrics = arm.get("metrics") or {}
+    value = (metrics.get("after_gkd") or metrics.get("assembled") or {}).get(name)
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def compare_with_reference(arms: list[dict], reference: str, metric: str = "kl_to_parent") -> dict[str, float | None]:
+    """Per arm, ``metric`` / the reference arm's (after GKD): above 1 means worse than the reference."""
+    ref = next((final_metric(a, metric) for a in arms if a["name"] == reference), None)
+    ratios = {}
+    for arm in arms:
+        value = final_metric(arm, metric)
+        ratios[arm["name"]] = value / ref if value is not None and ref else None
+    return ratios
+
+
+def results_path(results_dir: Path, ablation: str, budget: BudgetName) -> Path:
+    return results_dir / (f"{ablation}.json" if budget == "full" else f"{ablation}.{budget}.json")
+
+
+def command_line(ablation: str, budget: BudgetName, base: Path | None, results_dir: Path) -> str:
+    parts = ["puzzle bench", ablation, "--budget", budget]
+    if base is not None:
+        parts += ["--base", _display_path(base)]
+    if results_dir.resolve() != DEFAULT_RESULTS:
+        parts += ["--results-dir", _display_path(results_dir)]
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def run_ablation(
+    name: str,
+    budget: BudgetName = "small",
+    base: str | Path | None = None,
+    results_dir: str | Path = DEFAULT_RESULTS,
+    arms: list[str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Run (or reuse) every arm of an ablation; returns the results JSON path.
+
+    ``arms`` limits which arms run this time; the others keep their earlier results.
+    """
+    from benchmarks.render import write_markdown, write_plot
+
+    ablation = load_ablation(name)
+    results_dir = Path(results_dir)
+    base_path = Path(base) if base is not None else ROOT / load_budget(budget).base
+    if not base_path.is_file():
+        raise UserError(
+            f"The {budget} budget runs on {_display_path(base_path)}, which does not exist. Write it, or pass "
+            f"--base CONFIG."
+        )
+    planned = plan(ablation, budget, base_path, results_dir)
+    unknown = sorted(set(arms or []) - {p.arm.name for p in planned})
+    if unknown:
+        raise UserError(f"{ablation.name} has no arm {unknown}; its arms are {', '.join(p.arm.name for p in planned)}.")
+    out = results_path(results_dir, ablation.name, budget)
+    earlier = {a["name"]: a for a in (_read_json(out) or {}).get("arms", [])}
+    results = {
+        "ablation": ablation.name,
+        "description": ablation.description,
+        "paper": ablation.paper,
+        "reference": ablation.reference,
+        "command": command_line(ablation.name, budget, Path(base) if base is not None else None, results_dir),
+        "environment": environment(budget, base_path, planned),
+        "arms": [],
+    }
+    for item in planned:
+        if arms and item.arm.name not in arms:
+            if item.arm.name in earlier:
+                results["arms"].append(earlier[item.arm.name])
+            continue
+        results["arms"].append(run_arm(item, planned, runs_root(results_dir, budget), ablation.name, echo))
+        results["comparison"] = {"kl_to_parent_vs_reference": compare_with_reference(results["arms"], ablation.reference)}
+        atomic_write_json(out, results)
+    results["environment"]["load_average_after"] = list(os.getloadavg())
+    atomic_write_json(out, results)
+    write_markdown(results, out.with_suffix(".md"))
+    write_plot(results, out.with_suffix(".png"))
+    return out
+
+
+def run_arm(item: PlannedArm, planned: list[PlannedArm], root: Path, ablation: str, echo: Callable[[str], None]) -> dict:
+    """Run one arm's pipeline (reusing what other run directories finished) and collect its result."""
+    label = f"[{ablation}/{item.arm.name}]"
+    echo(f"{label} run directory {item.run_dir}")
+    started = time.perf_counter()
+    status, error, outcomes = "ok", None, {}
+    try:
+        ctx = run_pipeline(
+            item.config,
+            item.run_dir,
+            resume=True,
+            config_text=yaml.safe_dump(item.data, sort_keys=False),
+            echo=lambda message: echo(f"{label} {message}"),
+            reuse=donors(planned, item, root),
+        )
+        outcomes = ctx.outcomes
+        del ctx
+    except InfeasibleError as exc:
+        status, error = "infeasible", str(exc)
+    except UserError as exc:
+        status, error = "failed", str(exc)
+    finally:
+        gc.collect()
+    if error:
+        echo(f"{label} {status}: {error}")
+    return arm_result(item, status, error, outcomes, time.perf_counter() - started)

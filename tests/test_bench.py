@@ -1,0 +1,255 @@
+"""The ablation runner's pieces: composing arm configs, sharing stages between run directories, baseline solvers."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from benchmarks import runner
+from puzzle_core.config import stable_hash, structure, unstructure
+from puzzle_core.errors import ConfigError, UserError
+from puzzle_core.library import BlockLibrary
+from puzzle_core.pipeline import Stage, run_pipeline
+from puzzle_core.rundir import RunDir, atomic_write
+from puzzle_core.schema import PuzzleConfig
+from puzzle_core.search import InfeasibleError, LayerRule, build_problem, run_solver
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+# ---------------------------------------------------------------- composing configs
+
+
+def test_deep_merge_merges_mappings_and_replaces_lists_and_scalars():
+    base = {"search": {"solver": "mip", "baselines": ["greedy"], "speedup": 1.5}, "seed": 0}
+    overlay = {"search": {"baselines": [], "solver": {"name": "greedy"}}, "gkd": {"losses": ["kl"]}}
+    merged = runner.deep_merge(base, overlay)
+    assert merged == {
+        "search": {"solver": {"name": "greedy"}, "baselines": [], "speedup": 1.5},
+        "seed": 0,
+        "gkd": {"losses": ["kl"]},
+    }
+    assert base["search"]["baselines"] == ["greedy"]  # inputs untouched
+
+
+def ablation(arms: list[dict], **fields) -> runner.Ablation:
+    data = {"title": "t", "description": "d", "reference": arms[0]["name"], "arms": arms, "name": "test", **fields}
+    return structure(data, runner.Ablation)
+
+
+def test_an_arm_config_stacks_budget_ablation_and_arm_overlays_then_scales(tmp_path):
+    definition = ablation(
+        [{"name": "base"}, {"name": "half", "overlay": {"gkd": {"lr": 0.5}}, "scale": {"library.tokens": 0.5}}],
+        overlay={"gkd": {"tokens": 512, "lr": 0.1}},
+        budgets={"small": {"gkd": {"tokens": 256}}},
+    )
+    base, half = runner.plan(definition, "small", TINY, tmp_path)
+    assert (base.config.gkd.tokens, base.config.gkd.lr, base.config.library.tokens) == (256, 0.1, 1024)
+    assert (half.config.gkd.tokens, half.config.gkd.lr, half.config.library.tokens) == (256, 0.5, 512)
+    assert base.config.search.baselines == []  # the small budget's overlay
+    assert half.run_dir == tmp_path / "runs" / "small" / "test" / "half"
+    assert base.config_hash == stable_hash(unstructure(base.config)) != half.config_hash
+
+
+def test_arm_references_become_earlier_run_directories(tmp_path):
+    definition = ablation([
+        {"name": "first"},
+        {"name": "second", "overlay": {"library": {"mode": "coupled", "subspace_solutions": "{arm:first}/s.json"}}},
+    ])
+    _, second = runner.plan(definition, "small", TINY, tmp_path)
+    assert second.config.library.subspace_solutions == str((tmp_path / "runs/small/test/first").resolve()) + "/s.json"
+
+    later = ablation([{"name": "a", "overlay": {"library": {"subspace_solutions": "{arm:b}/s.json"}}}, {"name": "b"}])
+    with pytest.raises(UserError, match=r"refers to \{arm:b\}, which is not an arm listed before it"):
+        runner.plan(later, "small", TINY, tmp_path)
+
+
+def test_bad_arms_are_errors_naming_the_arm(tmp_path):
+    with pytest.raises(ConfigError, match=r"\$\.search\.solvr.*arm 'typo'"):
+        runner.plan(ablation([{"name": "typo", "overlay": {"search": {"solvr": "mip"}}}]), "small", TINY, tmp_path)
+    with pytest.raises(UserError, match="scales 'library.mode'.*not a number"):
+        runner.plan(ablation([{"name": "s", "scale": {"library.mode": 2}}]), "small", TINY, tmp_path)
+    with pytest.raises(ConfigError, match="reference 'nope' is not one of the arms"):
+        ablation([{"name": "a"}], reference="nope")
+    with pytest.raises(ConfigError, match="distinct names"):
+        ablation([{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ConfigError, match="names a folder"):
+        ablation([{"name": "../escape"}])
+    with pytest.raises(UserError, match="no ablation 'serach'.*search"):
+        runner.load_ablation("serach")
+
+
+def reference_arms(base: Path, tmp_path: Path) -> dict[str, str]:
+    """Config hash of each shipped ablation's Puzzle reference arm (MIP on KL, decoupled, full space, cosine+KL)."""
+    hashes = {}
+    for name in runner.available():
+        definition = runner.load_ablation(name)
+        planned = {p.arm.name: p for p in runner.plan(definition, "small", base, tmp_path)}
+        hashes[name] = {arm: p.config_hash for arm, p in planned.items()}
+    return hashes
+
+
+def test_every_shipped_ablation_resolves_and_shares_the_puzzle_reference_arm(tmp_path):
+    hashes = reference_arms(TINY, tmp_path)
+    assert set(hashes) == {"search", "baselines", "scoring", "search_space", "gkd_losses", "bld"}
+    shared = {hashes["search"]["mip"], hashes["baselines"]["puzzle"], hashes["search_space"]["full"],
+              hashes["gkd_losses"]["cosine+kl"]}
+    assert len(shared) == 1, "identical reference arms run once and are reused by the other ablations"
+    assert all(len(set(arms.values())) == len(arms) for arms in hashes.values()), "arms of an ablation differ"
+
+
+def test_results_compare_each_arm_with_the_reference():
+    arms = [
+        {"name": "ref", "metrics": {"after_gkd": {"kl_to_parent": 0.5}, "assembled": {"kl_to_parent": 1.0}}},
+        {"name": "worse", "metrics": {"after_gkd": None, "assembled": {"kl_to_parent": 2.0}}},
+        {"name": "failed", "metrics": None},
+    ]
+    assert runner.compare_with_reference(arms, "ref") == {"ref": 1.0, "worse": 4.0, "failed": None}
+
+
+# ---------------------------------------------------------------- sharing stages between run directories
+
+
+@pytest.fixture
+def counting_stages(monkeypatch):
+    """Two cheap stages: ``first`` writes a file from its config section, ``second`` copies it and reads a cache."""
+    calls = []
+
+    def first(ctx):
+        calls.append(("first", ctx.run_dir.root.name))
+        path = ctx.run_dir.path("first", "out.txt")
+        atomic_write(path, f"seed {ctx.config.seed}")
+        cache = ctx.run_dir.path("cache", "shared.txt")
+        if not cache.exists():
+            atomic_write(cache, "expensive")
+        return [path]
+
+    def second(ctx):
+        calls.append(("second", ctx.run_dir.root.name, ctx.run_dir.path("cache", "shared.txt").exists()))
+        path = ctx.run_dir.path("second", "out.txt")
+        atomic_write(path, ctx.run_dir.path("first", "out.txt").read_text() + f" gkd {ctx.config.gkd.tokens}")
+        return [path]
+
+    for name, function in (("first", first), ("second", second)):
+        module = types.ModuleType(f"fake_stage_{name}")
+        module.run = function
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    stages = (
+        Stage("first", ("seed",), "fake_stage_first", "first", caches=("cache",)),
+        Stage("second", ("gkd",), "fake_stage_second", "second"),
+    )
+    monkeypatch.setattr("puzzle_core.pipeline.STAGES", stages)
+    return calls
+
+
+def config(**sections) -> PuzzleConfig:
+    return structure({"threads": 1, **sections}, PuzzleConfig)
+
+
+def test_stages_finished_elsewhere_with_the_same_hash_are_linked_not_rerun(tmp_path, counting_stages):
+    donor, arm = tmp_path / "donor", tmp_path / "arm"
+    run_pipeline(config(gkd={"tokens": 1}), donor, echo=lambda _: None)
+    ctx = run_pipeline(config(gkd={"tokens": 2}), arm, echo=lambda _: None, reuse=[donor, arm])
+    assert ctx.outcomes == {"first": "reused", "second": "ran"}
+    assert counting_stages == [("first", "donor"), ("second", "donor", True), ("second", "arm", False)]
+    assert (arm / "first" / "out.txt").stat().st_ino == (donor / "first" / "out.txt").stat().st_ino
+    assert (arm / "second" / "out.txt").read_text() == "seed 0 gkd 2"
+    assert (donor / "second" / "out.txt").read_text() == "seed 0 gkd 1"
+    assert RunDir(arm).manifest()["first"] == RunDir(donor).manifest()["first"]
+
+    again = run_pipeline(config(gkd={"tokens": 2}), arm, echo=lambda _: None, reuse=[donor])
+    assert again.outcomes == {"first": "skipped", "second": "skipped"}
+
+
+def test_a_stage_that_must_run_gets_the_donors_caches_and_rewrites_leave_the_donor_alone(tmp_path, counting_stages):
+    donor, arm = tmp_path / "donor", tmp_path / "arm"
+    run_pipeline(config(), donor, echo=lambda _: None)
+    ctx = run_pipeline(config(seed=1), arm, echo=lambda _: None, reuse=[donor])
+    assert ctx.outcomes == {"first": "ran", "second": "ran"}
+    assert counting_stages[-1] == ("second", "arm", True)
+    assert (arm / "cache" / "shared.txt").stat().st_ino == (donor / "cache" / "shared.txt").stat().st_ino
+    atomic_write(arm / "cache" / "shared.txt", "changed")  # writers replace files, so the link breaks
+    assert (donor / "cache" / "shared.txt").read_text() == "expensive"
+
+
+def test_a_damaged_donor_output_is_not_adopted(tmp_path, counting_stages):
+    donor, arm = tmp_path / "donor", tmp_path / "arm"
+    run_pipeline(config(), donor, echo=lambda _: None)
+    (donor / "first" / "out.txt").write_text("tampered")
+    ctx = run_pipeline(config(), arm, echo=lambda _: None, reuse=[donor])
+    assert ctx.outcomes == {"first": "ran", "second": "reused"}  # the hashes, not the damaged file, vouch for it
+    assert (arm / "first" / "out.txt").read_text() == "seed 0"
+
+
+# ---------------------------------------------------------------- baseline solvers
+
+
+def library(num_layers: int = 4) -> BlockLibrary:
+    """Layers of a parent (runtime 10) with narrower FFNs and no-ops; later layers matter less."""
+    runtimes = {"attn_g2+ffn_128": 10.0, "attn_g2+ffn_64": 8.0, "attn_g2+ffn_32": 7.0, "attn_noop+ffn_128": 6.0,
+                "attn_g2+ffn_noop": 5.0, "attn_noop+ffn_noop": 0.0}
+    damage = {"attn_g2+ffn_128": 0.0, "attn_g2+ffn_64": 0.1, "attn_g2+ffn_32": 0.3, "attn_noop+ffn_128": 0.2,
+              "attn_g2+ffn_noop": 0.5, "attn_noop+ffn_noop": 1.0}
+    return BlockLibrary([
+        {name: {"stats": {"runtime_ms": runtime}, "metrics": {"kl": damage[name] / (layer + 1)}}
+         for name, runtime in runtimes.items()}
+        for layer in range(num_layers)
+    ])
+
+
+def solve(registries, solver: str, **problem):
+    implementation = registries.solvers.get(solver).create()
+    built = build_problem(library(), "metrics.kl", **problem)
+    (solution,) = run_solver(implementation, built, solver)
+    return [solution.chosen[f"layer_{i}"] for i in range(4)], solution
+
+
+def test_layer_drop_removes_the_least_important_whole_layers_until_the_budget_holds(registries):
+    blocks, solution = solve(registries, "layer_drop", constraints=["stats.runtime_ms<=20"])
+    assert blocks == ["attn_g2+ffn_128", "attn_g2+ffn_128", "attn_noop+ffn_noop", "attn_noop+ffn_noop"]
+    assert solution.status == "feasible" and solution.totals["stats.runtime_ms"] == 20
+    parent, _ = solve(registries, "layer_drop", constraints=["stats.runtime_ms<=40"])
+    assert parent == ["attn_g2+ffn_128"] * 4
+
+
+def test_uniform_width_gives_every_layer_the_widest_ffn_that_fits(registries):
+    blocks, _ = solve(registries, "uniform_width", constraints=["stats.runtime_ms<=30"])
+    assert blocks == ["attn_g2+ffn_32"] * 4
+    blocks, _ = solve(registries, "uniform_width", speedup=1.25)
+    assert blocks == ["attn_g2+ffn_64"] * 4
+    with pytest.raises(InfeasibleError, match=r"uniform_width: no FFN width.*1, 0\.5, 0\.25"):
+        solve(registries, "uniform_width", constraints=["stats.runtime_ms<=27"])
+
+
+def test_pruning_baselines_explain_what_they_need(registries):
+    with pytest.raises(InfeasibleError, match="dropping all 4 droppable layers"):
+        solve(registries, "layer_drop", constraints=["stats.runtime_ms>=50"])
+    with pytest.raises(UserError, match="no layer offers the attn_noop\\+ffn_noop block"):
+        solve(registries, "layer_drop", constraints=["stats.runtime_ms<=20"],
+              layer_rules=[LayerRule(layers=[0, 1, 2, 3], forbid=["attn_noop+ffn_noop"])])
+    with pytest.raises(UserError, match="layer rules forbid it in layer_0"):
+        solve(registries, "uniform_width", layer_rules=[LayerRule(layers=[0], forbid=["attn_g2+ffn_128"])])
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_bench_lists_the_ablations_and_refuses_unknown_ones(tmp_path):
+    from click.testing import CliRunner
+
+    from puzzle_core.cli import cli
+
+    listing = CliRunner().invoke(cli, ["bench", "--list"])
+    assert listing.exit_code == 0, listing.output
+    assert "baselines" in listing.output and "layer_drop, uniform_width" in listing.output
+    missing = CliRunner().invoke(cli, ["bench", "search", "--base", str(tmp_path / "none.yaml")])
+    assert missing.exit_code != 0
+    unknown_arm = CliRunner().invoke(cli, ["bench", "search", "--arm", "simplex", "--results-dir", str(tmp_path)])
+    assert unknown_arm.exit_code == 2 and "no arm ['simplex']" in unknown_arm.output
+    assert not any(tmp_path.iterdir())
+    assert json.loads(json.dumps(runner.available())) == list(runner.ORDER)
