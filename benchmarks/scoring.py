@@ -5,9 +5,10 @@ Both ways score the same blocks on the same validation tokens with the same scor
 scorer needs the parent's log-probs too). Per block, the cached engine starts from the
 stored hidden state entering layer ``i`` and runs layers ``i..N-1`` and the head; the
 naive way runs every layer from the embeddings. Blocks are initialised from the parent
-(timing does not depend on training). The table gives per-block seconds by layer; the
-summary projects both ways to the whole default library with ``t(i) = a + b (N - i)``
-fitted to the cached timings.
+(timing does not depend on training). Times are CPU seconds of this process (robust to
+others' load on a shared machine), fastest of ``--repeats``. The table gives per-block
+seconds by layer; the summary projects both ways to the whole default library with
+``t(i) = a + b (N - i)`` fitted to the cached timings.
 
     .venv/bin/python benchmarks/scoring.py [--tokens 1024] [--layers 0,6,12,18,24,29] [--threads 1] [--repeats 2]
 
@@ -65,12 +66,16 @@ def validation_batches(parent, corpus: str, tokens: int, seq_len: int, batch_siz
 
 
 def timed(function, repeats: int = 1):
-    """The value and the fastest of ``repeats`` wall times (others' load only ever adds time)."""
+    """The value and the fastest of ``repeats`` CPU times of this process.
+
+    CPU time, not wall time: on a shared machine others' load stretches wall time but
+    not the work done here (with one torch thread the two agree on an idle machine).
+    """
     best = float("inf")
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = time.process_time()
         value = function()
-        best = min(best, time.perf_counter() - started)
+        best = min(best, time.process_time() - started)
     return value, best
 
 
@@ -142,6 +147,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "threads": args.threads,
         "repeats": args.repeats,
+        "clock": "process CPU time (time.process_time), fastest of the repeats",
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__},
         "cache_build_s": build_s,
