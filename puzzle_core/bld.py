@@ -26,7 +26,7 @@ import resource
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
 import torch
@@ -276,6 +276,7 @@ class BlockRecord:
     heldout_loss_after: float | None
     loss_curve: list[float]  # mean training loss over equal stretches of the run
     wall_s: float  # the whole job: init, held-out evaluations, training, saving
+    cpu_s: float  # CPU time of this process during the whole job (all its threads)
     train_s: float  # the training loop alone (data loading included)
     train_cpu_s: float  # CPU time of this process during the training loop (all its threads)
     train_tokens_per_s: float
@@ -417,7 +418,11 @@ class BLDTrainer:
         settings: TrainSettings,
         loss,
         device: torch.device,
+        capture_missing: Callable[[], None] | None = None,
     ):
+        """``capture_missing`` captures any activation shard not on disk yet: a job calls it first,
+        so it never depends on other workers having finished the capture (executors without a
+        barrier between job lists, such as job arrays, stay correct)."""
         if getattr(loss, "target", "hidden") != "hidden":
             raise UserError(
                 f"BLD compares sub-block outputs (hidden states), but library.loss compares {loss.target}. Pick a "
@@ -431,6 +436,7 @@ class BLDTrainer:
         self.settings = settings
         self.loss = loss
         self.device = device
+        self.capture_missing = capture_missing
         self._contexts: dict[tuple, Any] = {}
 
     # ---- files
@@ -473,10 +479,12 @@ class BLDTrainer:
         unit: Unit = job.payload
         if self.finished(unit) is not None:
             return
+        if self.capture_missing is not None:
+            self.capture_missing()
         seed = job_seed(self.settings.seed, unit.id)
         torch.manual_seed(seed)
         _reset_peak_memory(self.device)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         module = self.build(unit).to(self.device)
         parameters = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
@@ -533,6 +541,7 @@ class BLDTrainer:
             heldout_loss_after=heldout_after,
             loss_curve=summarize_curve(losses),
             wall_s=time.perf_counter() - started,
+            cpu_s=time.process_time() - cpu_started,
             train_s=train_seconds,
             train_cpu_s=train_cpu,
             train_tokens_per_s=tokens / train_seconds if train_seconds > 0 else 0.0,

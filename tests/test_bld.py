@@ -245,3 +245,47 @@ def test_unit_ids_are_stable():
     assert Unit(3, ffn="ffn_64").id == "layer_3/ffn_64"
     assert Unit(12, attention="attn_g4", ffn="ffn_linear").id == "layer_12/attn_g4+ffn_linear"
     assert os.path.basename(Unit(3, attention="attn_linear").name) == "attn_linear"
+
+
+def test_a_job_captures_missing_activations_itself(decoupled, tmp_path):
+    """Executors without a barrier between the capture and the BLD job lists stay correct."""
+    import shutil
+
+    from puzzle_core.bld import BLDTrainer
+    from puzzle_core.interfaces import Job
+    from puzzle_core.stages.library import library_parts
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(decoupled / "activations", run_dir / "activations")
+    ctx = RunContext(config(), RunDir(run_dir))
+    store, settings, loss = library_parts(ctx)
+    shard = store.shards[1]
+    for layer in range(4):
+        store.layer_file(layer, shard).unlink()
+    runner = ctx.family.layer_runner(ctx.parent.model)
+    captured = []
+
+    def capture_missing():
+        for missing in store.shards:
+            if not store.is_complete(missing):
+                captured.append(missing.name)
+                store.capture(runner, missing, 4, torch.device("cpu"))
+
+    with pytest.warns(ActivationWarning):
+        trainer = BLDTrainer(ctx.run_dir, ctx.family, ctx.parent, store, settings, loss, torch.device("cpu"), capture_missing)
+        unit = Unit(2, ffn="ffn_64")
+        trainer.run(Job(unit.id, 1.0, unit))
+    assert captured == ["train_00001"]
+    expected = decoupled / "library" / "blocks" / "layer_002" / "ffn_64.safetensors"
+    assert sha256_file(trainer.weights_path(unit)) == sha256_file(expected)
+
+
+def test_schedule_warms_up_then_decays_and_curve_summary():
+    from puzzle_core.bld import lr_factor, summarize_curve
+
+    factors = [lr_factor(step, 10, 2) for step in range(10)]
+    assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and factors[-1] > 0
+    assert lr_factor(10, 10, 2) == pytest.approx(0.0)
+    assert summarize_curve([1.0, 3.0, 5.0, 7.0], points=2) == [2.0, 6.0]
+    assert summarize_curve([4.0], points=20) == [4.0] and summarize_curve([]) == []

@@ -56,13 +56,17 @@ def run(ctx) -> list[Path]:
         store.write_meta(shape.hidden_size)
     runner = ctx.family.layer_runner(ctx.parent.model)
     parent_device = next(ctx.parent.model.parameters()).device
-    executor.run(
-        store.jobs(),
-        lambda job: store.capture(runner, job.payload, section.batch_size, parent_device),
-        "capturing activations",
-        context=ctx,
-    )
-    trainer = BLDTrainer(ctx.run_dir, ctx.family, ctx.parent, store, settings, loss, resolve_device(section.device))
+
+    def capture(shard) -> None:
+        store.capture(runner, shard, section.batch_size, parent_device)  # returns at once if it is complete
+
+    def capture_missing() -> None:
+        for shard in store.shards:
+            capture(shard)
+
+    executor.run(store.jobs(), lambda job: capture(job.payload), "capturing activations", context=ctx)
+    device = resolve_device(section.device)
+    trainer = BLDTrainer(ctx.run_dir, ctx.family, ctx.parent, store, settings, loss, device, capture_missing)
     executor.run(trainer.jobs(plan, store.settings.seq_len), trainer.run, "training blocks (BLD)", context=ctx)
     if not driver:
         return []
