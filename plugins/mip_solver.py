@@ -24,6 +24,9 @@ from puzzle_core.records import Solver as SolverRecord
 from puzzle_core.search import SearchProblem, SearchWarning, Solution, Status, check_diversity_count, infeasible_error
 
 
+OBJECTIVE_SCALE = 1e6
+
+
 @attrs.frozen
 class MipOptions:
     """CBC settings. ``gap`` is the relative optimality gap at which CBC stops."""
@@ -91,6 +94,9 @@ def solve_mip(problem: SearchProblem, options: MipOptions, solver: str) -> list[
     model.threads = options.threads
     model.max_mip_gap = options.gap
     model.max_mip_gap_abs = 1e-10
+    # CBC's preprocessing (its SOS detection on the one-per-layer rows) can return "optimal"
+    # choices that break a budget (coin-or/Cbc#452); without it these programs solve as fast.
+    model.preprocess = 0
     usable = undominated(problem) if problem.num_solutions == 1 else problem.mask
     indices = [np.flatnonzero(row) for row in usable]  # variant indices with a variable, per layer
     x = [[model.add_var(var_type=mip.BINARY) for _ in row] for row in indices]
@@ -106,7 +112,11 @@ def solve_mip(problem: SearchProblem, options: MipOptions, solver: str) -> list[
             model.add_constr(_linear(flat, coefficients) <= high)
         if low is not None:
             model.add_constr(_linear(flat, coefficients) >= low)
-    model.objective = _linear(flat, problem.scores()[layer_of, variant_of].tolist())
+    scores = problem.scores()[layer_of, variant_of]
+    # CBC only accepts improvements of more than ~1e-5 in absolute objective terms; scaling the
+    # largest coefficient to 1e6 makes that tolerance negligible whatever the metric's units.
+    largest = float(np.abs(scores).max())
+    model.objective = _linear(flat, (scores * (OBJECTIVE_SCALE / max(largest, 1e-300))).tolist())
 
     results: list[MipResult] = []
     status = mip.OptimizationStatus.LOADED

@@ -221,6 +221,34 @@ def test_max_params_maximises_parameters_and_reports_the_objective(data):
     assert solution.solver == "max_params"
 
 
+def test_mip_regressions_found_by_fuzzing():
+    """CBC's preprocessing once returned a choice over budget; its 1e-5 absolute cutoff hid small gains."""
+    over_budget = BlockLibrary.from_json(
+        {
+            "layer_0": {"v0": {"stats": {"runtime_ms": 2, "memory_mib": 2}, "metrics": {"kl": 0.0}},
+                        "v1": {"stats": {"runtime_ms": 2, "memory_mib": 3}, "metrics": {"kl": 8.8}}},
+            "layer_1": {"v0": {"stats": {"runtime_ms": 5, "memory_mib": 2}, "metrics": {"kl": 1.7}}},
+            "layer_2": {"v0": {"stats": {"runtime_ms": 1, "memory_mib": 3}, "metrics": {"kl": 1.9}},
+                        "v1": {"stats": {"runtime_ms": 4, "memory_mib": 6}, "metrics": {"kl": 8.0}},
+                        "v2": {"stats": {"runtime_ms": 0, "memory_mib": 2}, "metrics": {"kl": 1e-05}},
+                        "v3": {"stats": {"runtime_ms": 3, "memory_mib": 0}, "metrics": {"kl": 7.5}}},
+        }
+    )
+    problem = build_problem(over_budget, "metrics.kl", minimize=False, constraints=["stats.runtime_ms<=9", "5<=stats.memory_mib<=5"])
+    with pytest.raises(InfeasibleError):
+        MipSolver(EXACT).solve(problem)
+    small_gain = make_library(
+        [
+            [dict(kl=7.5, runtime_ms=3, memory_mib=0, num_params=0), dict(kl=5.5, runtime_ms=5, memory_mib=0, num_params=0)],
+            [dict(kl=8.2, runtime_ms=0, memory_mib=0, num_params=0), dict(kl=1e-5, runtime_ms=2, memory_mib=0, num_params=0),
+             dict(kl=0.0, runtime_ms=3, memory_mib=0, num_params=0)],
+        ]
+    )
+    problem = build_problem(small_gain, "metrics.kl", minimize=False, constraints=["stats.runtime_ms>=7"])
+    (solution,) = MipSolver(EXACT).solve(problem)
+    assert solution.chosen == {"layer_0": "v1", "layer_1": "v1"}  # 5.5 + 1e-5 beats 5.5 + 0
+
+
 def test_weighted_objective_is_optimised_as_a_sum():
     library = make_library(
         [
