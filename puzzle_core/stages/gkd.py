@@ -95,6 +95,8 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
     result_path = directory / "result.json"
     if result_path.is_file() and (directory / "final" / "config.json").is_file():
         if json.loads(result_path.read_text()).get("fingerprint") == result_fingerprint:
+            if is_main_process():  # a run killed after the result, before the clean-up below, left them
+                shutil.rmtree(directory / "checkpoints", ignore_errors=True)
             return
 
     student = ctx.family.load_child(run_dir.path(child.path), dtype=ctx.config.parent.dtype)
