@@ -12,8 +12,13 @@ The workload is what ``generate`` does: a prefill over ``prefill_len`` tokens (l
 the last position only) and single-token decode steps against a KV cache. Only
 ``decode_points`` steps, spread from the first to the last, are timed (after the cache is
 filled to the right length); the others are interpolated, which is exact while a step's
-time is linear in the cache length. Each timing is the median of ``repeats`` after
-``warmup`` runs, with ``scenario.threads`` CPU threads.
+time is linear in the cache length. Each timing is the median (``statistic: min``: the
+fastest) of ``repeats`` after ``warmup`` runs, with ``scenario.threads`` CPU threads.
+
+``clock: wall`` (default) times wall-clock time, the truth on a dedicated machine.
+``clock: process`` times this process's CPU time instead: with ``threads: 1`` it equals
+wall time on an idle machine but leaves out the time the OS gives other processes, so
+blocks can be measured reliably on a busy, shared machine (CPU only).
 
 Results are cached on disk under ``$PUZZLE_CACHE/costs`` (else ``~/.cache/puzzle/costs``)
 by block, model shape, scenario, device, torch and transformers versions and these
@@ -31,7 +36,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import attrs
 
@@ -61,6 +66,8 @@ class MeasuredOptions:
     warmup: int = attrs.field(default=1, validator=attrs.validators.ge(0))
     repeats: int = attrs.field(default=5, validator=_positive)
     decode_points: int = attrs.field(default=3, validator=_positive)  # decode steps timed per model
+    clock: Literal["wall", "process"] = "wall"  # 'process': CPU time of this process (see the module docstring)
+    statistic: Literal["median", "min"] = "median"  # of the repeats; 'min' is steadier on a busy machine
     cache: bool = True
     cache_dir: str | None = None  # None: $PUZZLE_CACHE/costs, else ~/.cache/puzzle/costs
 
@@ -120,10 +127,6 @@ class WorkloadTiming:
     weight_bytes: int
     kv_bytes_per_position: float  # KV cache bytes per cached position (all sequences)
 
-    @property
-    def runtime_ms(self) -> float:
-        return self.prefill_ms + self.decode_ms
-
 
 class _Generation:
     """One model stepping through the scenario like ``generate`` (greedy, KV cache, last logits)."""
@@ -182,12 +185,17 @@ def _synchronize(device: str):
         torch.cuda.synchronize(torch.device(device))
 
 
-def _timed(device: str, action) -> float:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def timed_ms(action, device: str = "cpu", clock: str = "wall") -> float:
+    """Milliseconds ``action`` takes on ``clock``, with the device's queue drained before and after."""
+    now = CLOCKS[clock]
     _synchronize(device)
-    started = time.perf_counter()
+    started = now()
     action()
     _synchronize(device)
-    return (time.perf_counter() - started) * 1e3
+    return (now() - started) * 1e3
 
 
 def decode_steps_timed(decode_len: int, points: int) -> list[int]:
@@ -201,11 +209,15 @@ def decode_steps_timed(decode_len: int, points: int) -> list[int]:
     return sorted({round(1 + i * (steps - 1) / (count - 1)) for i in range(count)})
 
 
-def time_workloads(models: Sequence[Any], scenario, device: str, warmup: int, repeats: int,
-                   decode_points: int, seed: int = 0) -> list[WorkloadTiming]:
+STATISTICS = {"median": statistics.median, "min": min}
+
+
+def time_workloads(models: Sequence[Any], scenario, device: str, warmup: int, repeats: int, decode_points: int,
+                   clock: str = "wall", statistic: str = "median", seed: int = 0) -> list[WorkloadTiming]:
     """Time the scenario's workload on each model, interleaving the models in every repeat."""
     import torch
 
+    summary = STATISTICS[statistic]
     generator = torch.Generator().manual_seed(seed)
     vocab = min(int(m.get_input_embeddings().num_embeddings) for m in models)
     shape = (scenario.batch_size, scenario.prefill_len + scenario.decode_len)
@@ -216,7 +228,7 @@ def time_workloads(models: Sequence[Any], scenario, device: str, warmup: int, re
     with torch.inference_mode():
         for round_ in range(warmup + repeats):
             for index, run in enumerate(runs):
-                elapsed = _timed(device, run.prefill)
+                elapsed = timed_ms(run.prefill, device, clock)
                 if round_ >= warmup:
                     prefill[index].append(elapsed)
         kv_per_position = [run.cache_bytes() / (scenario.batch_size * scenario.prefill_len) for run in runs]
@@ -229,15 +241,15 @@ def time_workloads(models: Sequence[Any], scenario, device: str, warmup: int, re
             for round_ in range(warmup + repeats):
                 for index, run in enumerate(runs):
                     run.crop_to(before)
-                    elapsed = _timed(device, run.decode_step)
+                    elapsed = timed_ms(run.decode_step, device, clock)
                     if round_ >= warmup:
                         times[index].append(elapsed)
             for index in range(len(runs)):
-                decode[index].append(statistics.median(times[index]))
+                decode[index].append(summary(times[index]))
     steps = scenario.decode_len - 1
     return [
         WorkloadTiming(
-            prefill_ms=statistics.median(prefill[i]),
+            prefill_ms=summary(prefill[i]),
             decode_ms=statistics.fmean(decode[i]) * steps if points else 0.0,
             num_params=sum(p.numel() for p in models[i].parameters()),
             weight_bytes=sum(p.numel() * p.element_size() for p in models[i].parameters()),
@@ -336,12 +348,15 @@ class MeasuredCostModel(CostModel):
                 f"The 'measured' cost model keeps the KV cache in the model's dtype, so scenario.kv_dtype "
                 f"('{scenario.kv_dtype}') must equal scenario.dtype ('{scenario.dtype}'). Set kv_dtype: {scenario.dtype}."
             )
-        return resolve_device(scenario.device)
+        device = resolve_device(scenario.device)
+        if self.options.clock == "process" and device != "cpu":
+            raise UserError("The 'process' clock counts CPU time and cannot time GPU kernels; use clock: wall on CUDA.")
+        return device
 
     def _time(self, models, scenario, device) -> list[WorkloadTiming]:
         o = self.options
         with torch_threads(scenario.threads):
-            return time_workloads(models, scenario, device, o.warmup, o.repeats, o.decode_points)
+            return time_workloads(models, scenario, device, o.warmup, o.repeats, o.decode_points, o.clock, o.statistic)
 
     def block_costs(self, shape: ModelShape, block: BlockSpec, scenario, family: ModelFamily | None) -> dict:
         device = self._setup(scenario, family)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec
@@ -99,3 +100,12 @@ def test_decode_steps_timed_spread_over_the_generation():
     assert decode_steps_timed(128, 3) == [1, 64, 127]
     assert decode_steps_timed(128, 1) == [64]
     assert decode_steps_timed(4, 10) == [1, 2, 3]
+
+
+def test_process_clock_is_a_separate_measurement(tmp_path, family):
+    wall = MeasuredCostModel(MeasuredOptions(layers=1, repeats=1, decode_points=1, cache_dir=str(tmp_path)))
+    process = MeasuredCostModel(attrs.evolve(wall.options, clock="process"))
+    fixed = process.fixed_costs(SHAPE, SCENARIO, family)
+    assert fixed["prefill_ms"] > 0 and fixed["decode_ms"] > 0
+    wall.fixed_costs(SHAPE, SCENARIO, family)
+    assert wall.measured == 1 and len(list(tmp_path.glob("*.json"))) == 2
