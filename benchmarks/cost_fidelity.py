@@ -347,7 +347,8 @@ def print_analytic(part: dict) -> None:
     child = part["child_one_gpu"]
     print(f"  largest batch that fits: child {child['batch']} -> {child['tokens_per_s']:.0f} tokens/s")
     for ways, r in part["parent_tensor_parallel"].items():
-        print(f"  parent on {ways} GPU(s): batch {r['batch']} -> {r['tokens_per_s_per_gpu']:.0f} tokens/s per GPU")
+        print(f"  parent on {ways} GPU(s) (ideal tensor parallelism, no communication): batch {r['batch']} -> "
+              f"{r['tokens_per_s_per_gpu']:.0f} tokens/s per GPU")
     paper = part["paper"]
     print(f"  predicted throughput speedup: {part['speedup_vs_parent_best_tp']:.2f}x vs the parent on its best GPU count "
           f"({part['parent_best_tp']}; paper {paper['speedup_best_tp']:.2f}x), {part['speedup_vs_parent_one_gpu']:.2f}x vs "
