@@ -39,12 +39,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from puzzle_core.bld import BLDTrainer, Unit, job_seed, unit_inputs
+from puzzle_core.bld import BLDTrainer, Unit, job_seed, unit_cost, unit_inputs
 from puzzle_core.config import structure
 from puzzle_core.interfaces import Job
 from puzzle_core.pipeline import RunContext
 from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.schema import PuzzleConfig
+from puzzle_plugins.torchrun_executor import balanced_shares
 
 RESULTS = Path(__file__).parent / "results" / "bld.json"
 
@@ -90,8 +91,8 @@ def run_stage(config: dict, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "bench.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    command = [sys.executable, "-m", "puzzle_core.cli", "run", str(path), "--stage", "library", "--run-dir", str(run_dir),
-               "--resume"]
+    command = [sys.executable, "-m", "puzzle_core.cli", "run", str(path), "--stage", "library"]
+    command += ["--run-dir", str(run_dir), "--resume"]
     env = {**os.environ, "OMP_NUM_THREADS": str(config["threads"])}
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True)
@@ -186,11 +187,16 @@ def throughput(args, ctx: RunContext, store_trainer: BLDTrainer) -> list[dict]:
     return rows
 
 
-def speedup(args) -> dict:
-    """The same BLD job list with local (1 thread) and torchrun (2 x 1 thread)."""
+def speedup(args, trainer: BLDTrainer) -> dict:
+    """The same BLD job list with local (1 thread) and torchrun (2 x 1 thread).
+
+    Besides wall time, which on a shared machine mostly measures other users' load, the
+    CPU seconds of every job give the speedup two idle cores would show: the local run's
+    total over the busier rank's share (shares recomputed exactly as the executor splits).
+    """
     variants = {"ffn_fractions": [0.5], "include_linear": False, "include_no_op": True}
     source = next((args.run_root / "full" / "activations").iterdir())
-    timings = {}
+    timings, cpu = {}, {}
     for name, executor in (("local", {"name": "local", "threads": 1}),
                            ("torchrun", {"name": "torchrun", "nproc": 2, "threads": 1})):
         run_dir = args.run_root / f"speedup-{name}"
@@ -198,9 +204,15 @@ def speedup(args) -> dict:
         target = run_dir / "activations" / source.name
         shutil.copytree(source, target, copy_function=os.link)  # the same captured activations, no copy
         timings[name] = run_stage(run_config(args, executor, 1, variants), run_dir)["wall_s"]
-        jobs = len(index_records(run_dir))
-    return {"jobs": jobs, "local_wall_s": timings["local"], "torchrun_wall_s": timings["torchrun"],
-            "speedup": timings["local"] / timings["torchrun"]}
+        cpu[name] = {record["job"]: record["cpu_s"] for record in index_records(run_dir)}
+    units = [Unit(r["layer"], r["attention"], r["ffn"]) for r in index_records(args.run_root / "speedup-torchrun")]
+    jobs = [Job(u.id, unit_cost(trainer.parent.shape, u, args.seq_len, trainer.store.tokens("train"))) for u in units]
+    ranks = [sum(cpu["torchrun"][job.id] for job in share) for share in balanced_shares(jobs, 2)]
+    local_cpu = sum(cpu["local"].values())
+    return {"jobs": len(jobs), "local_wall_s": timings["local"], "torchrun_wall_s": timings["torchrun"],
+            "speedup": timings["local"] / timings["torchrun"], "load_average": os.getloadavg(),
+            "local_job_cpu_s": local_cpu, "torchrun_rank_job_cpu_s": ranks,
+            "cpu_speedup": local_cpu / max(ranks)}
 
 
 def main() -> None:
@@ -216,17 +228,18 @@ def main() -> None:
     store, settings, loss = library_parts(ctx)
     trainer = BLDTrainer(ctx.run_dir, ctx.family, ctx.parent, store, settings, loss, torch.device("cpu"))
     rows = throughput(args, ctx, trainer)
-    spread = None if args.skip_speedup else speedup(args)
+    spread = None if args.skip_speedup else speedup(args, trainer)
 
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                            "load_average": os.getloadavg()},
-               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "settings": {k: v for k, v in vars(args).items() if not isinstance(v, Path)},
                "full_build": build, "throughput": rows, "torchrun_vs_local": spread}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, results)
 
     print(f"\nFull decoupled library, {args.parent}: {build['jobs']} jobs over {build['layers']} layers, "
-          f"{build['tokens_per_job']} tokens per job, {build['wall_s']:.0f} s wall ({build['job_wall_s_mean']:.2f} s per job)")
+          f"{build['tokens_per_job']} tokens per job, {build['wall_s']:.0f} s wall "
+          f"({build['job_wall_s_mean']:.2f} s per job)")
     print(f"  peak RSS {build['peak_rss_mib']:.0f} MiB = {build['baseline_rss_mib']:.0f} (interpreter + libraries) + "
           f"{build['peak_rss_above_baseline_mib']:.0f}; parent fp32 {build['parent_fp32_mib']:.0f} MiB + one layer's "
           f"shard {build['layer_shard_mib']:.1f} MiB = {build['parent_fp32_mib'] + build['layer_shard_mib']:.0f} MiB")
@@ -240,7 +253,11 @@ def main() -> None:
               f"{row['ratio_vs_bare_fwd_bwd']:>11.2f}")
     if spread:
         print(f"\ntorchrun 2x1 thread vs local 1 thread, {spread['jobs']} jobs: {spread['local_wall_s']:.0f} s -> "
-              f"{spread['torchrun_wall_s']:.0f} s, speedup {spread['speedup']:.2f}x")
+              f"{spread['torchrun_wall_s']:.0f} s wall, speedup {spread['speedup']:.2f}x (load average "
+              f"{spread['load_average'][0]:.1f} on {os.cpu_count()} CPUs); by job CPU seconds: "
+              f"{spread['local_job_cpu_s']:.0f} s "
+              f"-> ranks {' / '.join(f'{c:.0f}' for c in spread['torchrun_rank_job_cpu_s'])} s, "
+              f"{spread['cpu_speedup']:.2f}x projected for two idle cores")
     print(f"\nWrote {args.out}")
 
 

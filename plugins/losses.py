@@ -135,9 +135,13 @@ def puzzle_distillation_losses():
             options=NormalizedMSEOptions,
             description="||s-t||^2 / ||t||^2 on hidden states (BLD default)",
         ),
-        DistillationLossRecord(name="mse", implementation=lambda _options: MSE(), description="mean squared error on hidden states"),
         DistillationLossRecord(
-            name="cosine", implementation=lambda _options: Cosine(), description="1 - cosine similarity of hidden states (GKD)"
+            name="mse", implementation=lambda _options: MSE(), description="mean squared error on hidden states"
+        ),
+        DistillationLossRecord(
+            name="cosine",
+            implementation=lambda _options: Cosine(),
+            description="1 - cosine similarity of hidden states (GKD)",
         ),
         DistillationLossRecord(
             name="kl", implementation=KL, options=KLOptions, description="KL(teacher || student) on logits (GKD)"

@@ -131,7 +131,10 @@ class ActivationStore:
             if split == "heldout":  # one pass at most: repeated held-out sequences would only add weight
                 sequences = min(sequences, corpus.num_sequences(CORPUS_SPLITS[split], settings.seq_len))
             batches = corpus.batches(
-                CORPUS_SPLITS[split], settings.seq_len, settings.shard_sequences, max_tokens=sequences * settings.seq_len,
+                CORPUS_SPLITS[split],
+                settings.seq_len,
+                settings.shard_sequences,
+                max_tokens=sequences * settings.seq_len,
                 seed=settings.seed + (0 if split == "train" else 1),
             )
             shards += [Shard(split, index, ids.contiguous()) for index, ids in enumerate(batches)]

@@ -236,7 +236,8 @@ def unit_cost(shape: ModelShape, unit: Unit, seq_len: int, tokens: int) -> float
             per_token += hidden * hidden
         elif not spec.no_op:
             kv_heads = heads // spec.n_heads_in_group
-            per_token += 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 2 * seq_len * heads * head_dim
+            projections = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+            per_token += projections + 2 * seq_len * heads * head_dim  # + scores and weighted values
     if unit.ffn:
         spec = FFNSpec.parse(unit.ffn)
         if spec.replace_with_linear:
@@ -357,7 +358,8 @@ def _to_device(value, device):
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     if attrs.has(type(value)):
-        return attrs.evolve(value, **{f.name: _to_device(getattr(value, f.name), device) for f in attrs.fields(type(value)) if f.init})
+        fields = [f.name for f in attrs.fields(type(value)) if f.init]
+        return attrs.evolve(value, **{name: _to_device(getattr(value, name), device) for name in fields})
     return value
 
 
@@ -459,7 +461,7 @@ class BLDTrainer:
         try:
             record = CONVERTER.structure(json.loads(record_path.read_text(encoding="utf-8")), BlockRecord)
         except Exception:  # a damaged record in any way: the job simply runs again
-            warnings.warn(f"Block record {record_path} is unreadable; training {unit.id} again.", BlockWarning, stacklevel=2)
+            warnings.warn(f"Block record {record_path} is unreadable; training {unit.id} again.", BlockWarning, 2)
             return None
         if record.settings_hash != self.settings.hash_for(unit):
             return None
@@ -496,7 +498,9 @@ class BLDTrainer:
         losses: list[float] = []
         tokens = 0
         generator = torch.Generator().manual_seed(seed)
-        bar = tqdm(total=total, desc=unit.id, unit="step", leave=False, dynamic_ncols=True, disable=not _progress_enabled())
+        bar = tqdm(
+            total=total, desc=unit.id, unit="step", leave=False, dynamic_ncols=True, disable=not _progress_enabled()
+        )
         train_started, train_cpu_started = time.perf_counter(), time.process_time()
         for batch in self.store.batches(unit.layer, "train", self.settings.batch_size, generator):
             inputs, target = unit_inputs(unit, batch, self.device)
@@ -630,7 +634,9 @@ def read_index(run_dir: RunDir | str | Path) -> dict:
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     path = run_dir.path(*INDEX)
     if not path.is_file():
-        raise UserError(f"{run_dir.root} has no block library (library/index.json). Run `puzzle run CONFIG --stage library`.")
+        raise UserError(
+            f"{run_dir.root} has no block library (library/index.json). Run `puzzle run CONFIG --stage library`."
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -78,7 +78,8 @@ def test_decoupled_plan_trains_every_non_parent_non_noop_sub_block(registries):
     assert len(plan.units) == parent.shape.num_layers * ((attention - 2) + (ffn - 2))
     layer = plan.layers[0]
     assert layer.blocks[0] == parent.shape.blocks[0].id and len(layer.blocks) == attention * ffn
-    assert {u.name for u in layer.units} == {"attn_g4", "attn_linear", "ffn_96", "ffn_64", "ffn_32", "ffn_16", "ffn_linear"}
+    expected = {"attn_g4", "attn_linear", "ffn_96", "ffn_64", "ffn_32", "ffn_16", "ffn_linear"}
+    assert {u.name for u in layer.units} == expected
     assert all(u.attention is None or u.ffn is None for u in plan.units)
 
 
@@ -174,7 +175,8 @@ def test_trained_blocks_beat_their_initialisation_on_held_out_activations(decoup
 
 def test_load_sublayers_builds_a_working_child(decoupled):
     ctx = RunContext(config(), RunDir(decoupled))
-    blocks = [BlockSpec.parse(b) for b in ("attn_g4+ffn_64", "attn_g2+ffn_128", "attn_noop+ffn_linear", "attn_linear+ffn_32")]
+    ids = ("attn_g4+ffn_64", "attn_g2+ffn_128", "attn_noop+ffn_linear", "attn_linear+ffn_32")
+    blocks = [BlockSpec.parse(b) for b in ids]
     sublayers = load_sublayers(decoupled, blocks)
     assert set(sublayers) == {(0, "attention"), (0, "ffn"), (2, "ffn"), (3, "attention"), (3, "ffn")}
     stored = load_file(decoupled / "library" / "blocks" / "layer_000" / "ffn_64.safetensors")
@@ -226,7 +228,8 @@ def test_coupled_library_trains_pairs_and_loads_both_parts(tmp_path):
     ]
     record = index["layers"][0]["trained"]["attn_g4+ffn_64"]
     assert record["heldout_loss_after"] < record["heldout_loss_before"]
-    sublayers = load_sublayers(tmp_path, ["attn_g4+ffn_64", "attn_g2+ffn_128", "attn_g2+ffn_32", "attn_noop+ffn_linear"])
+    chosen = ["attn_g4+ffn_64", "attn_g2+ffn_128", "attn_g2+ffn_32", "attn_noop+ffn_linear"]
+    sublayers = load_sublayers(tmp_path, chosen)
     # a pair trains its parent sub-block too; a no-op has no weights
     assert set(sublayers) == {(0, "attention"), (0, "ffn"), (2, "attention"), (2, "ffn"), (3, "ffn")}
 
@@ -272,7 +275,8 @@ def test_a_job_captures_missing_activations_itself(decoupled, tmp_path):
                 store.capture(runner, missing, 4, torch.device("cpu"))
 
     with pytest.warns(ActivationWarning):
-        trainer = BLDTrainer(ctx.run_dir, ctx.family, ctx.parent, store, settings, loss, torch.device("cpu"), capture_missing)
+        cpu = torch.device("cpu")
+        trainer = BLDTrainer(ctx.run_dir, ctx.family, ctx.parent, store, settings, loss, cpu, capture_missing)
         unit = Unit(2, ffn="ffn_64")
         trainer.run(Job(unit.id, 1.0, unit))
     assert captured == ["train_00001"]

@@ -33,7 +33,8 @@ CONFIG = {
 
 def start(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "puzzle_core.cli", "run", str(config), "--stage", "library", "--run-dir", str(run_dir)]
+    command = [sys.executable, "-m", "puzzle_core.cli", "run", str(config), "--stage", "library"]
+    command += ["--run-dir", str(run_dir)]
     return subprocess.Popen([*command, *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

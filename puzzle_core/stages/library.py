@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from puzzle_core.activations import ActivationStore, CaptureSettings
-from puzzle_core.bld import BLOCKS, BLDTrainer, TrainSettings, plan_library, resolve_device, resolve_subspace, write_index
+from puzzle_core.bld import (
+    BLOCKS,
+    BLDTrainer,
+    TrainSettings,
+    plan_library,
+    resolve_device,
+    resolve_subspace,
+    write_index,
+)
 from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
 from puzzle_core.library_view import write_library_view
