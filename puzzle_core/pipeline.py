@@ -36,8 +36,8 @@ from puzzle_core.schema import PuzzleConfig
 class Stage:
     """A pipeline stage: its name, the config sections it reads, and its module.
 
-    ``caches`` are folders (relative to the run directory) where the stage keeps keyed work
-    that it checks before reusing, so they may be seeded from another run directory.
+    ``caches`` are files or folders (relative to the run directory) where the stage keeps
+    keyed work that it checks before reusing, so they may be seeded from another run directory.
     """
 
     name: str
@@ -58,7 +58,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("search", ("search",), "puzzle_core.stages.search", "choosing one block per layer"),
     Stage("assemble", (), "puzzle_core.stages.assemble", "building and exporting the children"),
     Stage("gkd", ("gkd",), "puzzle_core.stages.gkd", "global knowledge distillation"),
-    Stage("evaluate", ("evaluation",), "puzzle_core.stages.evaluate", "evaluating parent and children"),
+    Stage("evaluate", ("evaluation",), "puzzle_core.stages.evaluate", "evaluating parent and children",
+          caches=("eval/models/parent.json",)),
     Stage("report", (), "puzzle_core.stages.report", "report and plots"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)

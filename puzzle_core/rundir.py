@@ -114,10 +114,11 @@ def link_file(source: Path, target: Path) -> None:
 
 
 def link_missing(source: Path, target: Path) -> int:
-    """Link every file under folder ``source`` that ``target`` lacks; returns how many."""
+    """Link file ``source``, or every file under folder ``source``, where ``target`` lacks it; returns how many."""
     count = 0
-    for path in sorted(source.rglob("*")) if source.is_dir() else []:
-        destination = target / path.relative_to(source)
+    files = sorted(source.rglob("*")) if source.is_dir() else [source] if source.is_file() else []
+    for path in files:
+        destination = target / path.relative_to(source) if source.is_dir() else target
         if path.is_file() and not path.name.startswith(TEMP_PREFIX) and not destination.exists():
             link_file(path, destination)
             count += 1

@@ -97,6 +97,21 @@ def read_evaluations(run_dir: RunDir) -> dict[str, ModelEvaluation]:
     return CONVERTER.structure(json.loads(path.read_text())["models"], dict[str, ModelEvaluation])
 
 
+PARENT_SECTIONS = ("parent", "seed", "threads", "data", "scenario", "evaluation")
+
+
+def model_fingerprint(ctx, candidate: Candidate) -> str:
+    """What a model's numbers depend on: a child's, every stage; the parent's, only the sections it is evaluated with.
+
+    So run directories that differ upstream (an ablation's arms) reuse one evaluation of
+    the parent (``eval/models/parent.json`` is a cache of this stage).
+    """
+    if candidate.role == "parent":
+        config = unstructure(ctx.config)
+        return stable_hash({"model": candidate.key, **{section: config[section] for section in PARENT_SECTIONS}})
+    return stable_hash({"stage": ctx.hashes["evaluate"], "model": candidate.key})
+
+
 def run(ctx) -> list[Path]:
     if is_stage_worker():
         return []  # under torchrun the driver evaluates alone: timings must not share the machine
@@ -111,7 +126,7 @@ def run(ctx) -> list[Path]:
     for candidate in bar:
         bar.set_postfix_str(candidate.key)
         path = run_dir.path("eval", "models", f"{candidate.key}.json")
-        fingerprint = stable_hash({"stage": ctx.hashes["evaluate"], "model": candidate.key})
+        fingerprint = model_fingerprint(ctx, candidate)
         if path.is_file():
             previous = CONVERTER.structure(json.loads(path.read_text()), ModelEvaluation)
             if previous.fingerprint == fingerprint:
