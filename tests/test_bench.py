@@ -14,7 +14,7 @@ from puzzle_core.config import stable_hash, structure, unstructure
 from puzzle_core.errors import ConfigError, UserError
 from puzzle_core.library import BlockLibrary
 from puzzle_core.pipeline import Stage, run_pipeline
-from puzzle_core.rundir import RunDir, atomic_write
+from puzzle_core.rundir import RunDir, atomic_write, link_missing
 from puzzle_core.schema import PuzzleConfig
 from puzzle_core.search import InfeasibleError, LayerRule, build_problem, run_solver
 
@@ -175,6 +175,18 @@ def test_a_stage_that_must_run_gets_the_donors_caches_and_rewrites_leave_the_don
     assert (arm / "cache" / "shared.txt").stat().st_ino == (donor / "cache" / "shared.txt").stat().st_ino
     atomic_write(arm / "cache" / "shared.txt", "changed")  # writers replace files, so the link breaks
     assert (donor / "cache" / "shared.txt").read_text() == "expensive"
+
+
+def test_link_missing_links_a_file_or_a_folder_and_keeps_what_the_target_has(tmp_path):
+    atomic_write(tmp_path / "a" / "parent.json", "donor")
+    atomic_write(tmp_path / "a" / "deep" / "x.bin", "x")
+    assert link_missing(tmp_path / "a" / "parent.json", tmp_path / "b" / "parent.json") == 1
+    assert link_missing(tmp_path / "a", tmp_path / "b") == 1  # parent.json is there already
+    assert (tmp_path / "b" / "deep" / "x.bin").read_text() == "x"
+    atomic_write(tmp_path / "c" / "parent.json", "own")
+    assert link_missing(tmp_path / "a" / "parent.json", tmp_path / "c" / "parent.json") == 0
+    assert (tmp_path / "c" / "parent.json").read_text() == "own"
+    assert link_missing(tmp_path / "missing", tmp_path / "d") == 0
 
 
 def test_a_damaged_donor_output_is_not_adopted(tmp_path, counting_stages):
