@@ -2,9 +2,11 @@
 
 Two ways to use it:
 
-- ``torchrun --nproc_per_node N -m puzzle_core.cli run CONFIG ...``: every process runs
-  the same pipeline (rank 0 drives: it holds the run-directory lock and writes the
-  manifest) and, at each executor call, takes its share of the jobs;
+- ``torchrun --nproc_per_node N -m puzzle_core.cli run CONFIG --stage library ...``:
+  every process runs the same pipeline (rank 0 drives: it holds the run-directory lock
+  and writes the manifest) and, at each executor call, takes its share of the jobs.
+  Work outside executor calls is repeated by every process (same results, written
+  atomically), so name the stages whose executor is ``torchrun`` with ``--stage``;
 - ``nproc: N`` in the config: a plain ``puzzle run`` launches ``torchrun`` itself, with
   the run's resolved config, to re-run the current stage in N worker processes, waits,
   then checks every job in-process (finished jobs are skipped, so this is cheap).

@@ -293,3 +293,13 @@ def test_schedule_warms_up_then_decays_and_curve_summary():
     assert lr_factor(10, 10, 2) == pytest.approx(0.0)
     assert summarize_curve([1.0, 3.0, 5.0, 7.0], points=2) == [2.0, 6.0]
     assert summarize_curve([4.0], points=20) == [4.0] and summarize_curve([]) == []
+
+
+def test_a_subspace_with_nothing_to_train_still_makes_a_library(tmp_path):
+    build(tmp_path, mode="coupled", subspace=[["attn_noop+ffn_noop"]] * 4)
+    index = json.loads((tmp_path / "library" / "index.json").read_text())
+    assert [layer["blocks"] for layer in index["layers"]] == [
+        ["attn_g2+ffn_128", "attn_g2+ffn_noop", "attn_noop+ffn_128", "attn_noop+ffn_noop"]
+    ] * 4
+    assert all(layer["trained"] == {} for layer in index["layers"])
+    assert load_sublayers(tmp_path, ["attn_noop+ffn_noop"] * 4) == {}

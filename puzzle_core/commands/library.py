@@ -22,7 +22,8 @@ def library_rows(index: dict) -> list[list[str]]:
         for name in names:
             record = entry["trained"].get(name)
             if record is None:
-                kind = "parent" if name in parents else "no-op" if "noop" in name else "untrained"
+                parts = name.split("+")
+                kind = "parent" if name in parents else "no-op" if all("noop" in p for p in parts) else "parent/no-op"
                 rows.append([str(layer), name, kind, "", "", "", ""])
                 continue
             rows.append(

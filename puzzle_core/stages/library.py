@@ -94,11 +94,13 @@ def run(ctx) -> list[Path]:
         },
     )
     write_library_view(ctx.run_dir)
-    _remove_stale_blocks(ctx.run_dir.path(*BLOCKS), {trainer.weights_path(u) for u in plan.units})
+    blocks = ctx.run_dir.path(*BLOCKS)
+    blocks.mkdir(parents=True, exist_ok=True)  # also when no variant needs training
+    _remove_stale_blocks(blocks, {trainer.weights_path(u) for u in plan.units})
     store.remove_others()
     if not section.keep_activations:
         store.remove()
-    return [index, ctx.run_dir.path(*BLOCKS)]
+    return [index, blocks]
 
 
 def _remove_stale_blocks(folder: Path, current: set[Path]) -> None:
