@@ -2,6 +2,8 @@
 
 Aliases come from the architecture plugins (:meth:`ModelFamily.aliases`); the family of
 a path is detected from its ``config.json`` (or GGUF header) unless the config names one.
+Weights are read only from safetensors (or GGUF): a PyTorch pickle can run code when
+loaded, so a parent that has nothing else is refused before any loader sees it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,28 @@ def parent_aliases(registries) -> dict[str, str]:
     return {alias: name for name, family in families(registries).items() for alias in family.aliases()}
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLES_REFUSED = (
+    "puzzle reads weights only from safetensors or GGUF files, because unpickling can run arbitrary code. If you "
+    "trust the file, convert it once yourself (torch.load(..., weights_only=True), then save_pretrained(..., "
+    "safe_serialization=True)) and point the parent at the result."
+)
+
+
+def check_weight_files(folder: Path) -> None:
+    """A model folder must hold safetensors weights: pickles are refused (never opened), none at all is an error."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"{folder} holds its weights only as PyTorch pickle files ({', '.join(pickles[:3])}). {PICKLES_REFUSED}")
+    raise UserError(f"{folder} has a config.json but no weights (no .safetensors file); copy or export the model again.")
+
+
 def source_config(path: Path) -> dict[str, Any]:
     """What detection looks at: ``config.json`` of a folder, or the architecture of a GGUF file."""
+    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(f"{path} is a PyTorch pickle file. {PICKLES_REFUSED}")
     if path.is_file() and path.suffix == ".gguf":
         from gguf import GGUFReader
 
@@ -76,6 +98,16 @@ def resolve_parent(section, registries) -> tuple[ModelFamily, Path]:
 
 def load_parent(section, registries) -> tuple[ModelFamily, LoadedModel]:
     """Load the parent a :class:`~puzzle_core.schema.ParentSection` names, in its dtype."""
+    from safetensors import SafetensorError
+
     family, path = resolve_parent(section, registries)
-    loaded = family.load_parent(str(path), dtype=section.dtype, trust_remote_code=section.trust_remote_code)
+    if path.is_dir():
+        check_weight_files(path)
+    try:
+        loaded = family.load_parent(str(path), dtype=section.dtype, trust_remote_code=section.trust_remote_code)
+    except SafetensorError as exc:
+        raise UserError(
+            f"The weights of parent {path} cannot be read ({exc}): a safetensors file there is truncated or "
+            f"damaged. Copy or export the model again."
+        ) from None
     return family, loaded

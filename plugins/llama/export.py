@@ -58,6 +58,7 @@ def export_child(family, child: LoadedModel, out_dir: Path) -> None:
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors checkpoint (single file or sharded with an index)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
@@ -69,7 +70,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{folder} has no model.safetensors (or sharded index); export the child again.")
     weights: dict[str, torch.Tensor] = {}
     for name in files:
-        weights.update(load_file(str(folder / name)))
+        try:
+            weights.update(load_file(str(folder / name)))
+        except SafetensorError as exc:
+            raise UserError(f"{folder / name} cannot be read ({exc}): it is truncated or damaged. Export the child again.") from None
     return weights
 
 

@@ -173,7 +173,8 @@ class LlamaLikeFamily(ModelFamily):
         config = read_config(path)
         if config.get("model_type") in DECILM_MODEL_TYPES:
             return self.load_child(path, dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)  # never unpickle a .bin
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return self._loaded(model, tokenizer, source=str(path))
 
