@@ -125,6 +125,15 @@ class BlockLibrary:
             node = node.setdefault(part, {})
         node[last] = value
 
+    def has_path(self, path: str) -> bool:
+        """Whether some variant holds anything at dot-path ``path``, a number or not."""
+        for _, _, node in self.records():
+            for part in path.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                return True
+        return False
+
     def paths(self) -> set[str]:
         """Every numeric dot-path present in some variant."""
         found: set[str] = set()

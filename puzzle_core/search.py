@@ -576,7 +576,7 @@ def build_problem(
         problem = problem.at_speedup(speedup)
     known = library.paths()
     for path in objective.paths + [c.path for c in problem.constraints]:
-        if path not in known:
+        if path not in known and not library.has_path(path):  # something else than a number: named below
             raise UserError(
                 f"No variant in the library has a value at '{path}'.{suggest(path, sorted(known))} The library has: "
                 f"{', '.join(sorted(known))}. Scores come from the score stage and stats from the cost stage."
