@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import click
 
+from puzzle_core.errors import UserError
 from puzzle_core.pipeline import STAGE_NAMES
 
 
@@ -35,17 +37,29 @@ def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tup
 
     config = load_config(config_path)
     run_dir = run_dir or str(Path("runs") / Path(config_path).stem)
-    run_pipeline(
-        config,
-        run_dir,
-        stages=list(stages) or None,
-        resume=resume,
-        config_text=Path(config_path).read_text(encoding="utf-8"),
-        argv=sys.argv[1:],
-        echo=click.echo,
-        reuse=reuse,
-    )
+    fresh = not Path(run_dir).exists()
+    try:
+        run_pipeline(
+            config,
+            run_dir,
+            stages=list(stages) or None,
+            resume=resume,
+            config_text=Path(config_path).read_text(encoding="utf-8"),
+            argv=sys.argv[1:],
+            echo=click.echo,
+            reuse=reuse,
+        )
+    except UserError:
+        if fresh:
+            _remove_if_untouched(Path(run_dir))
+        raise
     click.echo(f"Run directory: {run_dir}")
+
+
+def _remove_if_untouched(run_dir: Path) -> None:
+    """Delete a run directory this command made when the failed run left nothing in it but its config copy."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
+        shutil.rmtree(run_dir)
 
 
 commands = [run_command]
