@@ -151,7 +151,7 @@ def test_throughput(workspace, context):
     assert metrics["throughput_tok_s"] == pytest.approx(2 * 4 / metrics["latency_s"])
     assert 0 < metrics["prefill_s"] < metrics["latency_s"]
     bf16 = attrs.evolve(context, scenario=attrs.evolve(context.scenario, dtype="bf16"))
-    assert evaluator("throughput", warmup=0, repeats=1).evaluate(workspace["parent"], bf16)["throughput_tok_s"] > 0
+    assert evaluator("throughput", warmup=0, repeats=2, statistic="min").evaluate(workspace["parent"], bf16)["throughput_tok_s"] > 0
     assert next(workspace["parent"].model.parameters()).dtype == torch.float32  # measured on a copy
 
 
