@@ -4,9 +4,10 @@
 
 - ``demo``: the Debian texts prepared by ``puzzle data prepare`` (:mod:`puzzle_core.demo_data`);
 - ``synthetic``: pseudo-English generated in code from the run seed (tests, ``configs/tiny.yaml``);
-- a ``.txt`` / ``.jsonl`` (a ``text`` field per line) / ``.parquet`` (a ``text`` column) file, or a
-  folder of them. A folder holding files named ``train.*``, ``validation.*``, ``test.*`` gives
-  the splits explicitly; otherwise the text is cut into chunks of about
+- a ``.txt`` / ``.jsonl`` (a ``text`` field per line, optionally a ``source`` label) /
+  ``.parquet`` (a ``text`` column) file, or a folder of them. A folder holding files named
+  ``train.*``, ``validation.*``, ``test.*`` gives the splits explicitly; otherwise the
+  text is cut into chunks of about
   :data:`CHUNK_CHARS` characters at paragraph breaks and each chunk goes to a split by a
   hash of its content, so the split does not depend on file order or on the run seed.
 
@@ -244,18 +245,18 @@ def _read_documents(files: Sequence[Path], root: Path) -> tuple[Document, ...]:
     documents: list[Document] = []
     for file in files:
         label = str(file.relative_to(root)) if root.is_dir() else file.name
-        texts = _read_file(file)
-        documents.extend(Document(text, label) for text in texts if text.strip())
+        documents.extend(Document(text, source or label) for text, source in _read_file(file) if text.strip())
     if not documents:
         where = f"'{files[0]}'" if len(files) == 1 else f"the {len(files)} files under '{root}'"
         raise UserError(f"The corpus in {where} is empty: no text was found. Point data.corpus at files with text.")
     return tuple(documents)
 
 
-def _read_file(path: Path) -> list[str]:
+def _read_file(path: Path) -> list[tuple[str, str | None]]:
+    """``(text, source)`` per document; ``source`` from a JSONL ``source`` field, else ``None`` (the file)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return _read_parquet(path)
+        return [(text, None) for text in _read_parquet(path)]
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -265,11 +266,11 @@ def _read_file(path: Path) -> list[str]:
             f"e.g. `iconv -f latin1 -t utf-8 '{path}' > out.txt`, or remove it from the corpus."
         ) from None
     if suffix == ".txt":
-        return [text]
+        return [(text, None)]
     return _parse_jsonl(path, text)
 
 
-def _parse_jsonl(path: Path, text: str) -> list[str]:
+def _parse_jsonl(path: Path, text: str) -> list[tuple[str, str | None]]:
     texts = []
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): text may hold U+2028
         if not line.strip():
@@ -281,9 +282,10 @@ def _parse_jsonl(path: Path, text: str) -> list[str]:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise UserError(
                 f"Line {number} of '{path}' has no string field 'text'. Each line must look like "
-                f'{{"text": "..."}} (other fields are ignored).'
+                f'{{"text": "..."}} (an optional "source" labels it; other fields are ignored).'
             )
-        texts.append(record["text"])
+        source = record.get("source")
+        texts.append((record["text"], source if isinstance(source, str) else None))
     return texts
 
 
