@@ -19,8 +19,10 @@ the same one. Works with gloo on CPU and NCCL on GPUs (one GPU per local rank).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import heapq
 import os
+import signal
 import subprocess
 import sys
 from datetime import timedelta
@@ -39,6 +41,9 @@ from puzzle_core.interfaces import Executor, Job
 from puzzle_core.pipeline import STAGE_WORKER_ENV
 from puzzle_core.records import Executor as ExecutorRecord
 from puzzle_core.rundir import atomic_write
+
+
+PR_SET_PDEATHSIG = 1  # prctl option: signal this process when its parent dies
 
 
 @attrs.frozen
@@ -169,13 +174,20 @@ class TorchrunExecutor(Executor):
             "--run-dir", str(context.run_dir.root), "--stage", context.stage, "--resume",
         ]  # fmt: skip
         env = {**os.environ, STAGE_WORKER_ENV: "1", "OMP_NUM_THREADS": str(self.options.threads)}
-        result = subprocess.run(command, env=env)
+        result = subprocess.run(command, env=env, preexec_fn=_die_with_parent)
         if result.returncode != 0:
             raise UserError(
                 f"The {self.options.nproc} torchrun workers of stage '{context.stage}' failed (exit code "
                 f"{result.returncode}); their errors are printed above. Fix the cause and re-run with --resume: "
                 f"finished jobs are kept."
             )
+
+
+def _die_with_parent() -> None:
+    """In the launched torchrun: get SIGTERM when the launching process dies (Linux), so a
+    killed run leaves no workers behind that would race with its resumption."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _leave() -> None:
