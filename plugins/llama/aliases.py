@@ -89,7 +89,7 @@ def byte_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     vocab = {token: index for index, token in enumerate(specials + _byte_symbols())}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
@@ -121,7 +121,7 @@ def tiny_llama_config(vocab_size: int):
 
 def tiny_random_llama() -> Path:
     """A seeded 4-layer Llama (hidden 64, 4 heads / 2 KV heads, FFN 128) with a byte tokenizer."""
-    folder = _model_dir("tiny-random-llama-v2")
+    folder = _model_dir("tiny-random-llama-v3")
     if (folder / "config.json").is_file():
         return folder
     import torch
