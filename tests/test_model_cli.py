@@ -34,7 +34,7 @@ def test_model_info_tiny_random_llama(cache):
     assert "4 layers, hidden 64, 4 heads / 2 KV heads" in result.output
     assert "layers 0-3 (now attn_g2+ffn_128)" in result.output
     assert "attention: attn_g2 attn_g4 attn_linear attn_noop" in result.output
-    assert (cache / "models" / "tiny-random-llama-v2" / "config.json").is_file()
+    assert (cache / "models" / "tiny-random-llama-v3" / "config.json").is_file()
     data = json.loads(invoke("model", "info", "tiny-random-llama", "--json").stdout)
     assert data["num_layers"] == 4 and data["params"] == 181312
     assert data["layers"][0]["ffn"][:2] == ["ffn_128", "ffn_96"]
