@@ -456,7 +456,7 @@ def _diverged(run: DistillRun, section: GKDSection, step: int, loss: float, grad
     last = latest_checkpoint(run.checkpoint_dir)
     kept = f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; "
     return GKDDiverged(
-        f"GKD of {run.label} diverged at step {step}: loss {loss}, gradient norm {grad_norm}. {kept}lower gkd.lr "
+        f"{run.label} diverged at step {step}: loss {loss}, gradient norm {grad_norm}. {kept}lower gkd.lr "
         f"(now {section.lr}) or set gkd.bf16: false, then rerun with --resume to continue from the last good "
         f"checkpoint."
     )
