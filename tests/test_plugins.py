@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import textwrap
 import types
 import warnings
@@ -191,3 +192,56 @@ def test_puzzle_addhooks_that_raises_skips_only_that_plugin(site_packages):
         manager = make_plugin_manager()
     assert not manager.has_plugin("bad_spec")
     assert "good_search" in build_registries(manager).solvers
+
+
+# ---------------------------------------------------------------- faults seen from the command line
+
+RAISING_HOOK = """
+    from puzzle_core import hookimpl
+
+    @hookimpl
+    def puzzle_solvers():
+        raise RuntimeError("licence server unreachable")
+"""
+
+MALFORMED_RECORDS = """
+    from puzzle_core import hookimpl
+
+    @hookimpl
+    def puzzle_solvers():
+        return ["mip2"]
+"""
+
+
+@pytest.fixture
+def library_file(tmp_path):
+    path = tmp_path / "library.json"
+    blocks = {"attn_g1+ffn_64": (10.0, 0.0), "attn_noop+ffn_noop": (1.0, 1.0)}
+    path.write_text(json.dumps({f"layer_{i}": {b: {"stats": {"runtime_ms": r}, "metrics": {"kl": k}}
+                                               for b, (r, k) in blocks.items()} for i in range(2)}))
+    return path
+
+
+@pytest.mark.parametrize("source, shown", [(RAISING_HOOK, "RuntimeError: licence server unreachable"),
+                                           (MALFORMED_RECORDS, "expected a list of Solver records")],
+                         ids=["hook raises", "malformed records"])
+def test_a_faulty_plugin_is_one_warning_and_puzzle_search_still_works(source, shown, site_packages, library_file,
+                                                                      capsys, monkeypatch):
+    from puzzle_core.cli import main
+    from puzzle_core.plugins import reset_plugin_manager
+    from puzzle_core.registry import reset_registries
+
+    site_packages.install("faulty-dist", {"faulty": source})
+    assert main(["search", str(library_file), "--speedup", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["status"] == "optimal"
+    warnings_shown = [line for line in err.splitlines() if line.startswith("Warning:")]
+    assert len(warnings_shown) == 1 and "plugin 'faulty' from distribution 'faulty-dist'" in warnings_shown[0]
+    assert shown in warnings_shown[0] and "Traceback" not in err
+    monkeypatch.setenv("PUZZLE_STRICT_PLUGINS", "1")
+    reset_plugin_manager()  # as in a new process
+    reset_registries()
+    assert main(["search", str(library_file), "--speedup", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Plugin error: ") and "'faulty' from distribution 'faulty-dist'" in err and shown in err
+    assert "PUZZLE_STRICT_PLUGINS=1" in err and "Traceback" not in err
