@@ -8,7 +8,9 @@ rewrite never breaks another's checksums:
 - ``costs/costs.json``    (cost stage):    ``{"scenario": ..., "fixed": {stat: value},
   "layers": {"layer_i": {block_id: {stat: value}}}}``.
 
-:func:`write_library_view` joins whatever exists into the DESIGN.md format.
+:func:`write_library_view` joins whatever exists into the DESIGN.md format. The view has
+its own manifest entry (``library_view``), keyed by the checksums of the files it was made
+from, so it is checksummed like every artifact without being any one stage's output.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import json
 from pathlib import Path
 
 from puzzle_core.blocks import BlockSpec
+from puzzle_core.config import stable_hash
 from puzzle_core.library import BlockLibrary, layer_key
-from puzzle_core.rundir import RunDir
+from puzzle_core.rundir import RunDir, sha256_file
 
 INDEX = ("library", "index.json")
 SCORES = ("scores", "scores.json")
 COSTS = ("costs", "costs.json")
 VIEW = ("library", "library.json")
+VIEW_RECORD = "library_view"  # the view's manifest entry
 
 
 def _read(run_dir: RunDir, parts: tuple[str, str]) -> dict | None:
@@ -59,7 +63,12 @@ def build_library_view(run_dir: RunDir) -> BlockLibrary:
 
 
 def write_library_view(run_dir: RunDir) -> Path:
-    """Rewrite ``library/library.json`` from the stage files; returns its path."""
+    """Rewrite ``library/library.json`` from the stage files and record it in the manifest; returns its path."""
+    from puzzle_core.pipeline import is_stage_worker
+
     path = run_dir.path(*VIEW)
     build_library_view(run_dir).write(path)
+    if not is_stage_worker():  # the manifest is the driver's
+        sources = {"/".join(parts): run_dir.path(*parts) for parts in (INDEX, SCORES, COSTS)}
+        run_dir.mark_done(VIEW_RECORD, stable_hash({k: sha256_file(p) for k, p in sources.items() if p.is_file()}), [path])
     return path
