@@ -45,6 +45,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import yaml
 
 from puzzle_core.library_view import VIEW_RECORD
@@ -241,6 +242,7 @@ def kill_points(rng: random.Random, trace: list[dict], spans: dict[str, tuple[fl
     return plans
 
 
+@pytest.mark.slow  # a few minutes: 26 processes, each loading torch (make test runs it, make test-fast does not)
 def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_artifacts(tmp_path, capsys):
     env = {**environment(tmp_path), "PYTHONPATH":
            os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
