@@ -36,7 +36,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import attrs
 import yaml
@@ -225,11 +225,11 @@ def runs_root(results_dir: Path, budget: BudgetName) -> Path:
     return results_dir / "runs" / budget
 
 
-def donors(planned: list[PlannedArm], current: PlannedArm, root: Path) -> list[Path]:
-    """Run directories ``current`` may reuse: its ablation's arms in order, then every other one."""
+def donors(planned: list[PlannedArm], current: PlannedArm, root: Path, extra: Sequence[Path] = ()) -> list[Path]:
+    """Run directories ``current`` may reuse: its ablation's arms in order, every other one, then ``extra``."""
     own = [p.run_dir for p in planned if p is not current]
     others = sorted(path.parent for path in root.glob(f"*/*/{MANIFEST}"))
-    return [path for path in dict.fromkeys(own + others) if (path / MANIFEST).is_file()]
+    return [path for path in dict.fromkeys(own + others + list(extra)) if (path / MANIFEST).is_file()]
 
 
 # ---------------------------------------------------------------------------- results
@@ -381,11 +381,13 @@ def run_ablation(
     base: str | Path | None = None,
     results_dir: str | Path = DEFAULT_RESULTS,
     arms: list[str] | None = None,
+    reuse: Sequence[str | Path] = (),
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Run (or reuse) every arm of an ablation; returns the results JSON path.
 
     ``arms`` limits which arms run this time; the others keep their earlier results.
+    ``reuse``: more run directories to take finished stages from (a ``puzzle run`` of the base config).
     """
     from benchmarks.render import write_markdown, write_plot
 
@@ -417,7 +419,8 @@ def run_ablation(
             if item.arm.name in earlier:
                 results["arms"].append(earlier[item.arm.name])
             continue
-        results["arms"].append(run_arm(item, planned, runs_root(results_dir, budget), ablation.name, echo))
+        reusable = donors(planned, item, runs_root(results_dir, budget), [Path(p) for p in reuse])
+        results["arms"].append(run_arm(item, reusable, ablation.name, echo))
         results["comparison"] = {"kl_to_parent_vs_reference": compare_with_reference(results["arms"], ablation.reference)}
         atomic_write_json(out, results)
     results["environment"]["load_average_after"] = list(os.getloadavg())
@@ -427,7 +430,7 @@ def run_ablation(
     return out
 
 
-def run_arm(item: PlannedArm, planned: list[PlannedArm], root: Path, ablation: str, echo: Callable[[str], None]) -> dict:
+def run_arm(item: PlannedArm, reuse: list[Path], ablation: str, echo: Callable[[str], None]) -> dict:
     """Run one arm's pipeline (reusing what other run directories finished) and collect its result."""
     label = f"[{ablation}/{item.arm.name}]"
     echo(f"{label} run directory {item.run_dir}")
@@ -440,7 +443,7 @@ def run_arm(item: PlannedArm, planned: list[PlannedArm], root: Path, ablation: s
             resume=True,
             config_text=yaml.safe_dump(item.data, sort_keys=False),
             echo=lambda message: echo(f"{label} {message}"),
-            reuse=donors(planned, item, root),
+            reuse=reuse,
         )
         outcomes = ctx.outcomes
         del ctx

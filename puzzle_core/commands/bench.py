@@ -34,10 +34,12 @@ def _runner():
               help="Base config instead of the budget's (configs/tiny.yaml or configs/demo.yaml).")
 @click.option("--results-dir", type=click.Path(file_okay=False), default=None,
               help="Where results and run directories go. Default: benchmarks/results/ablations.")
+@click.option("--reuse", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="A run directory of the base config (repeatable): its finished stages are reused.")
 @click.option("--arm", "arms", multiple=True, help="Run only this arm (repeatable); the others keep earlier results.")
 @click.option("--list", "list_only", is_flag=True, help="List the ablations and their arms.")
 def bench_command(ablation: str | None, budget: str, base: str | None, results_dir: str | None,
-                  arms: tuple[str, ...], list_only: bool) -> None:
+                  reuse: tuple[str, ...], arms: tuple[str, ...], list_only: bool) -> None:
     """Run ABLATION (a name, 'all', or an ablation YAML file): every arm, sharing finished stages.
 
     Writes RESULTS_DIR/ABLATION.json (ABLATION.small.json for the small budget), a markdown
@@ -62,6 +64,7 @@ def bench_command(ablation: str | None, budget: str, base: str | None, results_d
             base=base,
             results_dir=results_dir or runner.DEFAULT_RESULTS,
             arms=list(arms) or None,
+            reuse=reuse,
             echo=lambda message: click.echo(message, err=True),
         )
         click.echo(path.with_suffix(".md").read_text())
