@@ -153,7 +153,9 @@ LIBRARIES = {
         _variant_without_scores, (), ("layer_2.attn_g1+ffn_64 has no value at 'metrics.kl'",)),
     "infeasible constraint": (lambda data: None, ("--constraint", "stats.runtime_ms<=2"),
                               ("No choice of blocks meets every constraint", "smallest achievable total is 3")),
-    "unknown objective path": (lambda data: None, ("--objective", "metrics.kl_div"), ("No variant in the library has a value at 'metrics.kl_div'", "Did you mean 'metrics.kl'?")),
+    "unknown objective path": (lambda data: None, ("--objective", "metrics.kl_div"),
+                               ("No variant in the library has a value at 'metrics.kl_div'",
+                                "Did you mean 'metrics.kl'?")),
 }
 
 
@@ -170,7 +172,8 @@ def test_bad_block_libraries_for_search(change, options, words, tmp_path, capsys
 @pytest.mark.parametrize(
     "text, words",
     [("{", ("not valid JSON",)), ("[]", ("non-empty mapping",)), ('{"layers": {}}', ("unexpected top-level key",)),
-     ('{"layer_0": {"a": {"stats": {"runtime_ms": "fast"}, "metrics": {"kl": 0}}}}', ("layer_0.a.stats.runtime_ms is 'fast'; expected a number",))],
+     ('{"layer_0": {"a": {"stats": {"runtime_ms": "fast"}, "metrics": {"kl": 0}}}}',
+      ("layer_0.a.stats.runtime_ms is 'fast'; expected a number",))],
     ids=["not JSON", "a list", "other keys", "text for a number"],
 )
 def test_unreadable_library_files(text, words, tmp_path, capsys):
@@ -185,7 +188,8 @@ def handmade_run(root: Path, drop_cost_of: tuple[int, str] | None = None) -> Pat
     blocks = [list(data[f"layer_{i}"]) for i in range(3)]
     files = {
         "library/index.json": {"mode": "decoupled", "layers": [{"blocks": b} for b in blocks]},
-        "scores/scores.json": {f"layer_{i}": {b: data[f"layer_{i}"][b]["metrics"] for b in blocks[i]} for i in range(3)},
+        "scores/scores.json": {f"layer_{i}": {b: data[f"layer_{i}"][b]["metrics"] for b in blocks[i]}
+                               for i in range(3)},
         "costs/costs.json": {
             "scenario": {"batch_size": 1, "prefill_len": 16, "decode_len": 4},
             "fixed": {"runtime_ms": 2.0, "memory_mib": 10.0},
@@ -460,7 +464,8 @@ def test_a_truncated_library_block_is_trained_again_with_a_warning(trained_libra
     damaged = blocks / "layer_002" / "attn_linear.safetensors"
     good = damaged.read_bytes()
     truncate(damaged)
-    others = {p: p.stat().st_ino for p in blocks.rglob("*") if p.is_file() and p.with_suffix("") != damaged.with_suffix("")}
+    others = {p: p.stat().st_ino for p in blocks.rglob("*")
+              if p.is_file() and p.with_suffix("") != damaged.with_suffix("")}
     (tmp_path / "run.yaml").write_text(LIBRARY_CONFIG)
     assert main(["run", str(tmp_path / "run.yaml"), "--run-dir", str(run), "--stage", "library", "--resume"]) == 0
     err = capsys.readouterr().err

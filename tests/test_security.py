@@ -183,7 +183,8 @@ def test_a_pickle_next_to_safetensors_weights_is_never_read(trap, tiny_parent, t
 def child(tmp_path, capsys) -> Path:
     (tmp_path / "blocks.json").write_text(json.dumps(BLOCKS))
     out = tmp_path / "child"
-    assert main(["model", "assemble", "tiny-random-llama", "--blocks", str(tmp_path / "blocks.json"), "--out", str(out)]) == 0
+    blocks = str(tmp_path / "blocks.json")
+    assert main(["model", "assemble", "tiny-random-llama", "--blocks", blocks, "--out", str(out)]) == 0
     capsys.readouterr()
     return out
 
