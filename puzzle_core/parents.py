@@ -56,16 +56,21 @@ def source_config(path: Path) -> dict[str, Any]:
             return {"model_type": bytes(field.parts[field.data[0]]).decode()}
         except Exception as exc:
             raise UserError(f"{path} could not be read as a model GGUF file ({type(exc).__name__}: {exc}).") from None
-    config = path / "config.json"
-    if not path.is_dir() or not config.is_file():
+    return read_config(path)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` of a model folder; a path without one is a UserError."""
+    path = Path(folder) / "config.json"
+    if not Path(folder).is_dir() or not path.is_file():
         raise UserError(
-            f"{path} is not a Hugging Face model folder (no config.json). A parent is an alias, a folder "
-            f"written by save_pretrained, or a .gguf file."
+            f"{folder} is not a Hugging Face model folder (it has no config.json). Point the parent at a folder "
+            f"written by save_pretrained, a .gguf file, or an alias such as smollm2-135m."
         )
     try:
-        return json.loads(config.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise UserError(f"{config} is not valid JSON ({exc}).") from None
+        raise UserError(f"{path} is not valid JSON ({exc}); re-export the model.") from None
 
 
 def resolve_parent(section, registries) -> tuple[ModelFamily, Path]:

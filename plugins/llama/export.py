@@ -82,7 +82,8 @@ def load_child(family, folder: Path, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoTokenizer
 
     from puzzle_plugins.llama.configuration_decilm import DeciLMConfig
-    from puzzle_plugins.llama.family import DECILM_MODEL_TYPES, read_config, uninitialised_child
+    from puzzle_core.parents import read_config
+    from puzzle_plugins.llama.family import DECILM_MODEL_TYPES, uninitialised_child
 
     if not folder.is_dir():
         raise UserError(f"Child checkpoint {folder} does not exist; pass a folder written by 'puzzle model assemble'.")

@@ -10,7 +10,6 @@ Children of every such family are DeciLM models (``modeling_decilm.py``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,6 +19,7 @@ from torch import nn
 from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec, SubBlockSpec
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Calibration, LoadedModel, ModelFamily, ModelShape, Part
+from puzzle_core.parents import read_config
 from puzzle_plugins.llama import blockconfig
 from puzzle_plugins.llama.configuration_decilm import DeciLMConfig
 from puzzle_plugins.llama.init import InitMethods, init_sublayer
@@ -59,18 +59,6 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
         raise UserError(f"Unknown dtype '{name}'; use one of {', '.join(TORCH_DTYPES)}.") from None
 
 
-def read_config(folder: Path) -> dict:
-    """``config.json`` of a model folder; a folder without one is a UserError."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise UserError(
-            f"{folder} is not a Hugging Face model folder (it has no config.json). Point the parent at a folder "
-            f"written by save_pretrained, a .gguf file, or an alias such as smollm2-135m."
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); re-export the model.") from None
 
 
 def uninitialised_child(config: DeciLMConfig, dtype: torch.dtype) -> DeciLMForCausalLM:
