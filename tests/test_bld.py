@@ -19,13 +19,10 @@ from puzzle_core.errors import UserError
 from puzzle_core.pipeline import RunContext, run_pipeline
 from puzzle_core.rundir import RunDir, sha256_file
 from puzzle_core.schema import PuzzleConfig
-from tests.tiny import tiny_parent
+from tests.tiny import TINY_RUN, tiny_parent
 
 TINY = {
-    "parent": {"source": "tiny-random-llama"},
-    "seed": 0,
-    "threads": 1,
-    "data": {"corpus": "synthetic", "seq_len": 32},
+    **TINY_RUN,
     "library": {
         "tokens": 512,
         "heldout_tokens": 256,

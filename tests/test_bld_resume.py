@@ -13,12 +13,10 @@ from pathlib import Path
 import yaml
 
 from puzzle_core.rundir import TEMP_PREFIX, sha256_file
+from tests.tiny import TINY_RUN
 
 CONFIG = {
-    "parent": {"source": "tiny-random-llama"},
-    "seed": 0,
-    "threads": 1,
-    "data": {"corpus": "synthetic", "seq_len": 32},
+    **TINY_RUN,
     "library": {
         "tokens": 1024,
         "heldout_tokens": 128,

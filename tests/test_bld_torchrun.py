@@ -14,12 +14,10 @@ from puzzle_core.config import structure
 from puzzle_core.pipeline import run_pipeline
 from puzzle_core.rundir import sha256_file
 from puzzle_core.schema import PuzzleConfig
+from tests.tiny import TINY_RUN
 
 CONFIG = {
-    "parent": {"source": "tiny-random-llama"},
-    "seed": 0,
-    "threads": 1,
-    "data": {"corpus": "synthetic", "seq_len": 32},
+    **TINY_RUN,
     "library": {
         "tokens": 512,
         "heldout_tokens": 128,

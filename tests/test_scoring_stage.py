@@ -12,12 +12,10 @@ from puzzle_core.config import structure
 from puzzle_core.pipeline import RunContext, run_pipeline
 from puzzle_core.rundir import RunDir
 from puzzle_core.schema import PuzzleConfig
+from tests.tiny import TINY_RUN
 
 TINY = {
-    "parent": {"source": "tiny-random-llama"},
-    "seed": 0,
-    "threads": 1,
-    "data": {"corpus": "synthetic", "seq_len": 32},
+    **TINY_RUN,
     "library": {
         "tokens": 256,
         "batch_size": 4,

@@ -6,6 +6,13 @@ import torch
 
 from puzzle_core.interfaces import LoadedModel
 
+TINY_RUN = {  # the start of a run config on the tiny parent and synthetic text
+    "parent": {"source": "tiny-random-llama"},
+    "seed": 0,
+    "threads": 1,
+    "data": {"corpus": "synthetic", "seq_len": 32},
+}
+
 
 def llama_family():
     from puzzle_core.registry import get_registries
