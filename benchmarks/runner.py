@@ -314,7 +314,7 @@ def arm_result(planned: PlannedArm, status: str, error: str | None, outcomes: Ma
         "config_hash": planned.config_hash,
         "stage_hashes": stage_hashes(planned.config),
         "seed": planned.config.seed,
-        "run_dir": str(run_dir),
+        "run_dir": _display_path(run_dir),
         "stages": {stage: outcomes.get(stage, "not run") for stage in STAGE_NAMES},
         "seconds": round(seconds, 1),
         "child": None
@@ -421,13 +421,18 @@ def run_ablation(
             continue
         reusable = donors(planned, item, runs_root(results_dir, budget), [Path(p) for p in reuse])
         results["arms"].append(run_arm(item, reusable, ablation.name, echo))
-        results["comparison"] = {"kl_to_parent_vs_reference": compare_with_reference(results["arms"], ablation.reference)}
-        atomic_write_json(out, results)
+        _write_results(results, out)  # after every arm, so an interrupted ablation keeps what finished
     results["environment"]["load_average_after"] = list(os.getloadavg())
-    atomic_write_json(out, results)
+    _write_results(results, out)
     write_markdown(results, out.with_suffix(".md"))
     write_plot(results, out.with_suffix(".png"))
     return out
+
+
+def _write_results(results: dict, out: Path) -> None:
+    ratios = compare_with_reference(results["arms"], results["reference"])
+    results["comparison"] = {"kl_to_parent_vs_reference": ratios}
+    atomic_write_json(out, results)
 
 
 def run_arm(item: PlannedArm, reuse: list[Path], ablation: str, echo: Callable[[str], None]) -> dict:
