@@ -14,7 +14,9 @@ def _number(value: Any, digits: int = 3) -> str:
         return "–"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
-    return f"{value:.{digits}g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    if abs(value) < 1e-2 or abs(value) >= 1e4:
+        return f"{value:.{digits}g}"
+    return f"{value:.{digits}f}".rstrip("0").rstrip(".")
 
 
 def _accuracy_metric(results: Mapping) -> str | None:
@@ -51,7 +53,8 @@ def markdown_table(results: Mapping) -> str:
             f"{ratios[arm['name']]:.2f}x" if ratios.get(arm["name"]) else "–",
         ]
         if accuracy:
-            row += [_number(_assembled(arm, accuracy)), _number(final_metric(arm, accuracy)) if metrics.get("after_gkd") else "–"]
+            after = _number(final_metric(arm, accuracy)) if metrics.get("after_gkd") else "–"
+            row += [_number(_assembled(arm, accuracy)), after]
         row += [_number(metrics.get("params")), arm["status"] + (f" ({arm['note']})" if arm.get("note") else "")]
         rows.append(row)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -120,7 +123,8 @@ def write_plot(results: Mapping, path: Path) -> None:
     quality.set_yscale("log")
     quality.set_ylabel("KL(parent || child) per token, test split")
     quality.set_title("quality (lower is better)")
-    for offset, (label, key) in zip((-0.2, 0.2), [("predicted", "predicted_speedup"), ("measured", "measured_speedup")]):
+    speeds = [("predicted", "predicted_speedup"), ("measured", "measured_speedup")]
+    for offset, (label, key) in zip((-0.2, 0.2), speeds):
         speed.bar(x + offset, [a["metrics"].get(key) or np.nan for a in arms], width=0.4, label=label)
     speed.axhline(1.0, color="grey", linewidth=0.8)
     speed.set_ylabel("speedup over the parent")

@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -44,7 +43,7 @@ import yaml
 from puzzle_core.config import read_yaml, stable_hash, structure, unstructure
 from puzzle_core.errors import UserError
 from puzzle_core.pipeline import STAGE_NAMES, run_pipeline, stage_hashes
-from puzzle_core.rundir import MANIFEST, atomic_write, atomic_write_json
+from puzzle_core.rundir import MANIFEST, atomic_write_json, sha256_file
 from puzzle_core.schema import PuzzleConfig
 from puzzle_core.search import InfeasibleError
 
@@ -159,7 +158,9 @@ def apply_scale(data: dict, scale: Mapping[str, float], arm: str) -> dict:
             node = node.get(key) if isinstance(node, dict) else None
         value = node.get(leaf) if isinstance(node, dict) else None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"Arm '{arm}' scales '{path}', which is {value!r} in its config, not a number. Fix the path.")
+            raise UserError(
+                f"Arm '{arm}' scales '{path}', which is {value!r} in its config, not a number. Fix the path."
+            )
         node[leaf] = max(1, round(value * factor)) if isinstance(value, int) else value * factor
     return data
 
@@ -249,6 +250,7 @@ def environment(budget: BudgetName, base: Path, planned: list[PlannedArm]) -> di
     return {
         "budget": budget,
         "base_config": _display_path(base),
+        "base_config_sha256": sha256_file(base),
         "python": platform.python_version(),
         "packages": versions,
         "platform": platform.platform(),
@@ -291,7 +293,9 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def arm_result(planned: PlannedArm, status: str, error: str | None, outcomes: Mapping[str, str], seconds: float) -> dict:
+def arm_result(
+    planned: PlannedArm, status: str, error: str | None, outcomes: Mapping[str, str], seconds: float
+) -> dict:
     """What one arm records: its settings, how its stages were done, and its main child's numbers.
 
     ``metrics`` hold the main child's (the first the arm's solver found) ``predicted_speedup``
