@@ -43,7 +43,7 @@ import attrs
 from puzzle_core import hookimpl
 from puzzle_core.blocks import BlockSpec
 from puzzle_core.errors import UserError
-from puzzle_core.interfaces import CostModel, ModelFamily, ModelShape
+from puzzle_core.interfaces import CostModel, ModelFamily, ModelShape, parameter_count
 from puzzle_core.records import CostModel as CostModelRecord
 from puzzle_core.rundir import atomic_write_json
 from puzzle_plugins.roofline import ffn_size, kv_heads
@@ -251,7 +251,7 @@ def time_workloads(models: Sequence[Any], scenario, device: str, warmup: int, re
         WorkloadTiming(
             prefill_ms=summary(prefill[i]),
             decode_ms=statistics.fmean(decode[i]) * steps if points else 0.0,
-            num_params=sum(p.numel() for p in models[i].parameters()),
+            num_params=parameter_count(models[i]),
             weight_bytes=sum(p.numel() * p.element_size() for p in models[i].parameters()),
             kv_bytes_per_position=kv_per_position[i],
         )

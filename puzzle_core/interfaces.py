@@ -37,6 +37,11 @@ class ModelShape:
         return attrs.evolve(self, blocks=tuple(blocks))
 
 
+def parameter_count(model: Any) -> int:
+    """Parameters of a ``torch.nn.Module``, tied ones counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
 @attrs.define
 class LoadedModel:
     """A causal LM (a ``torch.nn.Module`` with the Hugging Face call signature) and friends."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from puzzle_core.errors import UserError
+from puzzle_core.interfaces import parameter_count
 
 
 @click.group("model")
@@ -54,7 +55,7 @@ def model_info(parent: str, variants: str | None, dtype: str, architecture: str 
     shape = loaded.shape
     provider = _provider(family, variants)
     spaces = [provider.variants(shape, i) for i in range(shape.num_layers)]
-    params = sum(p.numel() for p in loaded.model.parameters())
+    params = parameter_count(loaded.model)
     layers = [
         {"block": shape.blocks[i].id, "attention": [a.id for a in space.attention], "ffn": [f.id for f in space.ffn]}
         for i, space in enumerate(spaces)
@@ -133,8 +134,8 @@ def model_assemble(parent: str, blocks_file: Path, out_dir: Path, library: Path 
     sublayers = _library_sublayers(library, blocks) if library is not None else None
     child = family.build_child(loaded, blocks, sublayers)
     family.export(child, out_dir)
-    before = sum(p.numel() for p in loaded.model.parameters())
-    after = sum(p.numel() for p in child.model.parameters())
+    before = parameter_count(loaded.model)
+    after = parameter_count(child.model)
     source = f"library {library}" if library else "initialised from the parent"
     click.echo(f"Wrote {out_dir}: {after:,} parameters ({after / before:.1%} of the parent), sub-blocks {source}.")
 

@@ -14,6 +14,7 @@ import attrs
 
 from puzzle_core.blocks import BlockSpec
 from puzzle_core.config import CONVERTER
+from puzzle_core.interfaces import parameter_count
 from puzzle_core.library import layer_key
 from puzzle_core.library_view import COSTS, INDEX, layer_blocks
 from puzzle_core.rundir import RunDir, atomic_dir, atomic_write_json
@@ -79,7 +80,7 @@ def run(ctx) -> list[Path]:
                 solver=solution.get("solver", name),
                 blocks=block_ids,
                 path=str(target.relative_to(run_dir.root)),
-                params=sum(p.numel() for p in child.model.parameters()),
+                params=parameter_count(child.model),
                 predicted_speedup=predicted_speedup(run_dir, block_ids),
             )
         )

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from puzzle_core.config import CONVERTER, EvaluatorChoice, stable_hash, structure, unstructure
 from puzzle_core.evaluation import EvalContext, evaluate_all
-from puzzle_core.interfaces import LoadedModel
+from puzzle_core.interfaces import LoadedModel, parameter_count
 from puzzle_core.pipeline import is_stage_worker
 from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.stages.gkd import child_dir, read_children, read_results
@@ -60,11 +60,6 @@ class Candidate:
     phase: Literal["assembled", "gkd"] | None
     path: str | None
     load: Callable[[], LoadedModel]
-
-
-def parameter_count(model) -> int:
-    """Parameters of a model, tied ones counted once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def evaluator_choices(ctx) -> list[EvaluatorChoice]:
