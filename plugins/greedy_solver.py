@@ -18,7 +18,7 @@ import numpy as np
 from puzzle_core import hookimpl
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Solver
-from puzzle_core.records import Solver as SolverRecord
+from puzzle_core.records import SolverPlugin
 from puzzle_core.search import SearchProblem, Solution, can_hold_alone, infeasible_error
 
 
@@ -100,7 +100,7 @@ class GreedySolver(Solver):
 @hookimpl
 def puzzle_solvers():
     return [
-        SolverRecord(
+        SolverPlugin(
             name=GreedySolver.name,
             implementation=GreedySolver,
             options=GreedyOptions,

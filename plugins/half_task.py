@@ -21,7 +21,7 @@ import torch
 
 from puzzle_core import hookimpl
 from puzzle_core.interfaces import ModelOutputs, Scorer, ScoringBatch, ScoringData
-from puzzle_core.records import Scorer as ScorerRecord
+from puzzle_core.records import ScorerPlugin
 from puzzle_core.tasks import ChoiceScores, Question, choice_requests, load_mmlu, sample_per_subject, split_subjects
 
 
@@ -132,7 +132,7 @@ class HalfTaskAccuracy(Scorer):
 @hookimpl
 def puzzle_scorers():
     return [
-        ScorerRecord(
+        ScorerPlugin(
             name="half_mmlu",
             implementation=HalfTaskAccuracy,
             options=HalfTaskOptions,

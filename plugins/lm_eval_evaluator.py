@@ -32,7 +32,7 @@ from puzzle_core import hookimpl
 from puzzle_core.errors import UserError
 from puzzle_core.evaluation import EvalContext
 from puzzle_core.interfaces import Evaluator, LoadedModel
-from puzzle_core.records import Evaluator as EvaluatorRecord
+from puzzle_core.records import EvaluatorPlugin
 from puzzle_core.rundir import atomic_write
 from puzzle_core.tasks import load_mmlu, sample_per_subject
 
@@ -251,7 +251,7 @@ def _offline_quiet() -> Iterator[None]:
 @hookimpl
 def puzzle_evaluators():
     return [
-        EvaluatorRecord(
+        EvaluatorPlugin(
             name="lm_eval",
             implementation=LmEvalEvaluator,
             options=LmEvalOptions,

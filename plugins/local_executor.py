@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from puzzle_core import hookimpl
 from puzzle_core.interfaces import Executor, Job
-from puzzle_core.records import Executor as ExecutorRecord
+from puzzle_core.records import ExecutorPlugin
 
 
 @attrs.frozen
@@ -50,7 +50,7 @@ class LocalExecutor(Executor):
 @hookimpl
 def puzzle_executors():
     return [
-        ExecutorRecord(
+        ExecutorPlugin(
             name="local",
             implementation=LocalExecutor,
             options=LocalOptions,

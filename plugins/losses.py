@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from puzzle_core import hookimpl
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import DistillationLoss
-from puzzle_core.records import DistillationLoss as DistillationLossRecord
+from puzzle_core.records import DistillationLossPlugin
 
 
 def _pair(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,24 +129,24 @@ class LMLoss(DistillationLoss):
 @hookimpl
 def puzzle_distillation_losses():
     return [
-        DistillationLossRecord(
+        DistillationLossPlugin(
             name="normalized_mse",
             implementation=NormalizedMSE,
             options=NormalizedMSEOptions,
             description="||s-t||^2 / ||t||^2 on hidden states (BLD default)",
         ),
-        DistillationLossRecord(
-            name="mse", implementation=lambda _options: MSE(), description="mean squared error on hidden states"
+        DistillationLossPlugin(
+            name="mse", implementation=MSE, description="mean squared error on hidden states"
         ),
-        DistillationLossRecord(
+        DistillationLossPlugin(
             name="cosine",
-            implementation=lambda _options: Cosine(),
+            implementation=Cosine,
             description="1 - cosine similarity of hidden states (GKD)",
         ),
-        DistillationLossRecord(
+        DistillationLossPlugin(
             name="kl", implementation=KL, options=KLOptions, description="KL(teacher || student) on logits (GKD)"
         ),
-        DistillationLossRecord(
+        DistillationLossPlugin(
             name="lm_loss",
             implementation=LMLoss,
             options=LMLossOptions,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from puzzle_core import hookimpl
 from puzzle_core.interfaces import Solver
-from puzzle_core.records import Solver as SolverRecord
+from puzzle_core.records import SolverPlugin
 from puzzle_core.search import Objective, SearchProblem, Solution
 from puzzle_plugins.mip_solver import MipOptions, solve_mip
 
@@ -35,7 +35,7 @@ class MaxParamsSolver(Solver):
 @hookimpl
 def puzzle_solvers():
     return [
-        SolverRecord(
+        SolverPlugin(
             name=MaxParamsSolver.name,
             implementation=MaxParamsSolver,
             options=MipOptions,

@@ -44,7 +44,7 @@ from puzzle_core import hookimpl
 from puzzle_core.blocks import BlockSpec
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import CostModel, ModelFamily, ModelShape, parameter_count
-from puzzle_core.records import CostModel as CostModelRecord
+from puzzle_core.records import CostModelPlugin
 from puzzle_core.rundir import atomic_write_json
 from puzzle_plugins.roofline import ffn_size, kv_heads
 
@@ -404,7 +404,7 @@ class MeasuredCostModel(CostModel):
 @hookimpl
 def puzzle_cost_models():
     return [
-        CostModelRecord(
+        CostModelPlugin(
             name="measured",
             implementation=MeasuredCostModel,
             options=MeasuredOptions,

@@ -20,7 +20,7 @@ import numpy as np
 from puzzle_core import hookimpl
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Solver
-from puzzle_core.records import Solver as SolverRecord
+from puzzle_core.records import SolverPlugin
 from puzzle_core.search import SearchProblem, SearchWarning, Solution, Status, check_diversity_count, infeasible_error
 
 
@@ -171,7 +171,7 @@ class MipSolver(Solver):
 @hookimpl
 def puzzle_solvers():
     return [
-        SolverRecord(
+        SolverPlugin(
             name=MipSolver.name,
             implementation=MipSolver,
             options=MipOptions,

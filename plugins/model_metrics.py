@@ -23,7 +23,7 @@ from puzzle_core import hookimpl
 from puzzle_core.errors import UserError
 from puzzle_core.evaluation import EvalContext
 from puzzle_core.interfaces import Evaluator, LoadedModel
-from puzzle_core.records import Evaluator as EvaluatorRecord
+from puzzle_core.records import EvaluatorPlugin
 from puzzle_core.search import throughput
 from puzzle_plugins.local_executor import torch_threads
 
@@ -179,13 +179,13 @@ def _scenario_dtype(name: str) -> torch.dtype:
 @hookimpl
 def puzzle_evaluators():
     return [
-        EvaluatorRecord(
+        EvaluatorPlugin(
             name="kl_to_parent",
             implementation=KLToParent,
             options=KLOptions,
             description="KL(parent || model) per token on the test split, and the model's test LM loss",
         ),
-        EvaluatorRecord(
+        EvaluatorPlugin(
             name="throughput",
             implementation=Throughput,
             options=ThroughputOptions,

@@ -25,7 +25,7 @@ from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Solver
 from puzzle_core.library import layer_key
 from puzzle_core.records import NoOptions
-from puzzle_core.records import Solver as SolverRecord
+from puzzle_core.records import SolverPlugin
 from puzzle_core.search import InfeasibleError, SearchProblem, Solution, readable
 
 
@@ -139,12 +139,12 @@ class UniformWidthSolver(Solver):
 @hookimpl
 def puzzle_solvers():
     return [
-        SolverRecord(
+        SolverPlugin(
             name=LayerDropSolver.name,
             implementation=LayerDropSolver,
             description="Baseline: drop the least important whole layers until the budgets hold (ShortGPT-style)",
         ),
-        SolverRecord(
+        SolverPlugin(
             name=UniformWidthSolver.name,
             implementation=UniformWidthSolver,
             description="Baseline: one FFN width for every layer, attention kept (Minitron-style width pruning)",

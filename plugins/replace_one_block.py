@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from puzzle_core import hookimpl
 from puzzle_core.interfaces import ModelOutputs, Scorer, ScoringBatch
-from puzzle_core.records import Scorer as ScorerRecord
+from puzzle_core.records import ScorerPlugin
 
 
 class KLDivergence(Scorer):
@@ -46,11 +46,11 @@ class HiddenCosineDistance(Scorer):
 @hookimpl
 def puzzle_scorers():
     return [
-        ScorerRecord(name="kl", implementation=KLDivergence,
+        ScorerPlugin(name="kl", implementation=KLDivergence,
                      description="KL(parent || model) per validation token, block replaced alone (paper default)"),
-        ScorerRecord(name="lm_loss", implementation=NextTokenLoss,
+        ScorerPlugin(name="lm_loss", implementation=NextTokenLoss,
                      description="next-token loss on the validation tokens, block replaced alone"),
-        ScorerRecord(name="cosine", implementation=HiddenCosineDistance,
+        ScorerPlugin(name="cosine", implementation=HiddenCosineDistance,
                      description="1 - cosine similarity of final hidden states to the parent's, block replaced alone"),
     ]
 

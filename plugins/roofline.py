@@ -43,7 +43,7 @@ from puzzle_core import hookimpl
 from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import CostModel, ModelShape
-from puzzle_core.records import CostModel as CostModelRecord
+from puzzle_core.records import CostModelPlugin
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 MIB = 2**20
@@ -351,12 +351,16 @@ class RooflineCostModel(CostModel):
         return self.gpu.memory_gib * 1024 * self.options.usable_memory_fraction
 
 
-def roofline_cost_model(name: str, gpu: GPUSpec, description: str = "") -> CostModelRecord:
+def roofline_cost_model(name: str, gpu: GPUSpec, description: str = "") -> CostModelPlugin:
     """The plugin record of a roofline cost model for ``gpu`` (options: :class:`RooflineOptions`)."""
     peaks = ", ".join(f"{dtype} {tflops:g} TFLOPS" for dtype, tflops in gpu.peak_tflops.items())
-    return CostModelRecord(
+
+    def build(options: RooflineOptions) -> RooflineCostModel:
+        return RooflineCostModel(gpu, options)
+
+    return CostModelPlugin(
         name=name,
-        implementation=lambda options: RooflineCostModel(gpu, options),
+        implementation=build,
         options=RooflineOptions,
         description=description
         or f"Analytic roofline for the {gpu.name} ({gpu.bandwidth_gbs:g} GB/s, {gpu.memory_gib:g} GiB; {peaks})",

@@ -39,7 +39,7 @@ from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Executor, Job
 from puzzle_core.pipeline import STAGE_WORKER_ENV
-from puzzle_core.records import Executor as ExecutorRecord
+from puzzle_core.records import ExecutorPlugin
 from puzzle_core.rundir import atomic_write
 
 
@@ -198,7 +198,7 @@ def _leave() -> None:
 @hookimpl
 def puzzle_executors():
     return [
-        ExecutorRecord(
+        ExecutorPlugin(
             name="torchrun",
             implementation=TorchrunExecutor,
             options=TorchrunOptions,

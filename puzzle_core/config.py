@@ -14,7 +14,7 @@ import json
 import math
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 import cattrs
@@ -51,7 +51,7 @@ def _structure_int(value: Any, _type: type) -> int:
     return int(number)
 
 
-def _structure_str(value: Any, _type: type) -> str:
+def structure_str(value: Any, _type: type) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise ValueError(f"expected string, got {value!r}")
     return str(value)
@@ -133,82 +133,11 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook_func(_is_literal, _structure_literal)
     converter.register_structure_hook(float, _structure_float)
     converter.register_structure_hook(int, _structure_int)
-    converter.register_structure_hook(str, _structure_str)
+    converter.register_structure_hook(str, structure_str)
     converter.register_structure_hook(bool, _structure_bool)
-    converter.register_structure_hook(Path, lambda v, _: Path(_structure_str(v, str)))
+    converter.register_structure_hook(Path, lambda v, _: Path(structure_str(v, str)))
     converter.register_unstructure_hook(Path, str)
-    converter.register_structure_hook_func(_is_plugin_choice, _structure_plugin_choice)
-    converter.register_unstructure_hook_func(_is_plugin_choice, _unstructure_plugin_choice)
     return converter
-
-
-# ---------------------------------------------------------------- plugin choices
-
-
-@attrs.frozen
-class PluginChoice:
-    """A plugin picked by name in a config, with its options structured."""
-
-    kind: ClassVar[str] = ""
-
-    name: str
-    options: Any = None
-
-    def create(self, registries=None) -> Any:
-        """Build the component this choice names."""
-        from puzzle_core.registry import get_registries
-
-        return (registries or get_registries()).kind(self.kind).get(self.name).create(self.options)
-
-
-def choice_type(kind: str) -> type[PluginChoice]:
-    """The :class:`PluginChoice` subclass for ``kind`` (``solvers`` -> ``SolverChoice``)."""
-    return _CHOICE_TYPES[kind]
-
-
-def _make_choice_types() -> dict[str, type[PluginChoice]]:
-    from puzzle_core.records import RECORD_TYPES
-
-    types = {}
-    for record_type in RECORD_TYPES:
-        class_name = record_type.__name__ + "Choice"
-        namespace = {"kind": record_type.kind, "__annotations__": {}, "__module__": __name__}
-        types[record_type.kind] = attrs.frozen(type(class_name, (PluginChoice,), namespace))
-    return types
-
-
-_CHOICE_TYPES = _make_choice_types()
-ArchitectureChoice = _CHOICE_TYPES["architectures"]
-BlockVariantsChoice = _CHOICE_TYPES["block_variants"]
-ScorerChoice = _CHOICE_TYPES["scorers"]
-CostModelChoice = _CHOICE_TYPES["cost_models"]
-SolverChoice = _CHOICE_TYPES["solvers"]
-DistillationLossChoice = _CHOICE_TYPES["distillation_losses"]
-EvaluatorChoice = _CHOICE_TYPES["evaluators"]
-ExecutorChoice = _CHOICE_TYPES["executors"]
-
-
-def _is_plugin_choice(type_: Any) -> bool:
-    return isinstance(type_, type) and issubclass(type_, PluginChoice)
-
-
-def _structure_plugin_choice(value: Any, type_: type[PluginChoice]) -> PluginChoice:
-    from puzzle_core.registry import get_registries
-
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or "name" not in value:
-        raise ValueError(f"expected a plugin name or a mapping with 'name', got {value!r}")
-    raw = dict(value)
-    name = _structure_str(raw.pop("name"), str)
-    record = get_registries().kind(type_.kind).get(name)  # UnknownNameError lists choices
-    options = CONVERTER.structure(raw, record.options)
-    return type_(name=name, options=options)
-
-
-def _unstructure_plugin_choice(choice: PluginChoice) -> dict:
-    data = CONVERTER.unstructure(choice.options) if choice.options is not None else {}
-    return {"name": choice.name, **data}
 
 
 CONVERTER = make_converter()

@@ -199,7 +199,7 @@ class DistillationObjective:
 
     @classmethod
     def from_config(cls, section: GKDSection, registries) -> "DistillationObjective":
-        return cls([(term.name, term.weight, term.loss.create(registries)) for term in section.losses])
+        return cls([(term.name, term.weight, registries.record(term.loss).create(term.loss.options)) for term in section.losses])
 
     def __call__(self, student: ForwardOutput, teacher: ForwardOutput, labels: torch.Tensor):
         """``(total, {name: unweighted value})``."""

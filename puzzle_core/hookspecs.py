@@ -3,89 +3,99 @@
 Each hook returns a list of typed records (:mod:`puzzle_core.records`). A plugin module
 implements any subset::
 
-    from puzzle_core import hookimpl
-    from puzzle_core.records import Solver
+    from puzzle_core.api import SolverPlugin, hookimpl
 
     @hookimpl
-    def puzzle_solvers():
-        return [Solver(name="random", implementation=RandomSolver,
-                       options=RandomOptions, description="Random feasible choice")]
+    def puzzle_solvers() -> list[SolverPlugin]:
+        return [SolverPlugin(name="random", implementation=RandomSolver,
+                             options=RandomOptions, description="Random feasible choice")]
 """
 
 from __future__ import annotations
 
 import pluggy
 
+from puzzle_core.records import (
+    ArchitecturePlugin,
+    BlockVariantsPlugin,
+    CostModelPlugin,
+    DistillationLossPlugin,
+    EvaluatorPlugin,
+    ExecutorPlugin,
+    ScorerPlugin,
+    SolverPlugin,
+)
+
 hookspec = pluggy.HookspecMarker("puzzle")
 
 
 @hookspec
-def puzzle_architectures():
+def puzzle_architectures() -> list[ArchitecturePlugin]:
     """Model families.
 
-    Example: ``return [Architecture(name="qwen2", implementation=Qwen2Architecture)]``.
+    Example: ``return [ArchitecturePlugin(name="qwen2", implementation=Qwen2Architecture)]``.
     """
 
 
 @hookspec
-def puzzle_block_variants():
+def puzzle_block_variants() -> list[BlockVariantsPlugin]:
     """Providers of alternative sub-blocks (reduced FFNs, fewer KV heads, no-ops...).
 
-    Example: ``return [BlockVariants(name="llama", implementation=LlamaVariants,
+    Example: ``return [BlockVariantsPlugin(name="llama", implementation=LlamaVariants,
     options=LlamaVariantOptions)]``.
     """
 
 
 @hookspec
-def puzzle_scorers():
+def puzzle_scorers() -> list[ScorerPlugin]:
     """Replace-1-block quality scores, written to ``metrics.<name>`` in the library.
 
-    Example: ``return [Scorer(name="kl", implementation=KLScorer)]``.
+    Example: ``return [ScorerPlugin(name="kl", implementation=KLScorer)]``.
     """
 
 
 @hookspec
-def puzzle_cost_models():
+def puzzle_cost_models() -> list[CostModelPlugin]:
     """Per-block costs (runtime, memory, parameters) for an inference scenario.
 
-    Example: ``return [CostModel(name="a100", implementation=A100Roofline)]``.
+    Example: ``return [CostModelPlugin(name="a100", implementation=A100Roofline)]``.
     """
 
 
 @hookspec
-def puzzle_solvers():
+def puzzle_solvers() -> list[SolverPlugin]:
     """Search algorithms choosing one variant per layer under constraints.
 
-    Example: ``return [Solver(name="mip", implementation=MipSolver, options=MipOptions)]``.
+    Example: ``return [SolverPlugin(name="mip", implementation=MipSolver, options=MipOptions)]``.
     """
 
 
 @hookspec
-def puzzle_distillation_losses():
+def puzzle_distillation_losses() -> list[DistillationLossPlugin]:
     """Losses between student and teacher outputs, used by BLD and GKD.
 
-    Example: ``return [DistillationLoss(name="normalized_mse", implementation=NormalizedMSE)]``.
+    Example: ``return [DistillationLossPlugin(name="normalized_mse", implementation=NormalizedMSE)]``.
     """
 
 
 @hookspec
-def puzzle_evaluators():
+def puzzle_evaluators() -> list[EvaluatorPlugin]:
     """Evaluations of a model (benchmarks, KL to the parent, throughput).
 
-    Example: ``return [Evaluator(name="lm_eval", implementation=LmEval, options=LmEvalOptions)]``.
+    Example: ``return [EvaluatorPlugin(name="lm_eval", implementation=LmEval, options=LmEvalOptions)]``.
     """
 
 
 @hookspec
-def puzzle_executors():
+def puzzle_executors() -> list[ExecutorPlugin]:
     """Ways to run independent jobs (BLD blocks, scoring shards).
 
-    Example: ``return [Executor(name="slurm", implementation=SlurmExecutor, options=SlurmOptions)]``.
+    Example: ``return [ExecutorPlugin(name="slurm", implementation=SlurmExecutor, options=SlurmOptions)]``.
     """
 
 
 @hookspec(historic=True)
-def puzzle_addhooks(pluginmanager):
+def puzzle_addhooks(pluginmanager: pluggy.PluginManager) -> None:
     """Let a plugin add hook specifications of its own.
 
     Example: ``pluginmanager.add_hookspecs(my_hookspecs_module)``.

@@ -167,6 +167,9 @@ class DistillationLoss(ABC):
 
     target: Literal["hidden", "logits"] = "hidden"
 
+    def __init__(self, options: object = None):
+        self.options = options
+
     @abstractmethod
     def __call__(self, student, teacher, labels=None) -> Any:
         """A scalar loss tensor."""

@@ -76,7 +76,8 @@ def read_config(folder: Path) -> dict[str, Any]:
 def resolve_parent(section, registries) -> tuple[ModelFamily, Path]:
     """The family and the local path of ``section.source``."""
     available = families(registries)
-    chosen = section.architecture.create(registries) if section.architecture is not None else None
+    choice = section.architecture
+    chosen = registries.record(choice).create(choice.options) if choice is not None else None
     for name, family in ([(section.architecture.name, chosen)] if chosen else available.items()):
         make = family.aliases().get(section.source)
         if make is not None:

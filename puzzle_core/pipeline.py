@@ -139,7 +139,7 @@ class RunContext:
         choice = self.config.library.variants
         if choice is None:
             return self.registries.block_variants.get(self.family.default_variants).create()
-        return choice.create(self.registries)
+        return self.registries.record(choice).create(choice.options)
 
     @cached_property
     def corpus(self):
@@ -147,9 +147,6 @@ class RunContext:
         from puzzle_core.data import load_corpus
 
         return load_corpus(self.config.data, self.parent.tokenizer, seed=self.config.seed)
-
-    def create(self, choice: Any) -> Any:
-        return choice.create(self.registries)
 
 
 StageOutcome = Literal["ran", "skipped", "reused"]

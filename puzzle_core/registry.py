@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import attrs
 
@@ -10,7 +10,10 @@ from puzzle_core.errors import PluginError, UnknownNameError, suggest
 from puzzle_core.plugins import PuzzlePluginManager, get_plugin_manager, report_plugin_fault
 from puzzle_core.records import KINDS, RECORD_TYPES, PluginRecord
 
-__all__ = ["Entry", "Registry", "Registries", "build_registries", "create", "get_registries", "suggest"]
+if TYPE_CHECKING:
+    from puzzle_core.choices import PluginChoice
+
+__all__ = ["Entry", "Registry", "Registries", "build_registries", "get_registries"]
 
 
 @attrs.frozen
@@ -94,6 +97,10 @@ class Registries:
     def items(self) -> list[tuple[str, Registry]]:
         return [(k, self._by_kind[k]) for k in KINDS]
 
+    def record(self, choice: PluginChoice) -> PluginRecord:
+        """The record a config's plugin choice names; build it with ``.create(choice.options)``."""
+        return self._by_kind[choice.kind].get(choice.name)
+
 
 def build_registries(manager: PuzzlePluginManager | None = None) -> Registries:
     """Call every ``puzzle_<kind>`` hook implementation and file what it returns.
@@ -115,7 +122,7 @@ def build_registries(manager: PuzzlePluginManager | None = None) -> Registries:
                 records = impl.function()
             except Exception as exc:  # third-party code can fail in any way
                 report_plugin_fault(
-                    f"Hook puzzle_{record_type.kind} of {where} raised {type(exc).__name__}: {exc}.", skipped
+                    f"Hook puzzle_{record_type.kind} of {where} raised {type(exc).__name__}: {str(exc).rstrip('.')}.", skipped
                 )
                 continue
             records = [] if records is None else records
@@ -125,7 +132,7 @@ def build_registries(manager: PuzzlePluginManager | None = None) -> Registries:
             if malformed:
                 report_plugin_fault(
                     f"Hook puzzle_{record_type.kind} of {where} returned {malformed[0]!r:.200}; expected a list of "
-                    f"{record_type.__name__} records from puzzle_core.records.",
+                    f"{record_type.__name__} records from puzzle_core.api.",
                     skipped,
                 )
                 continue
@@ -149,7 +156,3 @@ def reset_registries(registries: Registries | None = None) -> None:
     global _registries
     _registries = registries
 
-
-def create(kind: str, name: str, options: Any = None, registries: Registries | None = None) -> Any:
-    """Build the ``kind`` component called ``name`` with already-structured ``options``."""
-    return (registries or get_registries()).kind(kind).get(name).create(options)

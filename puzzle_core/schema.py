@@ -11,8 +11,7 @@ from typing import Literal
 
 import attrs
 
-from puzzle_core.config import (
-    CONVERTER,
+from puzzle_core.choices import (
     ArchitectureChoice,
     BlockVariantsChoice,
     CostModelChoice,
@@ -21,9 +20,8 @@ from puzzle_core.config import (
     ExecutorChoice,
     ScorerChoice,
     SolverChoice,
-    read_yaml,
-    structure,
 )
+from puzzle_core.config import CONVERTER, read_yaml, structure
 from puzzle_core.search import Constraint, LayerRule, Objective
 
 TorchDtype = Literal["float32", "bfloat16"]

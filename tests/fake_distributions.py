@@ -48,15 +48,19 @@ class Site:
 
 SOLVER_PLUGIN = """
     from puzzle_core import hookimpl
-    from puzzle_core.records import Solver
+    from puzzle_core.interfaces import Solver
+    from puzzle_core.records import SolverPlugin
 
-    class Choose:
+    class Choose(Solver):
         def __init__(self, options):
             self.options = options
 
+        def solve(self, problem):
+            return []
+
     @hookimpl
     def puzzle_solvers():
-        return [Solver(name="{name}", implementation=Choose, description="a test solver")]
+        return [SolverPlugin(name="{name}", implementation=Choose, description="a test solver")]
 """
 
 

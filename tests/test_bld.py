@@ -63,7 +63,8 @@ def decoupled(tmp_path_factory):
 
 
 def spaces(registries, parent, **options):
-    provider = structure({"name": "llama", **options}, type(config().library.variants)).create(registries)
+    choice = structure({"name": "llama", **options}, type(config().library.variants))
+    provider = registries.record(choice).create(choice.options)
     return [provider.variants(parent.shape, i) for i in range(parent.shape.num_layers)]
 
 

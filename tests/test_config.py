@@ -15,18 +15,13 @@ from hypothesis import strategies as st
 
 from puzzle_core import hookimpl
 from puzzle_core.cli import main
-from puzzle_core.config import (
-    PluginChoice,
-    SolverChoice,
-    parse_yaml,
-    read_yaml,
-    stable_hash,
-    structure,
-    unstructure,
-)
+from puzzle_core.choices import PluginChoice, SolverChoice
+from puzzle_core.config import parse_yaml, read_yaml, stable_hash, structure, unstructure
 from puzzle_core.errors import ConfigError, UserError
+from puzzle_core.interfaces import Scorer, Solver
 from puzzle_core.plugins import make_plugin_manager, reset_plugin_manager
-from puzzle_core.records import Scorer, Solver
+from puzzle_core.records import ScorerPlugin, SolverPlugin
+from puzzle_core.registry import get_registries
 from puzzle_core.schema import PuzzleConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +156,19 @@ class GapOptions:
     time_limit: float = 60.0
 
 
+class GapSolver(Solver):
+    def __init__(self, options: GapOptions):
+        self.options = options
+
+    def solve(self, problem):
+        return []
+
+
+class NoScorer(Scorer):
+    def batch_score(self, child, parent, batch):
+        return 0.0, 1.0
+
+
 @pytest.fixture
 def test_plugins():
     """Only a 'mip' solver (with options) and a 'kl' scorer (without), made process-wide."""
@@ -168,11 +176,11 @@ def test_plugins():
     class Plugin:
         @hookimpl
         def puzzle_solvers(self):
-            return [Solver(name="mip", implementation=lambda o: ("solver", o), options=GapOptions)]
+            return [SolverPlugin(name="mip", implementation=GapSolver, options=GapOptions)]
 
         @hookimpl
         def puzzle_scorers(self):
-            return [Scorer(name="kl", implementation=lambda o: ("scorer", o))]
+            return [ScorerPlugin(name="kl", implementation=NoScorer)]
 
     manager = make_plugin_manager(load_entry_points=False)
     manager.register_plugin(Plugin(), "test", "test-dist")
@@ -189,7 +197,8 @@ def test_plugin_choice_by_name_or_mapping(test_plugins):
     assert structure({}, SearchLike).solver == SolverChoice(name="mip", options=GapOptions())
     config = structure({"solver": {"name": "mip", "gap": 0.01}, "baselines": ["mip"]}, SearchLike)
     assert config.solver.options == GapOptions(gap=0.01)
-    assert config.solver.create() == ("solver", GapOptions(gap=0.01))
+    built = get_registries().record(config.solver).create(config.solver.options)
+    assert isinstance(built, GapSolver) and built.options == GapOptions(gap=0.01)
     assert unstructure(config) == {
         "solver": {"name": "mip", "gap": 0.01, "time_limit": 60.0},
         "baselines": [{"name": "mip", "gap": 0.001, "time_limit": 60.0}],
@@ -212,7 +221,7 @@ def test_plugin_choice_problems_have_paths(test_plugins):
 
 
 def test_plugin_without_options_refuses_option_keys(test_plugins):
-    from puzzle_core.config import ScorerChoice
+    from puzzle_core.choices import ScorerChoice
 
     assert problems({"name": "kl", "temperature": 2}, ScorerChoice) == [
         "at $.temperature: unknown key. Known keys: (none)."
@@ -220,13 +229,14 @@ def test_plugin_without_options_refuses_option_keys(test_plugins):
 
 
 def test_choice_classes_are_named_after_their_records():
-    from puzzle_core import config
+    from puzzle_core import choices
+    from puzzle_core.records import RECORD_TYPES
 
-    for kind in ("architectures", "block_variants", "distillation_losses", "cost_models"):
-        cls = config.choice_type(kind)
-        assert issubclass(cls, PluginChoice) and cls.kind == kind
-        assert getattr(config, cls.__name__) is cls
-    assert config.choice_type("distillation_losses").__name__ == "DistillationLossChoice"
+    for record_type in RECORD_TYPES:
+        cls = choices.choice_type(record_type.kind)
+        assert issubclass(cls, PluginChoice) and cls.kind == record_type.kind
+        assert cls.__name__ == record_type.__name__.removesuffix("Plugin") + "Choice"
+        assert getattr(choices, cls.__name__) is cls
 
 
 # ---------------------------------------------------------------- reading YAML

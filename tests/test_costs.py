@@ -173,7 +173,7 @@ def cost_context(tmp_path, registries, shape: ModelShape, blocks_per_layer, **co
         run_dir=run_dir,
         parent=SimpleNamespace(shape=shape),
         family=None,
-        create=lambda choice: choice.create(registries),
+        registries=registries,
     )
 
 

@@ -11,11 +11,13 @@ import attrs
 import pytest
 import torch
 
-from puzzle_core.config import EvaluatorChoice, structure
+from puzzle_core.choices import EvaluatorChoice
+from puzzle_core.config import structure
 from puzzle_core.data import load_corpus
 from puzzle_core.errors import UserError
 from puzzle_core.evaluation import EvalContext, evaluate_all
 from puzzle_core.interfaces import LoadedModel
+from puzzle_core.registry import get_registries
 from puzzle_core.schema import DataSection, ParentSection, Scenario
 from puzzle_core.tasks import Question, choice_loglikelihoods, load_mmlu
 
@@ -60,7 +62,8 @@ def context(workspace, monkeypatch):
 
 
 def evaluator(name: str, **options):
-    return structure({"name": name, **options}, EvaluatorChoice).create()
+    choice = structure({"name": name, **options}, EvaluatorChoice)
+    return get_registries().record(choice).create(choice.options)
 
 
 def test_lm_eval_builtin_tasks(workspace, context):

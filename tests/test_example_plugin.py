@@ -17,6 +17,7 @@ from puzzle_core.cli import main
 from puzzle_core.errors import UnknownNameError
 from puzzle_core.interfaces import CostModel, Solver
 from puzzle_core.library import BlockLibrary
+from puzzle_core.registry import get_registries
 from puzzle_core.schema import load_config
 from puzzle_core.search import build_problem, run_solver
 
@@ -74,8 +75,9 @@ def test_its_solver_and_cost_model_are_usable_by_name_from_a_config(tmp_path):
         "search:\n  solver:\n    name: brute_force\n    max_combinations: 1000\n"
     )
     config = load_config(config_path)
-    assert isinstance(config.costs.model.create(), CostModel)
-    solver = config.search.solver.create()
+    registries = get_registries()
+    assert isinstance(registries.record(config.costs.model).create(config.costs.model.options), CostModel)
+    solver = registries.record(config.search.solver).create(config.search.solver.options)
     assert isinstance(solver, Solver)
     problem = build_problem(
         BlockLibrary.from_json(TINY_LIBRARY), "metrics.kl", constraints=["stats.runtime_ms<=11"]
@@ -88,8 +90,6 @@ def test_its_solver_and_cost_model_are_usable_by_name_from_a_config(tmp_path):
 
 def test_disabling_the_example_removes_its_items(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("PUZZLE_DISABLE_PLUGINS", "example")
-    from puzzle_core.registry import get_registries
-
     with pytest.raises(UnknownNameError, match="Unknown solver 'brute_force'"):
         get_registries().solvers.get("brute_force")
     config_path = tmp_path / "example.yaml"

@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from puzzle_core.config import ExecutorChoice, structure
+from puzzle_core.choices import ExecutorChoice
+from puzzle_core.config import structure
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Job
 from puzzle_plugins.torchrun_executor import balanced_shares
 
 
 def make(registries, name, **options):
-    return structure({"name": name, **options}, ExecutorChoice).create(registries)
+    choice = structure({"name": name, **options}, ExecutorChoice)
+    return registries.record(choice).create(choice.options)
 
 
 def test_local_runs_every_job_in_order_with_its_threads(registries):
@@ -73,12 +75,15 @@ WORKER = textwrap.dedent(
     """
     import json, os, sys, torch
     from pathlib import Path
-    from puzzle_core.config import ExecutorChoice, structure
+    from puzzle_core.choices import ExecutorChoice
+    from puzzle_core.config import structure
     from puzzle_core.interfaces import Job
+    from puzzle_core.registry import get_registries
 
     out = Path(sys.argv[1])
     fail = sys.argv[2] if len(sys.argv) > 2 else None
-    executor = structure({"name": "torchrun", "threads": 1}, ExecutorChoice).create()
+    choice = structure({"name": "torchrun", "threads": 1}, ExecutorChoice)
+    executor = get_registries().record(choice).create(choice.options)
 
     def work(job):
         if job.id == fail:

@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from puzzle_core.config import DistillationLossChoice, structure
+from puzzle_core.choices import DistillationLossChoice
+from puzzle_core.config import structure
 from puzzle_core.errors import ConfigError, UserError
 
 
 def make(registries, name, **options):
-    return structure({"name": name, **options}, DistillationLossChoice).create(registries)
+    choice = structure({"name": name, **options}, DistillationLossChoice)
+    return registries.record(choice).create(choice.options)
 
 
 def test_all_losses_registered_with_targets(registries):

@@ -33,7 +33,7 @@ NAN_LOSSES = """
 
     from puzzle_core import hookimpl
     from puzzle_core.interfaces import DistillationLoss
-    from puzzle_core.records import DistillationLoss as Record
+    from puzzle_core.records import DistillationLossPlugin as Record
 
 
     @attrs.frozen

@@ -21,11 +21,11 @@ BROKEN_IMPORT = """
 
 MISSPELT_HOOK = """
     from puzzle_core import hookimpl
-    from puzzle_core.records import Solver
+    from puzzle_core.records import SolverPlugin
 
     @hookimpl
     def puzzle_solver():
-        return [Solver(name="misspelt", implementation=dict)]
+        return [SolverPlugin(name="misspelt", implementation=dict)]
 """
 
 
@@ -223,7 +223,7 @@ def library_file(tmp_path):
 
 
 @pytest.mark.parametrize("source, shown", [(RAISING_HOOK, "RuntimeError: licence server unreachable"),
-                                           (MALFORMED_RECORDS, "expected a list of Solver records")],
+                                           (MALFORMED_RECORDS, "expected a list of SolverPlugin records")],
                          ids=["hook raises", "malformed records"])
 def test_a_faulty_plugin_is_one_warning_and_puzzle_search_still_works(source, shown, site_packages, library_file,
                                                                       capsys, monkeypatch):

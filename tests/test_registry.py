@@ -9,11 +9,19 @@ import pytest
 from fake_distributions import site_packages, solver_plugin  # noqa: F401  (fixture)
 
 from puzzle_core import hookimpl
-from puzzle_core.config import choice_type, structure
+from puzzle_core.choices import choice_type
+from puzzle_core.config import structure
 from puzzle_core.errors import PluginError, UnknownNameError
 from puzzle_core.plugins import PluginWarning, make_plugin_manager, reset_plugin_manager
-from puzzle_core.records import RECORD_TYPES, CostModel, DistillationLoss, NoOptions, Solver
-from puzzle_core.registry import Registry, build_registries, create, get_registries
+from puzzle_core.records import (
+    RECORD_TYPES,
+    CostModelPlugin,
+    DistillationLossPlugin,
+    NoOptions,
+    PluginRecord,
+    SolverPlugin,
+)
+from puzzle_core.registry import Registry, build_registries, get_registries
 
 
 @attrs.frozen
@@ -21,11 +29,23 @@ class WidthOptions:
     width: int = 4
 
 
-@attrs.frozen
-class Component:
-    """What a test record builds: it only remembers its options."""
+def component_of(record_type: type[PluginRecord]) -> type:
+    """A class of ``record_type``'s interface that only remembers its options (abstract methods stubbed)."""
+    interface = record_type.interface
+    stubs = {name: lambda self, *args, **kwargs: None for name in getattr(interface, "__abstractmethods__", ())}
 
-    options: object
+    def __init__(self, options):
+        self.options = options
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.options == other.options
+
+    return type(f"Test{interface.__name__}", (interface,), {**stubs, "__init__": __init__, "__eq__": __eq__})
+
+
+COMPONENTS = {t: component_of(t) for t in RECORD_TYPES}
+Component = COMPONENTS[SolverPlugin]
+COSTS = COMPONENTS[CostModelPlugin]
 
 
 def plugin_module(name: str, **hooks) -> types.ModuleType:
@@ -49,7 +69,8 @@ def manager_with(*plugins: tuple[types.ModuleType, str]):
 @pytest.mark.parametrize("record_type", RECORD_TYPES, ids=lambda t: f"puzzle_{t.kind}")
 def test_each_kind_hook_fills_its_registry(record_type):
     hook = f"puzzle_{record_type.kind}"
-    record = record_type(name="thing", implementation=Component, options=WidthOptions, description="A thing.")
+    component = COMPONENTS[record_type]
+    record = record_type(name="thing", implementation=component, options=WidthOptions, description="A thing.")
     manager_with((plugin_module("things", **{hook: lambda: [record]}), "things-dist"))
     registries = get_registries()
     registry = registries.kind(record_type.kind)
@@ -60,8 +81,8 @@ def test_each_kind_hook_fills_its_registry(record_type):
     assert all(len(r) == 0 for kind, r in registries.items() if kind != record_type.kind)
     # built by name with options structured from a config section, as the pipeline does
     choice = structure({"name": "thing", "width": "8"}, choice_type(record_type.kind))
-    assert choice.create() == Component(WidthOptions(width=8))
-    assert create(record_type.kind, "thing") == Component(WidthOptions())
+    assert registries.record(choice).create(choice.options) == component(WidthOptions(width=8))
+    assert record.create() == component(WidthOptions())
 
 
 def test_hook_that_raises_is_reported_and_the_rest_kept():
@@ -69,8 +90,8 @@ def test_hook_that_raises_is_reported_and_the_rest_kept():
         raise RuntimeError("GPU table missing")
 
     faulty = plugin_module("faulty", puzzle_solvers=failing,
-                           puzzle_cost_models=lambda: [CostModel(name="fine", implementation=Component)])
-    good = plugin_module("good", puzzle_solvers=lambda: [Solver(name="ok", implementation=Component)])
+                           puzzle_cost_models=lambda: [CostModelPlugin(name="fine", implementation=COSTS)])
+    good = plugin_module("good", puzzle_solvers=lambda: [SolverPlugin(name="ok", implementation=Component)])
     manager = manager_with((faulty, "faulty-dist"), (good, "good-dist"))
     with pytest.warns(PluginWarning) as caught:
         registries = build_registries(manager)
@@ -85,21 +106,21 @@ def test_hook_that_raises_is_reported_and_the_rest_kept():
     "returned, shown",
     [
         (["not a record"], "'not a record'"),
-        ([CostModel(name="wrong_kind", implementation=Component)], "CostModel(name='wrong_kind'"),
-        (Solver(name="not_in_a_list", implementation=Component), "Solver(name='not_in_a_list'"),
+        ([CostModelPlugin(name="wrong_kind", implementation=COSTS)], "CostModelPlugin(name='wrong_kind'"),
+        (SolverPlugin(name="not_in_a_list", implementation=Component), "SolverPlugin(name='not_in_a_list'"),
         ({"name": "a_dict"}, "{'name': 'a_dict'}"),
     ],
     ids=["string", "wrong-kind", "bare-record", "dict"],
 )
 def test_malformed_records_are_reported_and_the_rest_kept(returned, shown):
     bad = plugin_module("sloppy", puzzle_solvers=lambda: returned)
-    good = plugin_module("good", puzzle_solvers=lambda: [Solver(name="ok", implementation=Component)])
+    good = plugin_module("good", puzzle_solvers=lambda: [SolverPlugin(name="ok", implementation=Component)])
     manager = manager_with((bad, "sloppy-dist"), (good, "good-dist"))
     with pytest.warns(PluginWarning) as caught:
         registries = build_registries(manager)
     (message,) = [str(w.message) for w in caught]
     assert "plugin 'sloppy' from distribution 'sloppy-dist'" in message
-    assert shown in message and "expected a list of Solver records" in message
+    assert shown in message and "expected a list of SolverPlugin records" in message
     assert registries.solvers.names() == ["ok"]
 
 
@@ -137,10 +158,9 @@ def test_duplicate_name_resolved_by_disabling_one(site_packages, monkeypatch):
     assert get_registries().solvers.entry("fast_search").distribution == "acme-solvers"
 
 
-def registry_of(*names: str, kind=Solver) -> Registry:
-    manager = manager_with(
-        (plugin_module("several", **{f"puzzle_{kind.kind}": lambda: [kind(name=n, implementation=Component) for n in names]}), "d")
-    )
+def registry_of(*names: str, kind=SolverPlugin) -> Registry:
+    records = [kind(name=n, implementation=COMPONENTS[kind]) for n in names]
+    manager = manager_with((plugin_module("several", **{f"puzzle_{kind.kind}": lambda: records}), "d"))
     return build_registries(manager).kind(kind.kind)
 
 
@@ -154,7 +174,7 @@ def test_unknown_name_lists_the_available_and_suggests_the_closest():
 
 
 def test_unknown_name_suggestion_ignores_case_and_is_left_out_when_nothing_is_close():
-    losses = registry_of("normalized_mse", "cosine", kind=DistillationLoss)
+    losses = registry_of("normalized_mse", "cosine", kind=DistillationLossPlugin)
     with pytest.raises(UnknownNameError, match=r"Unknown distillation loss 'COSINE'\. Did you mean 'cosine'\?"):
         losses.get("COSINE")
     with pytest.raises(UnknownNameError) as caught:
@@ -173,7 +193,7 @@ def test_unknown_name_with_nothing_installed_says_so():
     [
         ({"name": "has space"}, "short name"),
         ({"name": ""}, "short name"),
-        ({"implementation": "not callable"}, "callable"),
+        ({"implementation": "not callable"}, "a subclass of Solver"),
         ({"options": dict}, "attrs class"),
         ({"options": attrs.make_class("Named", {"name": attrs.field(default="x")})}, "field called 'name'"),
         ({"description": 3}, "description"),
@@ -182,7 +202,7 @@ def test_unknown_name_with_nothing_installed_says_so():
 def test_records_refuse_what_would_break_later(fields, problem):
     arguments = {"name": "fine", "implementation": Component, "options": NoOptions, **fields}
     with pytest.raises((TypeError, ValueError), match=problem):
-        Solver(**arguments)
+        SolverPlugin(**arguments)
 
 
 def test_record_labels_read_naturally():
@@ -196,3 +216,46 @@ def test_record_labels_read_naturally():
         "evaluator",
         "executor",
     ]
+
+
+def test_a_record_of_the_wrong_kind_fails_when_its_hook_is_collected_naming_plugin_and_distribution():
+    # a cost model registered as a solver: refused at registration, not at first use
+    wrong = plugin_module("mixed_up", puzzle_solvers=lambda: [SolverPlugin(name="fast", implementation=COSTS)])
+    manager = manager_with((wrong, "mixed-up-dist"))
+    with pytest.warns(PluginWarning) as caught:
+        registries = build_registries(manager)
+    (message,) = [str(w.message) for w in caught]
+    assert "plugin 'mixed_up' from distribution 'mixed-up-dist'" in message
+    assert "SolverPlugin 'fast': implementation TestCostModel is not a subclass of Solver" in message
+    assert "fast" not in registries.solvers
+
+
+def make_solver(options: WidthOptions) -> Component:
+    return Component(options)
+
+
+def make_unannotated(options):
+    return Component(options)
+
+
+def make_cost_model(options) -> COSTS:
+    return COSTS(options)
+
+
+def test_a_factory_must_be_annotated_to_return_its_kind():
+    assert SolverPlugin(name="ok", implementation=make_solver, options=WidthOptions).create() == Component(WidthOptions())
+    with pytest.raises(TypeError, match="make_unannotated has no return annotation"):
+        SolverPlugin(name="bare", implementation=make_unannotated)
+    with pytest.raises(TypeError, match="is annotated to return .*TestCostModel.*not a subclass of Solver"):
+        SolverPlugin(name="wrong", implementation=make_cost_model)
+    with pytest.raises(TypeError, match="no return annotation"):
+        SolverPlugin(name="lambda", implementation=lambda options: Component(options))
+
+
+def test_a_factory_whose_annotation_lies_fails_when_built():
+    def lies(options) -> Component:
+        return COSTS(options)
+
+    record = SolverPlugin(name="liar", implementation=lies)
+    with pytest.raises(PluginError, match="SolverPlugin 'liar' built TestCostModel, which is not a Solver"):
+        record.create()

@@ -15,8 +15,8 @@ import numpy as np
 from puzzle_core import hookimpl
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import ModelOutputs, Scorer, ScoringBatch, Solver
-from puzzle_core.records import Scorer as ScorerRecord
-from puzzle_core.records import Solver as SolverRecord
+from puzzle_core.records import ScorerPlugin
+from puzzle_core.records import SolverPlugin
 from puzzle_core.search import SearchProblem, Solution, check_diversity_count, infeasible_error
 from puzzle_plugins.roofline import GPUSpec, roofline_cost_model
 
@@ -99,7 +99,7 @@ class BruteForceSolver(Solver):
 @hookimpl(specname="puzzle_solvers")
 def brute_force_solver():
     return [
-        SolverRecord(
+        SolverPlugin(
             name=BruteForceSolver.name,
             implementation=BruteForceSolver,
             options=BruteForceOptions,
@@ -126,5 +126,5 @@ class TopOneMismatch(Scorer):
 
 @hookimpl(specname="puzzle_scorers")
 def top1_mismatch_scorer():
-    return [ScorerRecord(name="top1_mismatch", implementation=TopOneMismatch,
+    return [ScorerPlugin(name="top1_mismatch", implementation=TopOneMismatch,
                          description="share of validation tokens whose top-1 prediction changes, block replaced alone")]

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from puzzle_core import hookimpl
-from puzzle_core.records import Architecture, BlockVariants, NoOptions
+from puzzle_core.interfaces import ModelFamily, VariantProvider
+from puzzle_core.records import ArchitecturePlugin, BlockVariantsPlugin, NoOptions
 
 
-def _family(_options: NoOptions):
+def _family(_options: NoOptions) -> ModelFamily:
     from puzzle_plugins.llama.family import LlamaFamily
 
     return LlamaFamily()
 
 
-def _variants(options):
+def _variants(options) -> VariantProvider:
     from puzzle_plugins.llama.variants import LlamaVariants
 
     return LlamaVariants(options)
@@ -21,7 +22,7 @@ def _variants(options):
 @hookimpl
 def puzzle_architectures():
     return [
-        Architecture(
+        ArchitecturePlugin(
             name="llama",
             implementation=_family,
             description="LlamaForCausalLM and look-alikes; children are DeciLM (nemotron-nas) models",
@@ -34,7 +35,7 @@ def puzzle_block_variants():
     from puzzle_plugins.llama.options import LlamaVariantOptions
 
     return [
-        BlockVariants(
+        BlockVariantsPlugin(
             name="llama",
             implementation=_variants,
             options=LlamaVariantOptions,

@@ -22,7 +22,8 @@ def _load(library_path: str):
 
 
 def _solver_choice(name: str, gap: float | None, time_limit: float | None):
-    from puzzle_core.config import SolverChoice, structure
+    from puzzle_core.choices import SolverChoice
+    from puzzle_core.config import structure
     from puzzle_core.registry import get_registries
 
     get_registries().solvers.entry(name)  # an unknown name lists the solvers and suggests the closest
@@ -128,7 +129,9 @@ def search_command(
         min_diversity=min_diversity,
     )
     choice = _solver_choice(solver, gap, time_limit)
-    solutions = run_solver(choice.create(), problem, choice.name)
+    from puzzle_core.registry import get_registries
+
+    solutions = run_solver(get_registries().record(choice).create(choice.options), problem, choice.name)
     if out:
         for path in _write_solutions(out, solutions):
             click.echo(f"wrote {path}", err=True)

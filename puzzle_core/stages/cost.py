@@ -50,7 +50,7 @@ def run(ctx) -> list[Path]:
     per_layer = layer_blocks(json.loads(index_path.read_text()))
     shape, family, scenario = ctx.parent.shape, ctx.family, ctx.config.scenario
     choice = ctx.config.costs.model
-    model = ctx.create(choice)
+    model = ctx.registries.record(choice).create(choice.options)
 
     parent_ids = [block.id for block in shape.blocks]
     distinct = list(dict.fromkeys([*parent_ids, *(block_id for layer in per_layer for block_id in layer)]))

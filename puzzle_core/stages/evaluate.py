@@ -24,7 +24,8 @@ from typing import Callable, Literal
 import attrs
 from tqdm.auto import tqdm
 
-from puzzle_core.config import CONVERTER, EvaluatorChoice, stable_hash, structure, unstructure
+from puzzle_core.choices import EvaluatorChoice
+from puzzle_core.config import CONVERTER, stable_hash, structure, unstructure
 from puzzle_core.evaluation import EvalContext, evaluate_all
 from puzzle_core.interfaces import LoadedModel, parameter_count
 from puzzle_core.pipeline import is_stage_worker
@@ -112,7 +113,7 @@ def run(ctx) -> list[Path]:
         return []  # under torchrun the driver evaluates alone: timings must not share the machine
     run_dir: RunDir = ctx.run_dir
     choices = evaluator_choices(ctx)
-    evaluators = [(choice.name, ctx.create(choice)) for choice in choices]
+    evaluators = [(choice.name, ctx.registries.record(choice).create(choice.options)) for choice in choices]
     context = EvalContext.from_run(ctx)
     todo = candidates(ctx)
     results: dict[str, ModelEvaluation] = {}

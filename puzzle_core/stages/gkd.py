@@ -161,7 +161,8 @@ def run(ctx) -> list[Path]:
         # (they take the branch above); afterwards each job is a cheap check here.
         by_name = {child.name: child for child in children}
         jobs = [Job(id=child.name, cost=float(child.params), payload=child.name) for child in children]
-        executor = ctx.create(ctx.config.gkd.executor)
+        choice = ctx.config.gkd.executor
+        executor = ctx.registries.record(choice).create(choice.options)
         executor.run(jobs, lambda job: uptrain_child(ctx, by_name[job.payload]), description="GKD", context=ctx)
     results = [json.loads((child_dir(run_dir, c.name) / "result.json").read_text()) for c in children]
     index_path = run_dir.path(*GKD_INDEX)

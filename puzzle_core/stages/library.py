@@ -48,7 +48,7 @@ def library_parts(ctx) -> tuple[ActivationStore, TrainSettings, Any]:
         init_method=ctx.variant_provider.init_method,
         seed=config.seed,
     )
-    return store, settings, ctx.create(section.loss)
+    return store, settings, ctx.registries.record(section.loss).create(section.loss.options)
 
 
 def run(ctx) -> list[Path]:
@@ -56,7 +56,7 @@ def run(ctx) -> list[Path]:
     shape = ctx.parent.shape
     spaces = [ctx.variant_provider.variants(shape, layer) for layer in range(shape.num_layers)]
     plan = plan_library(section.mode, shape, spaces, resolve_subspace(section, shape.num_layers))
-    executor = ctx.create(section.executor)
+    executor = ctx.registries.record(section.executor).create(section.executor.options)
     driver = not is_stage_worker()
 
     store, settings, loss = library_parts(ctx)

@@ -144,14 +144,15 @@ def run(ctx) -> list[Path]:
     if len(set(names)) != len(names):
         raise UserError(f"scoring.scorers names a scorer twice ({names}); list each once.")
     layers = read_index(ctx.run_dir)
-    scorers = {choice.name: ctx.create(choice) for choice in section.scorers}
+    scorers = {choice.name: ctx.registries.record(choice).create(choice.options) for choice in section.scorers}
     keys = shard_keys(ctx, layers)
     pending = [i for i in range(len(layers)) if read_shard(shard_path(ctx.run_dir, i), keys[i]) is None]
     if pending:
         # a block at layer i runs layers i..N-1 and the head (about one more layer's worth)
         jobs = [Job(id=layer_key(i), cost=len(layers[i]) * (len(layers) - i + 1), payload=i) for i in pending]
         work = LayerScoring(ctx, layers, scorers, keys)
-        ctx.create(section.executor).run(jobs, work, description="replace-1-block scoring", context=ctx)
+        executor = ctx.registries.record(section.executor).create(section.executor.options)
+        executor.run(jobs, work, description="replace-1-block scoring", context=ctx)
     if is_stage_worker():
         return []  # the driver process merges the shards
     return write_scores(ctx, layers, scorers, keys)

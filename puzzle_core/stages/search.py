@@ -84,7 +84,9 @@ def run(ctx) -> list[Path]:
     out = run_dir.path(SOLUTIONS)
     written: list[Path] = []
     entries: list[dict] = []
-    solvers = {choice.name: ctx.create(choice) for choice in [section.solver, *section.baselines]}
+    solvers = {
+        choice.name: ctx.registries.record(choice).create(choice.options) for choice in [section.solver, *section.baselines]
+    }
     for name, solver in solvers.items():
         main = name == section.solver.name
         try:
