@@ -30,7 +30,7 @@ import attrs
 
 from puzzle_core import hookimpl
 from puzzle_core.errors import UserError
-from puzzle_core.evaluation import EvalContext
+from puzzle_core.interfaces import EvalContext
 from puzzle_core.interfaces import Evaluator, LoadedModel
 from puzzle_core.records import EvaluatorPlugin
 from puzzle_core.rundir import atomic_write

@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from puzzle_core.config import stable_hash, unstructure
+from puzzle_core.dtypes import torch_dtype
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Job, LayerRunner
 from puzzle_core.rundir import RunDir, atomic_path, atomic_write_json
@@ -44,7 +45,6 @@ ACTIVATIONS = "activations"
 TENSORS = ("hidden", "attn_out", "ffn_out")
 Split = Literal["train", "heldout"]
 CORPUS_SPLITS: dict[str, str] = {"train": "train", "heldout": "validation"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class ActivationWarning(UserWarning):
@@ -221,7 +221,7 @@ class ActivationStore:
         """Run the parent (on ``device``) over ``shard`` one layer at a time, writing one file per layer."""
         if self.is_complete(shard):
             return
-        dtype = DTYPES[self.settings.dtype]
+        dtype = torch_dtype(self.settings.dtype)
         chunks = [ids.to(device) for ids in shard.input_ids.split(batch_size)]
         hidden = [runner.embed(ids) for ids in chunks]
         contexts = {}

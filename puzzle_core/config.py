@@ -23,6 +23,7 @@ import cattrs.gen
 import yaml
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from puzzle_core.dtypes import DTYPE_BYTES, canonical_dtype
 from puzzle_core.errors import ConfigError, UnknownNameError, UserError, suggest
 
 T = TypeVar("T")
@@ -65,6 +66,8 @@ def _structure_bool(value: Any, _type: type) -> bool:
 
 def _structure_literal(value: Any, type_: Any) -> Any:
     choices = typing.get_args(type_)
+    if isinstance(value, str) and set(choices) <= set(DTYPE_BYTES):
+        value = canonical_dtype(value)  # one dtype vocabulary: 'bfloat16' is read as 'bf16'
     # compare types too: YAML's `true` must not pass for a Literal[1]
     if any(value == choice and type(value) is type(choice) for choice in choices):
         return value

@@ -57,7 +57,7 @@ class CorpusSplit:
 
 
 @attrs.frozen(eq=False)
-class Corpus:
+class TokenizedCorpus:
     """Tokenised train / validation / test splits of one text source."""
 
     name: str
@@ -143,7 +143,7 @@ class Corpus:
 # ---------------------------------------------------------------- loading
 
 
-def load_corpus(data_section, tokenizer, seed: int = 0) -> Corpus:
+def load_corpus(data_section, tokenizer, seed: int = 0) -> TokenizedCorpus:
     """The corpus ``data_section.corpus`` names, tokenised with ``tokenizer`` (cached)."""
     documents = read_splits(
         data_section.corpus,
@@ -385,7 +385,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _digest([type(tokenizer).__name__, payload, getattr(tokenizer, "eos_token_id", None)])
 
 
-def tokenize_splits(name: str, splits: Mapping[str, Sequence[Document]], tokenizer, fingerprint: str) -> Corpus:
+def tokenize_splits(name: str, splits: Mapping[str, Sequence[Document]], tokenizer, fingerprint: str) -> TokenizedCorpus:
     """Token streams of ``splits`` (cached by ``fingerprint`` and the tokenizer)."""
     from safetensors.torch import load_file, save_file
 
@@ -396,11 +396,11 @@ def tokenize_splits(name: str, splits: Mapping[str, Sequence[Document]], tokeniz
     if cache.is_file():
         tensors = load_file(cache)
         if set(tensors) == set(splits):
-            return Corpus(name, {s: CorpusSplit(tuple(splits[s]), tensors[s].long()) for s in splits})
+            return TokenizedCorpus(name, {s: CorpusSplit(tuple(splits[s]), tensors[s].long()) for s in splits})
     tensors = {split: _tokenize(documents, tokenizer, f"tokenising {split}") for split, documents in splits.items()}
     with atomic_path(cache) as tmp:
         save_file({s: t.int() for s, t in tensors.items()}, str(tmp), metadata={"name": name, "fingerprint": fingerprint})
-    return Corpus(name, {s: CorpusSplit(tuple(splits[s]), tensors[s]) for s in splits})
+    return TokenizedCorpus(name, {s: CorpusSplit(tuple(splits[s]), tensors[s]) for s in splits})
 
 
 def _tokenize(documents: Sequence[Document], tokenizer, description: str):

@@ -420,7 +420,7 @@ class GKDDiverged(UserError):
 class DistillRun:
     """What :func:`distill` needs besides the models: data, where to write, identity."""
 
-    corpus: Any  # puzzle_core.data.Corpus: .batches(split, seq_len, batch_size, max_tokens, seed)
+    corpus: Any  # puzzle_core.data.TokenizedCorpus: .batches(split, seq_len, batch_size, max_tokens, seed)
     seq_len: int
     seed: int
     checkpoint_dir: Path

@@ -62,13 +62,11 @@ def build_library_view(run_dir: RunDir) -> BlockLibrary:
     return BlockLibrary(layers)
 
 
-def write_library_view(run_dir: RunDir) -> Path:
-    """Rewrite ``library/library.json`` from the stage files and record it in the manifest; returns its path."""
-    from puzzle_core.pipeline import is_stage_worker
-
+def write_library_view(run_dir: RunDir, driver: bool = True) -> Path:
+    """Rewrite ``library/library.json`` from the stage files and (the ``driver`` only) record it in the manifest."""
     path = run_dir.path(*VIEW)
     build_library_view(run_dir).write(path)
-    if not is_stage_worker():  # the manifest is the driver's
+    if driver:  # the manifest is the driver's
         sources = {"/".join(parts): run_dir.path(*parts) for parts in (INDEX, SCORES, COSTS)}
         run_dir.mark_done(VIEW_RECORD, stable_hash({k: sha256_file(p) for k, p in sources.items() if p.is_file()}), [path])
     return path

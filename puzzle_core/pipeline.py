@@ -22,12 +22,15 @@ import random
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import attrs
+import yaml
 
 from puzzle_core.config import stable_hash, unstructure
+from puzzle_core.data import TokenizedCorpus
 from puzzle_core.errors import UserError
+from puzzle_core.interfaces import LoadedModel, ModelFamily, ProcessRole, ScoringData, StageContext, VariantProvider
 from puzzle_core.rundir import RunDir, atomic_write, link_missing, remove_temp_files
 from puzzle_core.schema import PuzzleConfig
 
@@ -79,16 +82,14 @@ def stage_hashes(config: PuzzleConfig) -> dict[str, str]:
 STAGE_WORKER_ENV = "PUZZLE_STAGE_WORKER"
 
 
-def is_stage_worker() -> bool:
-    """Whether this process only helps run a stage's jobs for another process (the driver).
-
-    That is a torchrun rank other than 0, or any process an executor launched with
-    ``PUZZLE_STAGE_WORKER=1``. Workers run the same stage code, so they rebuild the same
-    job lists, but leave the lock, the manifest and the clean-up of temp files to the driver.
+def process_role() -> ProcessRole:
+    """This process's role: a worker is a torchrun rank other than 0, or a process an executor
+    launched with ``PUZZLE_STAGE_WORKER=1``. Workers run the same stage code, so they rebuild
+    the same job lists, but leave the lock, the manifest and the clean-up of temp files to the driver.
     """
-    if os.environ.get(STAGE_WORKER_ENV) == "1":
-        return True
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) > 0
+    rank, world_size = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    worker = os.environ.get(STAGE_WORKER_ENV) == "1" or (world_size > 1 and rank > 0)
+    return ProcessRole(not worker, rank, world_size, int(os.environ.get("LOCAL_RANK", "0") or 0))
 
 
 def _quiet(_message: str) -> None:
@@ -104,49 +105,65 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class RunContext:
+class RunContext(StageContext):
     """What every stage gets: the config, the run directory, and lazily loaded shared state."""
 
-    def __init__(self, config: PuzzleConfig, run_dir: RunDir, registries=None, argv: list[str] | None = None):
+    def __init__(self, config: PuzzleConfig, run_dir: RunDir, registries=None, role: ProcessRole | None = None):
         from puzzle_core.registry import get_registries
 
         self.config = config
         self.run_dir = run_dir
         self.registries = registries or get_registries()
-        self.argv = argv or []  # the CLI arguments of this run, for executors that relaunch it
+        self.role = role or ProcessRole()
+        self.seed = config.seed
         self.stage: str | None = None  # the stage being run, for executors that relaunch it
         self.hashes = stage_hashes(config)
         self.outcomes: dict[str, StageOutcome] = {}  # per stage of this call: how it was done
 
     @cached_property
-    def parent(self):
-        """The parent :class:`~puzzle_core.interfaces.LoadedModel` (loaded once)."""
+    def parent(self) -> LoadedModel:
+        """The parent (loaded once)."""
         return self.loaded_parent[1]
 
     @cached_property
-    def family(self):
-        """The :class:`~puzzle_core.interfaces.ModelFamily` of the parent."""
+    def family(self) -> ModelFamily:
+        """The model family of the parent."""
         return self.loaded_parent[0]
 
     @cached_property
-    def loaded_parent(self):
+    def loaded_parent(self) -> tuple[ModelFamily, LoadedModel]:
         from puzzle_core.parents import load_parent
 
         return load_parent(self.config.parent, self.registries)
 
     @cached_property
-    def variant_provider(self):
+    def variant_provider(self) -> VariantProvider:
         choice = self.config.library.variants
         if choice is None:
             return self.registries.block_variants.get(self.family.default_variants).create()
         return self.registries.record(choice).create(choice.options)
 
     @cached_property
-    def corpus(self):
-        """Tokenised train / validation / test splits (:class:`puzzle_core.data.Corpus`)."""
+    def corpus(self) -> TokenizedCorpus:
+        """Tokenised train / validation / test splits."""
         from puzzle_core.data import load_corpus
 
         return load_corpus(self.config.data, self.parent.tokenizer, seed=self.config.seed)
+
+    def scoring_data(self) -> ScoringData:
+        from puzzle_core.scoring import validation_data
+
+        return validation_data(self)
+
+    def worker_arguments(self) -> list[str]:
+        if self.stage is None:
+            raise UserError(
+                "Workers re-run a pipeline stage, but no stage is running. Call the executor from a stage, or "
+                "start the workers yourself (e.g. under torchrun)."
+            )
+        config_path = self.run_dir.path("workers", f"{self.stage}.yaml")
+        atomic_write(config_path, yaml.safe_dump(unstructure(self.config), sort_keys=False))
+        return ["run", str(config_path), "--run-dir", str(self.run_dir.root), "--stage", self.stage, "--resume"]
 
 
 StageOutcome = Literal["ran", "skipped", "reused"]
@@ -167,7 +184,6 @@ def run_pipeline(
     stages: list[str] | None = None,
     resume: bool = True,
     config_text: str | None = None,
-    argv: list[str] | None = None,
     echo: Callable[[str], None] = print,
     reuse: Sequence[str | Path] = (),
 ) -> RunContext:
@@ -184,7 +200,8 @@ def run_pipeline(
     wanted = [s for s in STAGES if not stages or s.name in stages]
     rundir = RunDir(run_dir)
     donors = [RunDir(p) for p in reuse if Path(p).resolve() != rundir.root.resolve()]
-    worker = is_stage_worker()
+    role = process_role()
+    worker = not role.is_driver
     if worker:
         echo = _quiet  # the driver reports progress
     with contextlib.nullcontext() if worker else rundir.lock():
@@ -200,7 +217,7 @@ def run_pipeline(
                 atomic_write(rundir.path("config.yaml"), config_text)
         torch.set_num_threads(max(1, config.threads))
         seed_everything(config.seed)
-        ctx = RunContext(config, rundir, argv=argv)
+        ctx = RunContext(config, rundir, role=role)
         for index, stage in enumerate(wanted, start=1):
             digest = ctx.hashes[stage.name]
             label = f"[{index}/{len(wanted)}] {stage.name}: {stage.description}"

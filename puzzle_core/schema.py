@@ -22,9 +22,9 @@ from puzzle_core.choices import (
     SolverChoice,
 )
 from puzzle_core.config import CONVERTER, read_yaml, structure
+from puzzle_core.dtypes import ModelDtype
+from puzzle_core.scenario import Scenario, at_least, device_name
 from puzzle_core.search import Constraint, LayerRule, Objective
-
-TorchDtype = Literal["float32", "bfloat16"]
 
 
 def _choice(type_, name: str, **options):
@@ -38,7 +38,7 @@ class ParentSection:
 
     source: str = "smollm2-135m"  # an embedded alias, a local HF folder or a .gguf file
     architecture: ArchitectureChoice | None = None  # None: detected from the parent's config
-    dtype: TorchDtype = "float32"
+    dtype: ModelDtype = "fp32"
     trust_remote_code: bool = False  # only ever set when the user asks
 
 
@@ -73,7 +73,7 @@ class LibrarySection:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_fraction: float = attrs.field(default=0.05, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
-    activation_dtype: TorchDtype = "bfloat16"
+    activation_dtype: ModelDtype = "bf16"
     shard_tokens: int = attrs.field(default=8192, validator=attrs.validators.ge(1))  # tokens per activation file
     keep_activations: bool = True  # False: delete activations/ once every block is trained
     device: str = "auto"  # auto: one CUDA device per process when available, else cpu
@@ -92,38 +92,6 @@ class ScoringSection:
     batch_size: int = 8  # sequences per forward
     max_cache_mib: int = 4096  # bound on the cached parent activations (see puzzle_core.scoring)
     executor: ExecutorChoice = _choice(ExecutorChoice, "local")  # jobs: one per layer
-
-
-def _at_least(minimum: int):
-    def check(_instance, attribute, value):
-        if value < minimum:
-            raise ValueError(f"{attribute.name} must be >= {minimum}, got {value}")
-
-    return check
-
-
-def _device(_instance, attribute, value):
-    if value not in ("cpu", "cuda", "auto") and not (value.startswith("cuda:") and value[5:].isdigit()):
-        raise ValueError(f"{attribute.name} must be 'cpu', 'cuda', 'cuda:<index>' or 'auto', got {value!r}")
-
-
-@attrs.frozen
-class Scenario:
-    """The inference workload the child is made fast for.
-
-    ``decode_len`` counts generated tokens per sequence: the prefill pass emits the first,
-    then ``decode_len - 1`` single-token steps follow. ``dtype`` is the weights' and GEMMs'
-    precision, ``kv_dtype`` the KV cache's. ``device`` and ``threads`` are where cost
-    models that measure (``measured``) run: 'auto' is CUDA when available, else CPU.
-    """
-
-    batch_size: int = attrs.field(default=1, validator=_at_least(1))
-    prefill_len: int = attrs.field(default=128, validator=_at_least(1))
-    decode_len: int = attrs.field(default=128, validator=_at_least(1))
-    dtype: Literal["fp32", "bf16", "fp8"] = "bf16"
-    kv_dtype: Literal["fp32", "bf16", "fp8"] = "bf16"
-    device: str = attrs.field(default="cpu", validator=_device)
-    threads: int = attrs.field(default=2, validator=_at_least(1))
 
 
 @attrs.frozen
@@ -209,22 +177,22 @@ class GKDSection:
 
     enabled: bool = True
     children: Literal["all", "main"] = "all"  # 'main': only the first child of children/index.json
-    tokens: int = attrs.field(default=65536, validator=_at_least(1))  # training tokens per child, all processes
-    seq_len: int | None = attrs.field(default=None, validator=attrs.validators.optional(_at_least(2)))  # None: data.seq_len
-    batch_size: int = attrs.field(default=8, validator=_at_least(1))  # sequences per micro-batch and process
-    grad_accum: int = attrs.field(default=1, validator=_at_least(1))  # micro-batches per optimizer step
+    tokens: int = attrs.field(default=65536, validator=at_least(1))  # training tokens per child, all processes
+    seq_len: int | None = attrs.field(default=None, validator=attrs.validators.optional(at_least(2)))  # None: data.seq_len
+    batch_size: int = attrs.field(default=8, validator=at_least(1))  # sequences per micro-batch and process
+    grad_accum: int = attrs.field(default=1, validator=at_least(1))  # micro-batches per optimizer step
     lr: float = attrs.field(default=1e-4, validator=attrs.validators.gt(0.0))
     min_lr_fraction: float = attrs.field(default=0.1, validator=_fraction)  # cosine decay ends at lr * this
     warmup_fraction: float = attrs.field(default=0.05, validator=_fraction)
-    weight_decay: float = attrs.field(default=0.0, validator=_at_least(0.0))
-    max_grad_norm: float = attrs.field(default=1.0, validator=_at_least(0.0))  # 0: no clipping
+    weight_decay: float = attrs.field(default=0.0, validator=at_least(0.0))
+    max_grad_norm: float = attrs.field(default=1.0, validator=at_least(0.0))  # 0: no clipping
     bf16: bool = False  # bfloat16 autocast for the forward passes
-    device: str = attrs.field(default="auto", validator=_device)  # 'auto': the local rank's GPU if any, else CPU
-    lora_rank: int = attrs.field(default=0, validator=_at_least(0))  # 0: full fine-tuning; >0: LoRA, merged at the end
+    device: str = attrs.field(default="auto", validator=device_name)  # 'auto': the local rank's GPU if any, else CPU
+    lora_rank: int = attrs.field(default=0, validator=at_least(0))  # 0: full fine-tuning; >0: LoRA, merged at the end
     lora_alpha: float | None = None  # None: 2 * lora_rank
-    validation_tokens: int = attrs.field(default=2048, validator=_at_least(1))  # validation tokens for the KL curve
-    validate_every: int = attrs.field(default=0, validator=_at_least(0))  # steps between validations; 0: at checkpoints
-    checkpoint_every: int = attrs.field(default=50, validator=_at_least(1))  # steps between resumable checkpoints
+    validation_tokens: int = attrs.field(default=2048, validator=at_least(1))  # validation tokens for the KL curve
+    validate_every: int = attrs.field(default=0, validator=at_least(0))  # steps between validations; 0: at checkpoints
+    checkpoint_every: int = attrs.field(default=50, validator=at_least(1))  # steps between resumable checkpoints
     losses: list[WeightedLoss] = attrs.Factory(_default_gkd_losses)
     executor: ExecutorChoice = _choice(ExecutorChoice, "local")
 

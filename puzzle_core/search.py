@@ -33,9 +33,8 @@ import numpy as np
 
 from puzzle_core.blocks import BlockSpec
 from puzzle_core.config import CONVERTER
-from puzzle_core.errors import PluginError, UserError
+from puzzle_core.errors import PluginError, UserError, suggest
 from puzzle_core.library import BlockLibrary, layer_key
-from puzzle_core.registry import suggest
 
 RUNTIME = "stats.runtime_ms"
 THROUGHPUT = "throughput"

@@ -444,3 +444,15 @@ def test_fuzz_raw_bytes_give_a_config_or_a_user_error(raw, tmp_path):
     except UserError:
         pass
 
+
+
+def test_one_dtype_vocabulary_torch_spellings_are_read_as_the_short_names():
+    config = structure(
+        {"parent": {"dtype": "bfloat16"}, "library": {"activation_dtype": "float32"}, "scenario": {"kv_dtype": "fp8"}},
+        PuzzleConfig,
+    )
+    assert (config.parent.dtype, config.library.activation_dtype, config.scenario.kv_dtype) == ("bf16", "fp32", "fp8")
+    assert unstructure(config)["parent"]["dtype"] == "bf16"
+    assert problems({"scenario": {"dtype": "float16"}}, PuzzleConfig) == [
+        "at $.scenario.dtype: expected one of 'fp32', 'bf16', 'fp8', got 'fp16'"
+    ]

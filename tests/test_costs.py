@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec
 from puzzle_core.config import structure
 from puzzle_core.errors import UserError
-from puzzle_core.interfaces import ModelShape
+from puzzle_core.interfaces import ModelShape, ProcessRole
 from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.schema import PuzzleConfig, Scenario
 from puzzle_plugins.roofline import H100_SXM, GPUSpec, RooflineCostModel
@@ -174,6 +174,7 @@ def cost_context(tmp_path, registries, shape: ModelShape, blocks_per_layer, **co
         parent=SimpleNamespace(shape=shape),
         family=None,
         registries=registries,
+        role=ProcessRole(),
     )
 
 

@@ -15,8 +15,8 @@ from puzzle_core.choices import EvaluatorChoice
 from puzzle_core.config import structure
 from puzzle_core.data import load_corpus
 from puzzle_core.errors import UserError
-from puzzle_core.evaluation import EvalContext, evaluate_all
-from puzzle_core.interfaces import LoadedModel
+from puzzle_core.evaluation import evaluate_all
+from puzzle_core.interfaces import EvalContext, LoadedModel
 from puzzle_core.registry import get_registries
 from puzzle_core.schema import DataSection, ParentSection, Scenario
 from puzzle_core.tasks import Question, choice_loglikelihoods, load_mmlu

@@ -11,7 +11,7 @@ from torch import nn
 from puzzle_core import gkd
 from puzzle_core.blocks import BlockSpec
 from puzzle_core.config import structure, unstructure
-from puzzle_core.data import Corpus, CorpusSplit
+from puzzle_core.data import CorpusSplit, TokenizedCorpus
 from puzzle_core.errors import ConfigError, UserError
 from puzzle_core.gkd import DistillationObjective, DistillRun, GKDDiverged, Student, distill, latest_checkpoint
 from puzzle_core.interfaces import DistillationLoss
@@ -31,7 +31,7 @@ def make_setup():
     generator = torch.Generator().manual_seed(0)
     splits = {s: CorpusSplit((), torch.randint(4, vocab, (n,), generator=generator)) for s, n in
               (("train", 8192), ("validation", 512), ("test", 512))}
-    return family, parent, Corpus("random", splits)
+    return family, parent, TokenizedCorpus("random", splits)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec, SubBlockSpec
+from puzzle_core.dtypes import torch_dtype
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Calibration, LoadedModel, ModelFamily, ModelShape, Part
 from puzzle_core.parents import read_config
@@ -38,7 +39,6 @@ def register_with_transformers() -> None:
 
 
 register_with_transformers()
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Llama config fields a DeciLM child inherits from its parent (the per-block ones are left out).
 _INHERITED_FIELDS = (
@@ -47,16 +47,6 @@ _INHERITED_FIELDS = (
     "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_parameters", "attention_bias",
     "attention_dropout", "mlp_bias",
 )
-
-
-def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    """``"bfloat16"`` (config spelling) or a torch dtype -> the torch dtype."""
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return TORCH_DTYPES[name]
-    except KeyError:
-        raise UserError(f"Unknown dtype '{name}'; use one of {', '.join(TORCH_DTYPES)}.") from None
 
 
 
@@ -150,7 +140,7 @@ class LlamaLikeFamily(ModelFamily):
 
         return ALIASES
 
-    def load_parent(self, source: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
+    def load_parent(self, source: str, dtype: str = "fp32", trust_remote_code: bool = False) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(source).expanduser()
@@ -218,7 +208,7 @@ class LlamaLikeFamily(ModelFamily):
         child.eval()
         return LoadedModel(child, parent.tokenizer, parent.shape.with_blocks(blocks), source=f"child of {parent.source}")
 
-    def random_model(self, shape: ModelShape, dtype: str = "float32") -> nn.Module:
+    def random_model(self, shape: ModelShape, dtype: str = "fp32") -> nn.Module:
         """A random model of ``shape``: a plain Llama when every block is the parent's, else DeciLM."""
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -250,7 +240,7 @@ class LlamaLikeFamily(ModelFamily):
 
         export_child(self, child, Path(out_dir))
 
-    def load_child(self, path: Path, dtype: str = "float32") -> LoadedModel:
+    def load_child(self, path: Path, dtype: str = "fp32") -> LoadedModel:
         from puzzle_plugins.llama.export import load_child
 
         return load_child(self, Path(path), torch_dtype(dtype))

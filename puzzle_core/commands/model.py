@@ -46,7 +46,7 @@ def _layer_groups(rows: list) -> list[tuple[int, int, object]]:
 @model_group.command("info")
 @click.argument("parent")
 @click.option("--variants", default=None, help="Block-variant provider (default: the architecture's own).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "float32", "bfloat16"]), default="fp32", show_default=True)
 @click.option("--architecture", default=None, help="Architecture plugin to use instead of detecting it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def model_info(parent: str, variants: str | None, dtype: str, architecture: str | None, as_json: bool) -> None:
@@ -121,7 +121,7 @@ def read_block_ids(path: Path, num_layers: int) -> list[str]:
               help="Folder for the exported child (replaced if it exists).")
 @click.option("--library", "library", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="A run's library/ folder: trained sub-block weights (else initialised from the parent).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "float32", "bfloat16"]), default="fp32", show_default=True)
 @click.option("--architecture", default=None, help="Architecture plugin to use instead of detecting it.")
 def model_assemble(parent: str, blocks_file: Path, out_dir: Path, library: Path | None, dtype: str,
                    architecture: str | None) -> None:

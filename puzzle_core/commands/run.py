@@ -30,8 +30,6 @@ from puzzle_core.pipeline import STAGE_NAMES
 )
 def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tuple[str, ...], reuse: tuple[str, ...]) -> None:
     """Run the Puzzle pipeline described by CONFIG."""
-    import sys
-
     from puzzle_core.pipeline import run_pipeline
     from puzzle_core.schema import load_config
 
@@ -45,7 +43,6 @@ def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tup
             stages=list(stages) or None,
             resume=resume,
             config_text=Path(config_path).read_text(encoding="utf-8"),
-            argv=sys.argv[1:],
             echo=click.echo,
             reuse=reuse,
         )

@@ -89,5 +89,5 @@ def run(ctx) -> list[Path]:
             )
     path = ctx.run_dir.path(*COSTS)
     atomic_write_json(path, result)
-    write_library_view(ctx.run_dir)
+    write_library_view(ctx.run_dir, ctx.role.is_driver)
     return [path]

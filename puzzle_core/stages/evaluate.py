@@ -26,9 +26,8 @@ from tqdm.auto import tqdm
 
 from puzzle_core.choices import EvaluatorChoice
 from puzzle_core.config import CONVERTER, stable_hash, structure, unstructure
-from puzzle_core.evaluation import EvalContext, evaluate_all
+from puzzle_core.evaluation import eval_context, evaluate_all
 from puzzle_core.interfaces import LoadedModel, parameter_count
-from puzzle_core.pipeline import is_stage_worker
 from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.stages.gkd import child_dir, read_children, read_results
 
@@ -109,12 +108,12 @@ def model_fingerprint(ctx, candidate: Candidate) -> str:
 
 
 def run(ctx) -> list[Path]:
-    if is_stage_worker():
+    if not ctx.role.is_driver:
         return []  # under torchrun the driver evaluates alone: timings must not share the machine
     run_dir: RunDir = ctx.run_dir
     choices = evaluator_choices(ctx)
     evaluators = [(choice.name, ctx.registries.record(choice).create(choice.options)) for choice in choices]
-    context = EvalContext.from_run(ctx)
+    context = eval_context(ctx)
     todo = candidates(ctx)
     results: dict[str, ModelEvaluation] = {}
     written = []

@@ -25,7 +25,6 @@ from puzzle_core.bld import (
 from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
 from puzzle_core.library_view import write_library_view
-from puzzle_core.pipeline import is_stage_worker
 
 
 def library_parts(ctx) -> tuple[ActivationStore, TrainSettings, Any]:
@@ -57,7 +56,7 @@ def run(ctx) -> list[Path]:
     spaces = [ctx.variant_provider.variants(shape, layer) for layer in range(shape.num_layers)]
     plan = plan_library(section.mode, shape, spaces, resolve_subspace(section, shape.num_layers))
     executor = ctx.registries.record(section.executor).create(section.executor.options)
-    driver = not is_stage_worker()
+    driver = ctx.role.is_driver
 
     store, settings, loss = library_parts(ctx)
     if driver:

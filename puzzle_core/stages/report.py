@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from puzzle_core.config import unstructure
-from puzzle_core.pipeline import is_stage_worker
 from puzzle_core.report import REPORT_DIR, build_summary, layer_map, plot_frontier, plot_gkd, plot_layer_map, render_markdown
 from puzzle_core.rundir import RunDir, atomic_write, atomic_write_json
 from puzzle_core.stages.gkd import read_log
@@ -43,6 +42,6 @@ def write_report(run_dir: RunDir, scenario: dict, parent_source: str) -> list[Pa
 
 
 def run(ctx) -> list[Path]:
-    if is_stage_worker():
+    if not ctx.role.is_driver:
         return []  # the driver writes the report
     return write_report(ctx.run_dir, unstructure(ctx.config.scenario), ctx.config.parent.source)

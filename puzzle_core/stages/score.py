@@ -23,7 +23,6 @@ from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Job, Part
 from puzzle_core.library import layer_key
 from puzzle_core.library_view import INDEX, SCORES, layer_blocks, write_library_view
-from puzzle_core.pipeline import is_stage_worker
 from puzzle_core.rundir import atomic_write_json
 from puzzle_core.scoring import ScoringSession
 
@@ -153,7 +152,7 @@ def run(ctx) -> list[Path]:
         work = LayerScoring(ctx, layers, scorers, keys)
         executor = ctx.registries.record(section.executor).create(section.executor.options)
         executor.run(jobs, work, description="replace-1-block scoring", context=ctx)
-    if is_stage_worker():
+    if not ctx.role.is_driver:
         return []  # the driver process merges the shards
     return write_scores(ctx, layers, scorers, keys)
 
