@@ -5,15 +5,14 @@ One progress bar counts jobs (with rate and ETA); a job draws its own bar below 
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import attrs
-import torch
 from tqdm.auto import tqdm
 
 from puzzle_core import hookimpl
-from puzzle_core.interfaces import Executor, Job
+from puzzle_core.devices import torch_threads
+from puzzle_core.interfaces import Executor, Job, StageContext
 from puzzle_core.records import ExecutorPlugin
 
 
@@ -22,24 +21,16 @@ class LocalOptions:
     threads: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # torch threads; 0: the run's `threads`
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run with ``threads`` torch threads (0: unchanged), restoring the previous count after."""
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 class LocalExecutor(Executor):
     def __init__(self, options: LocalOptions):
         self.options = options
 
     def run(
-        self, jobs: Sequence[Job], work: Callable[[Job], None], description: str = "jobs", context: Any = None
+        self,
+        jobs: Sequence[Job],
+        work: Callable[[Job], None],
+        description: str = "jobs",
+        context: StageContext | None = None,
     ) -> None:
         with torch_threads(self.options.threads), tqdm(jobs, desc=description, unit="job", dynamic_ncols=True) as bar:
             for job in bar:

@@ -25,7 +25,7 @@ from puzzle_core.interfaces import EvalContext
 from puzzle_core.interfaces import Evaluator, LoadedModel
 from puzzle_core.records import EvaluatorPlugin
 from puzzle_core.search import throughput
-from puzzle_plugins.local_executor import torch_threads
+from puzzle_core.devices import torch_threads
 
 SCENARIO_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

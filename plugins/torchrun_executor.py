@@ -26,24 +26,20 @@ import signal
 import subprocess
 import sys
 from datetime import timedelta
-from typing import Any, Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import attrs
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm.auto import tqdm
 
 from puzzle_core import hookimpl
-from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
-from puzzle_core.interfaces import Executor, Job
-from puzzle_core.pipeline import STAGE_WORKER_ENV
+from puzzle_core.interfaces import Executor, Job, ProcessRole, StageContext
 from puzzle_core.records import ExecutorPlugin
-from puzzle_core.rundir import atomic_write
-
 
 PR_SET_PDEATHSIG = 1  # prctl option: signal this process when its parent dies
+WORKER_ENV = "PUZZLE_STAGE_WORKER"  # set for the workers this executor launches: none of them is the driver
 
 
 @attrs.frozen
@@ -52,21 +48,6 @@ class TorchrunOptions:
     threads: int = attrs.field(default=1, validator=attrs.validators.ge(1))  # torch threads per process
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available, else gloo
     timeout_minutes: float = 720.0  # how long a process waits for the others at the end of a job list
-
-
-@attrs.frozen
-class Rank:
-    """Where this process sits in a torch.distributed job (from torchrun's environment)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @classmethod
-    def from_environment(cls) -> "Rank | None":
-        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-            return None
-        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def balanced_shares(jobs: Sequence[Job], workers: int) -> list[list[Job]]:
@@ -88,16 +69,28 @@ class TorchrunExecutor(Executor):
         self.options = options
         self._launched: set[str] = set()  # stages whose workers already ran (they run the whole stage)
 
+    def process_role(self) -> ProcessRole | None:
+        """A rank of a torchrun job (its environment): rank 0 drives, unless this executor launched it."""
+        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+            return None
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        launched = os.environ.get(WORKER_ENV) == "1"
+        return ProcessRole(rank == 0 and not launched, rank, world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
     def run(
-        self, jobs: Sequence[Job], work: Callable[[Job], None], description: str = "jobs", context: Any = None
+        self,
+        jobs: Sequence[Job],
+        work: Callable[[Job], None],
+        description: str = "jobs",
+        context: StageContext | None = None,
     ) -> None:
-        rank = Rank.from_environment()
-        if rank is not None:
-            self._run_share(rank, jobs, work, description)
+        role = self.process_role()
+        if role is not None:
+            self._run_share(role, jobs, work, description)
         elif self.options.nproc:
             if not jobs:
                 return
-            stage = getattr(context, "stage", None)
+            stage = context.stage if context is not None else None
             if stage not in self._launched:
                 self._launch(context)
                 self._launched.add(stage)
@@ -117,7 +110,7 @@ class TorchrunExecutor(Executor):
             return self.options.backend
         return "nccl" if torch.cuda.is_available() else "gloo"
 
-    def _join(self, rank: Rank) -> None:
+    def _join(self, rank: ProcessRole) -> None:
         torch.set_num_threads(self.options.threads)
         if dist.is_initialized():
             return
@@ -127,7 +120,7 @@ class TorchrunExecutor(Executor):
         dist.init_process_group(backend, timeout=timedelta(minutes=self.options.timeout_minutes))
         atexit.register(_leave)
 
-    def _run_share(self, rank: Rank, jobs: Sequence[Job], work: Callable[[Job], None], description: str) -> None:
+    def _run_share(self, rank: ProcessRole, jobs: Sequence[Job], work: Callable[[Job], None], description: str) -> None:
         """Run this rank's share, then agree with the others on whether everyone succeeded."""
         if rank.world_size == 1:
             share = list(jobs)
@@ -159,21 +152,18 @@ class TorchrunExecutor(Executor):
 
     # ------------------------------------------------------------------ launching torchrun
 
-    def _launch(self, context: Any) -> None:
+    def _launch(self, context: StageContext | None) -> None:
         """Re-run the current stage in ``nproc`` torchrun workers and wait for them."""
-        if context is None or getattr(context, "stage", None) is None:
+        if context is None or context.stage is None:
             raise UserError(
                 "The torchrun executor with 'nproc' relaunches the current pipeline stage, but was called outside "
                 "a pipeline stage. Call it from a stage (it needs the run context), or run under torchrun yourself."
             )
-        config_path = context.run_dir.path("workers", f"{context.stage}.yaml")
-        atomic_write(config_path, yaml.safe_dump(unstructure(context.config), sort_keys=False))
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.options.nproc}",
-            "-m", "puzzle_core.cli", "run", str(config_path),
-            "--run-dir", str(context.run_dir.root), "--stage", context.stage, "--resume",
+            "-m", "puzzle_core.cli", *context.worker_arguments(),
         ]  # fmt: skip
-        env = {**os.environ, STAGE_WORKER_ENV: "1", "OMP_NUM_THREADS": str(self.options.threads)}
+        env = {**os.environ, WORKER_ENV: "1", "OMP_NUM_THREADS": str(self.options.threads)}
         result = subprocess.run(command, env=env, preexec_fn=_die_with_parent)
         if result.returncode != 0:
             raise UserError(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import resource
 import time
 import warnings
@@ -363,21 +362,6 @@ def _to_device(value, device):
     return value
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this process's CUDA device (``LOCAL_RANK`` under torchrun) when there is one, else CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"library.device '{name}' is not a torch device; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"library.device is '{name}', but torch sees no CUDA device here. Use auto or cpu.")
-    return device
-
-
 def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -401,10 +385,6 @@ def peak_memory_mib(device: torch.device) -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _progress_enabled() -> bool:
-    return int(os.environ.get("RANK", "0") or 0) == 0
-
-
 # ---------------------------------------------------------------------------- training
 
 
@@ -421,10 +401,12 @@ class BLDTrainer:
         loss,
         device: torch.device,
         capture_missing: Callable[[], None] | None = None,
+        progress: bool = True,
     ):
         """``capture_missing`` captures any activation shard not on disk yet: a job calls it first,
         so it never depends on other workers having finished the capture (executors without a
-        barrier between job lists, such as job arrays, stay correct)."""
+        barrier between job lists, such as job arrays, stay correct). ``progress``: draw per-job
+        bars (one process of several does)."""
         if getattr(loss, "target", "hidden") != "hidden":
             raise UserError(
                 f"BLD compares sub-block outputs (hidden states), but library.loss compares {loss.target}. Pick a "
@@ -438,6 +420,7 @@ class BLDTrainer:
         self.settings = settings
         self.loss = loss
         self.device = device
+        self.progress = progress
         self.capture_missing = capture_missing
         self._contexts: dict[tuple, Any] = {}
 
@@ -499,7 +482,7 @@ class BLDTrainer:
         tokens = 0
         generator = torch.Generator().manual_seed(seed)
         bar = tqdm(
-            total=total, desc=unit.id, unit="step", leave=False, dynamic_ncols=True, disable=not _progress_enabled()
+            total=total, desc=unit.id, unit="step", leave=False, dynamic_ncols=True, disable=not self.progress
         )
         train_started, train_cpu_started = time.perf_counter(), time.process_time()
         for batch in self.store.batches(unit.layer, "train", self.settings.batch_size, generator):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -34,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from puzzle_core.config import CONVERTER
+from puzzle_core.devices import resolve_device
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import DistillationLoss, LoadedModel, ModelFamily
 from puzzle_core.rundir import atomic_path, atomic_write_json
@@ -121,29 +121,15 @@ def _all_sum(values: Sequence[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def under_torchrun() -> bool:
-    """Whether this process is one of several started by ``torchrun`` (its environment says so)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
-
-
-def join_process_group() -> None:
-    """Join torchrun's process group unless an executor already did: NCCL on GPUs, gloo on CPUs."""
+def join_process_group(local_rank: int = 0) -> None:
+    """Join the launcher's process group unless an executor already did: NCCL on GPUs, gloo on CPUs."""
     if _distributed():
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group("nccl")
     else:
         torch.distributed.init_process_group("gloo")
-
-
-def resolve_device(setting: str) -> torch.device:
-    """``auto``: the local rank's GPU when CUDA is present, else the CPU."""
-    if setting != "auto":
-        return torch.device(setting)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------- forward + objective
@@ -426,6 +412,7 @@ class DistillRun:
     checkpoint_dir: Path
     fingerprint: str  # checkpoints with another fingerprint belong to another child or layout
     label: str = "GKD"
+    local_rank: int = 0  # this process's GPU among the node's (from the executor's process role)
 
 
 def _micro_batches(run: DistillRun, section: GKDSection, skip: int) -> Iterator[torch.Tensor]:
@@ -469,7 +456,7 @@ class _Training:
                  objective: DistillationObjective, section: GKDSection, run: DistillRun):
         self.rank, self.size = world()
         self.section, self.run, self.objective, self.family = section, run, objective, family
-        self.device = resolve_device(section.device)
+        self.device = resolve_device(section.device, run.local_rank, "gkd.device")
         self.tokens_per_step = section.batch_size * run.seq_len * section.grad_accum * self.size
         self.total_steps = section.tokens // self.tokens_per_step
         if self.total_steps < 1:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import random
 import time
 from functools import cached_property
@@ -79,17 +78,18 @@ def stage_hashes(config: PuzzleConfig) -> dict[str, str]:
     return hashes
 
 
-STAGE_WORKER_ENV = "PUZZLE_STAGE_WORKER"
+def process_role(registries) -> ProcessRole:
+    """This process's role, as the first executor that recognises its launcher says; else the driver.
 
-
-def process_role() -> ProcessRole:
-    """This process's role: a worker is a torchrun rank other than 0, or a process an executor
-    launched with ``PUZZLE_STAGE_WORKER=1``. Workers run the same stage code, so they rebuild
-    the same job lists, but leave the lock, the manifest and the clean-up of temp files to the driver.
+    Workers run the same stage code, so they rebuild the same job lists, but leave the
+    lock, the manifest and the clean-up of temp files to the driver. Only executors know
+    their launchers (torchrun's environment, a cluster's task ids).
     """
-    rank, world_size = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
-    worker = os.environ.get(STAGE_WORKER_ENV) == "1" or (world_size > 1 and rank > 0)
-    return ProcessRole(not worker, rank, world_size, int(os.environ.get("LOCAL_RANK", "0") or 0))
+    for entry in registries.executors:
+        role = entry.record.create().process_role()
+        if role is not None:
+            return role
+    return ProcessRole()
 
 
 def _quiet(_message: str) -> None:
@@ -200,7 +200,9 @@ def run_pipeline(
     wanted = [s for s in STAGES if not stages or s.name in stages]
     rundir = RunDir(run_dir)
     donors = [RunDir(p) for p in reuse if Path(p).resolve() != rundir.root.resolve()]
-    role = process_role()
+    from puzzle_core.registry import get_registries
+
+    role = process_role(get_registries())
     worker = not role.is_driver
     if worker:
         echo = _quiet  # the driver reports progress

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_distributions import site_packages  # noqa: F401  (fixture)
 
 from puzzle_core.choices import ExecutorChoice
 from puzzle_core.config import structure
 from puzzle_core.errors import UserError
-from puzzle_core.interfaces import Job
+from puzzle_core.interfaces import Job, ProcessRole
+from puzzle_core.pipeline import process_role
 from puzzle_plugins.torchrun_executor import balanced_shares
 
 
@@ -55,6 +57,75 @@ def test_balanced_shares_cover_every_job_once_and_balance_cost():
     assert sorted(loads) == [10, 10, 10]
     assert balanced_shares(list(reversed(jobs)), 3) == shares  # order-independent: every rank agrees
     assert balanced_shares(jobs[:2], 4)[2:] == [[], []]
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PUZZLE_STAGE_WORKER")
+
+
+@pytest.mark.parametrize(
+    "env, role",
+    [
+        ({}, ProcessRole()),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ProcessRole(True, 0, 2, 0)),
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, ProcessRole(False, 3, 4, 1)),
+        # rank 0 of workers the torchrun executor launched: the launching process drives
+        ({"RANK": "0", "WORLD_SIZE": "2", "PUZZLE_STAGE_WORKER": "1"}, ProcessRole(False, 0, 2, 0)),
+    ],
+    ids=["plain", "torchrun-rank0", "torchrun-rank3", "launched-rank0"],
+)
+def test_the_process_role_comes_from_the_executors(env, role, registries, monkeypatch):
+    for name in LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert process_role(registries) == role
+
+
+CLUSTER_EXECUTOR = """
+    import os
+
+    from puzzle_core import hookimpl
+    from puzzle_core.interfaces import Executor, ProcessRole
+    from puzzle_core.records import ExecutorPlugin
+
+    class ArrayTasks(Executor):
+        def __init__(self, options):
+            pass
+
+        def process_role(self):
+            task = os.environ.get("TEST_ARRAY_TASK")
+            return None if task is None else ProcessRole(is_driver=False, rank=int(task), world_size=8)
+
+        def run(self, jobs, work, description="jobs", context=None):
+            for job in jobs:
+                work(job)
+
+    @hookimpl
+    def puzzle_executors():
+        return [ExecutorPlugin(name="array", implementation=ArrayTasks)]
+"""
+
+
+def test_a_third_party_executor_tells_its_workers_they_are_not_the_driver(site_packages, monkeypatch):
+    from puzzle_core.registry import get_registries
+
+    site_packages.install("array-executor", {"array": CLUSTER_EXECUTOR})
+    for name in LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert process_role(get_registries()).is_driver
+    monkeypatch.setenv("TEST_ARRAY_TASK", "5")
+    assert process_role(get_registries()) == ProcessRole(is_driver=False, rank=5, world_size=8)
+
+
+def test_only_executor_plugins_read_launcher_environment_variables():
+    root = Path(__file__).resolve().parents[1]
+    readers = []
+    for path in [*root.glob("puzzle_core/**/*.py"), *root.glob("plugins/**/*.py")]:
+        if path.name.endswith("_executor.py"):
+            continue
+        text = path.read_text()
+        readers += [f"{path.relative_to(root)}: {name}" for name in LAUNCHER_ENV if f'"{name}"' in text]
+    assert readers == []
 
 
 def test_torchrun_outside_torchrun_without_nproc_is_a_clear_error(registries, monkeypatch):

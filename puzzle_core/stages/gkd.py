@@ -30,7 +30,6 @@ from puzzle_core.gkd import (
     distill,
     is_main_process,
     join_process_group,
-    under_torchrun,
     world,
 )
 from puzzle_core.interfaces import Job, LoadedModel
@@ -108,6 +107,7 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
         checkpoint_dir=directory / "checkpoints",
         fingerprint=fingerprint,
         label=f"GKD {child.name}",
+        local_rank=ctx.role.local_rank,
     )
     model, log, totals = distill(student, ctx.parent, ctx.family, objective, section, run)
     if is_main_process():
@@ -151,9 +151,9 @@ def selected_children(ctx) -> list[ChildRecord]:
 def run(ctx) -> list[Path]:
     run_dir: RunDir = ctx.run_dir
     children = selected_children(ctx)
-    if under_torchrun():
+    if ctx.role.distributed:
         # GKD is data-parallel: every process trains every child together (DDP), in order.
-        join_process_group()
+        join_process_group(ctx.role.local_rank)
         for child in children:
             uptrain_child(ctx, child)
     else:

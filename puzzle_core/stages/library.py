@@ -18,11 +18,11 @@ from puzzle_core.bld import (
     BLDTrainer,
     TrainSettings,
     plan_library,
-    resolve_device,
     resolve_subspace,
     write_index,
 )
 from puzzle_core.config import unstructure
+from puzzle_core.devices import resolve_device
 from puzzle_core.errors import UserError
 from puzzle_core.library_view import write_library_view
 
@@ -72,8 +72,9 @@ def run(ctx) -> list[Path]:
             capture(shard)
 
     executor.run(store.jobs(), lambda job: capture(job.payload), "capturing activations", context=ctx)
-    device = resolve_device(section.device)
-    trainer = BLDTrainer(ctx.run_dir, ctx.family, ctx.parent, store, settings, loss, device, capture_missing)
+    device = resolve_device(section.device, ctx.role.local_rank, "library.device")
+    trainer = BLDTrainer(ctx.run_dir, ctx.family, ctx.parent, store, settings, loss, device, capture_missing,
+                         progress=ctx.role.rank == 0)
     executor.run(trainer.jobs(plan, store.settings.seq_len), trainer.run, "training blocks (BLD)", context=ctx)
     if not driver:
         return []
