@@ -45,7 +45,7 @@ from puzzle_core.registry import get_registries
 from puzzle_core.rundir import atomic_write_json
 from puzzle_core.schema import ParentSection, Scenario
 from puzzle_plugins.measured_cost import CLOCKS, STATISTICS, MeasuredCostModel, MeasuredOptions, torch_threads
-from puzzle_plugins.roofline import GPUSpec, RooflineCostModel
+from puzzle_core.roofline import GPUSpec, RooflineCostModel
 
 RESULTS = Path(__file__).parent / "results" / "cost_fidelity.json"
 GIB = 1024

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from benchmarks.runner import final_metric
 from puzzle_core.rundir import atomic_path, atomic_write
+
+
+def final_metric(arm: Mapping, name: str) -> float | None:
+    """An arm's evaluator number after GKD (as assembled when GKD did not run)."""
+    metrics = arm.get("metrics") or {}
+    value = (metrics.get("after_gkd") or metrics.get("assembled") or {}).get(name)
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def _number(value: Any, digits: int = 3) -> str:

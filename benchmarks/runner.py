@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -40,6 +39,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import attrs
 import yaml
 
+from benchmarks.render import final_metric, write_markdown, write_plot
 from puzzle_core.config import read_yaml, stable_hash, structure, unstructure
 from puzzle_core.errors import UserError
 from puzzle_core.pipeline import STAGE_NAMES, run_pipeline, stage_hashes
@@ -346,13 +346,6 @@ def arm_result(
     }
 
 
-def final_metric(arm: Mapping, name: str) -> float | None:
-    """An arm's evaluator number after GKD (as assembled when GKD did not run)."""
-    metrics = arm.get("metrics") or {}
-    value = (metrics.get("after_gkd") or metrics.get("assembled") or {}).get(name)
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
 def compare_with_reference(arms: list[dict], reference: str, metric: str = "kl_to_parent") -> dict[str, float | None]:
     """Per arm, ``metric`` / the reference arm's (after GKD): above 1 means worse than the reference."""
     ref = next((final_metric(a, metric) for a in arms if a["name"] == reference), None)
@@ -393,8 +386,6 @@ def run_ablation(
     ``arms`` limits which arms run this time; the others keep their earlier results.
     ``reuse``: more run directories to take finished stages from (a ``puzzle run`` of the base config).
     """
-    from benchmarks.render import write_markdown, write_plot
-
     ablation = load_ablation(name)
     results_dir = Path(results_dir)
     base_path = Path(base) if base is not None else ROOT / load_budget(budget).base

@@ -33,8 +33,7 @@ from scipy.sparse import csr_matrix
 from puzzle_core.library import BlockLibrary
 from puzzle_core.search import SearchProblem, build_problem
 from puzzle_plugins.greedy_solver import GreedyOptions, GreedySolver
-from puzzle_plugins.max_params_solver import MaxParamsSolver
-from puzzle_plugins.mip_solver import MipOptions, MipSolver
+from puzzle_plugins.mip_solver import MaxParamsSolver, MipOptions, MipSolver
 
 LAYERS, VARIANTS = 80, 50
 COSTS = ("stats.runtime_ms", "stats.memory_mib", "stats.num_params")

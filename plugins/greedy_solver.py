@@ -15,11 +15,16 @@ from typing import Literal
 import attrs
 import numpy as np
 
-from puzzle_core import hookimpl
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import Solver
-from puzzle_core.records import SolverPlugin
-from puzzle_core.search import SearchProblem, Solution, can_hold_alone, infeasible_error
+from puzzle_core.api import (
+    SearchProblem,
+    Solution,
+    Solver,
+    SolverPlugin,
+    UserError,
+    can_hold_alone,
+    hookimpl,
+    infeasible_error,
+)
 
 
 @attrs.frozen
@@ -98,7 +103,7 @@ class GreedySolver(Solver):
 
 
 @hookimpl
-def puzzle_solvers():
+def puzzle_solvers() -> list[SolverPlugin]:
     return [
         SolverPlugin(
             name=GreedySolver.name,

@@ -19,9 +19,7 @@ from typing import Literal
 import attrs
 import torch
 
-from puzzle_core import hookimpl
-from puzzle_core.interfaces import ModelOutputs, Scorer, ScoringBatch, ScoringData
-from puzzle_core.records import ScorerPlugin
+from puzzle_core.api import ModelOutputs, Scorer, ScorerPlugin, ScoringBatch, ScoringData, hookimpl
 from puzzle_core.tasks import ChoiceScores, Question, choice_requests, load_mmlu, sample_per_subject, split_subjects
 
 

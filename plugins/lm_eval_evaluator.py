@@ -28,12 +28,7 @@ from typing import Any, Iterator
 
 import attrs
 
-from puzzle_core import hookimpl
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import EvalContext
-from puzzle_core.interfaces import Evaluator, LoadedModel
-from puzzle_core.records import EvaluatorPlugin
-from puzzle_core.rundir import atomic_write
+from puzzle_core.api import EvalContext, Evaluator, EvaluatorPlugin, LoadedModel, UserError, atomic_write, hookimpl
 from puzzle_core.tasks import load_mmlu, sample_per_subject
 
 BUILTIN_TASKS = ("mmlu_heldout", "heldout_perplexity")

@@ -10,10 +10,7 @@ from typing import Callable, Sequence
 import attrs
 from tqdm.auto import tqdm
 
-from puzzle_core import hookimpl
-from puzzle_core.devices import torch_threads
-from puzzle_core.interfaces import Executor, Job, StageContext
-from puzzle_core.records import ExecutorPlugin
+from puzzle_core.api import Executor, ExecutorPlugin, Job, StageContext, hookimpl, torch_threads
 
 
 @attrs.frozen
@@ -39,7 +36,7 @@ class LocalExecutor(Executor):
 
 
 @hookimpl
-def puzzle_executors():
+def puzzle_executors() -> list[ExecutorPlugin]:
     return [
         ExecutorPlugin(
             name="local",

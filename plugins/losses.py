@@ -12,10 +12,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from puzzle_core import hookimpl
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import DistillationLoss
-from puzzle_core.records import DistillationLossPlugin
+from puzzle_core.api import DistillationLoss, DistillationLossPlugin, UserError, hookimpl
 
 
 def _pair(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +124,7 @@ class LMLoss(DistillationLoss):
 
 
 @hookimpl
-def puzzle_distillation_losses():
+def puzzle_distillation_losses() -> list[DistillationLossPlugin]:
     return [
         DistillationLossPlugin(
             name="normalized_mse",

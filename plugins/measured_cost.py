@@ -40,13 +40,19 @@ from typing import Any, Iterator, Literal, Sequence
 
 import attrs
 
-from puzzle_core import hookimpl
-from puzzle_core.blocks import BlockSpec
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import CostModel, ModelFamily, ModelShape, parameter_count
-from puzzle_core.records import CostModelPlugin
-from puzzle_core.rundir import atomic_write_json
-from puzzle_plugins.roofline import ffn_size, kv_heads
+from puzzle_core.api import (
+    BlockSpec,
+    CostModel,
+    CostModelPlugin,
+    ModelFamily,
+    ModelShape,
+    UserError,
+    atomic_write_json,
+    ffn_size,
+    hookimpl,
+    kv_heads,
+    parameter_count,
+)
 
 MIB = 2**20
 METHOD_VERSION = 1  # bump when the measurement changes meaning, to retire old cache entries
@@ -402,7 +408,7 @@ class MeasuredCostModel(CostModel):
 
 
 @hookimpl
-def puzzle_cost_models():
+def puzzle_cost_models() -> list[CostModelPlugin]:
     return [
         CostModelPlugin(
             name="measured",

@@ -1,4 +1,4 @@
-"""The ``mip`` solver: Puzzle's mixed-integer program, solved with python-mip's CBC.
+"""The ``mip`` solver: Puzzle's mixed-integer program, solved with python-mip's CBC; and ``max_params``.
 
 Binary ``x[i, j]`` (layer ``i`` uses variant ``j``), ``sum_j x[i, j] = 1`` per layer,
 one or two linear rows per constraint (``min <= sum cost x <= max``, fixed costs already
@@ -6,6 +6,11 @@ subtracted), and the summed objective. Diverse solutions come from no-good cuts:
 solution ``c``, ``sum_i x[i, c_i] <= layers - k`` makes every later one differ from it in
 at least ``k`` layers. For a single solution, variants dominated within their layer are
 dropped first (an exact reduction that halves typical programs).
+
+``max_params`` is the paper's weak baseline: the same program with ``stats.num_params``
+maximised instead of the objective. It reports each choice under the problem's own
+objective, so it compares directly with the other solvers; its ``gap`` is the proven gap
+on the parameter count.
 """
 
 from __future__ import annotations
@@ -17,14 +22,22 @@ import attrs
 import mip
 import numpy as np
 
-from puzzle_core import hookimpl
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import Solver
-from puzzle_core.records import SolverPlugin
-from puzzle_core.search import SearchProblem, SearchWarning, Solution, Status, check_diversity_count, infeasible_error
-
+from puzzle_core.api import (
+    Objective,
+    SearchProblem,
+    SearchWarning,
+    Solution,
+    SolutionStatus,
+    Solver,
+    SolverPlugin,
+    UserError,
+    check_diversity_count,
+    hookimpl,
+    infeasible_error,
+)
 
 OBJECTIVE_SCALE = 1e6
+NUM_PARAMS = "stats.num_params"
 
 
 @attrs.frozen
@@ -41,7 +54,7 @@ class MipResult:
     """One solved program: per-layer indices into ``problem.allowed``, status and proven gap."""
 
     choice: list[int]
-    status: Status
+    status: SolutionStatus
     gap: float
     seconds: float
 
@@ -168,13 +181,35 @@ class MipSolver(Solver):
         ]
 
 
+class MaxParamsSolver(Solver):
+    """Ignores quality scores: keeps as many parameters as the budgets allow."""
+
+    name = "max_params"
+
+    def __init__(self, options: MipOptions):
+        self.options = options
+
+    def solve(self, problem: SearchProblem) -> list[Solution]:
+        by_params = problem.with_objective(Objective(((NUM_PARAMS, 1.0),)), minimize=False)
+        return [
+            problem.solution(self.name, r.choice, r.status, r.gap, r.seconds)
+            for r in solve_mip(by_params, self.options, self.name)
+        ]
+
+
 @hookimpl
-def puzzle_solvers():
+def puzzle_solvers() -> list[SolverPlugin]:
     return [
         SolverPlugin(
             name=MipSolver.name,
             implementation=MipSolver,
             options=MipOptions,
             description="Mixed-integer program (python-mip / CBC): optimal choice under the budgets",
-        )
+        ),
+        SolverPlugin(
+            name=MaxParamsSolver.name,
+            implementation=MaxParamsSolver,
+            options=MipOptions,
+            description="Baseline: maximise the parameter count under the budgets (ignores scores)",
+        ),
     ]

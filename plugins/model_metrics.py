@@ -19,13 +19,16 @@ from typing import Literal
 import attrs
 import torch
 
-from puzzle_core import hookimpl
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import EvalContext
-from puzzle_core.interfaces import Evaluator, LoadedModel
-from puzzle_core.records import EvaluatorPlugin
-from puzzle_core.search import throughput
-from puzzle_core.devices import torch_threads
+from puzzle_core.api import (
+    EvalContext,
+    Evaluator,
+    EvaluatorPlugin,
+    LoadedModel,
+    UserError,
+    hookimpl,
+    throughput,
+    torch_threads,
+)
 
 SCENARIO_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -177,7 +180,7 @@ def _scenario_dtype(name: str) -> torch.dtype:
 
 
 @hookimpl
-def puzzle_evaluators():
+def puzzle_evaluators() -> list[EvaluatorPlugin]:
     return [
         EvaluatorPlugin(
             name="kl_to_parent",

@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import time
 
-from puzzle_core import hookimpl
-from puzzle_core.blocks import BlockSpec
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import Solver
-from puzzle_core.library import layer_key
-from puzzle_core.records import NoOptions
-from puzzle_core.records import SolverPlugin
-from puzzle_core.search import InfeasibleError, SearchProblem, Solution, readable
+from puzzle_core.api import (
+    BlockSpec,
+    InfeasibleError,
+    NoOptions,
+    SearchProblem,
+    Solution,
+    Solver,
+    SolverPlugin,
+    UserError,
+    hookimpl,
+    layer_key,
+    readable,
+)
 
 
 def block_spec(problem: SearchProblem, layer: int, name: str) -> BlockSpec | None:
@@ -137,7 +142,7 @@ class UniformWidthSolver(Solver):
 
 
 @hookimpl
-def puzzle_solvers():
+def puzzle_solvers() -> list[SolverPlugin]:
     return [
         SolverPlugin(
             name=LayerDropSolver.name,

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from puzzle_core import hookimpl
-from puzzle_core.interfaces import ModelOutputs, Scorer, ScoringBatch
-from puzzle_core.records import ScorerPlugin
+from puzzle_core.api import ModelOutputs, Scorer, ScorerPlugin, ScoringBatch, hookimpl
 
 
 class KLDivergence(Scorer):
@@ -44,7 +42,7 @@ class HiddenCosineDistance(Scorer):
 
 
 @hookimpl
-def puzzle_scorers():
+def puzzle_scorers() -> list[ScorerPlugin]:
     return [
         ScorerPlugin(name="kl", implementation=KLDivergence,
                      description="KL(parent || model) per validation token, block replaced alone (paper default)"),

@@ -33,10 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from puzzle_core import hookimpl
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import Executor, Job, ProcessRole, StageContext
-from puzzle_core.records import ExecutorPlugin
+from puzzle_core.api import Executor, ExecutorPlugin, Job, ProcessRole, StageContext, UserError, hookimpl
 
 PR_SET_PDEATHSIG = 1  # prctl option: signal this process when its parent dies
 WORKER_ENV = "PUZZLE_STAGE_WORKER"  # set for the workers this executor launches: none of them is the driver
@@ -186,7 +183,7 @@ def _leave() -> None:
 
 
 @hookimpl
-def puzzle_executors():
+def puzzle_executors() -> list[ExecutorPlugin]:
     return [
         ExecutorPlugin(
             name="torchrun",

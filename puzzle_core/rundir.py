@@ -55,11 +55,13 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
+def atomic_dir(target: str | Path, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temp folder next to ``target``; on success it replaces ``target`` whole.
 
     An existing ``target`` is renamed aside (a temp name, so a crash leaves nothing that
-    looks finished) and deleted only after the new folder is in place.
+    looks finished) and deleted only after the new folder is in place. With
+    ``keep_existing`` a ``target`` that exists when the new folder is ready wins (another
+    process published the same thing first, say a cache entry) and the new one is dropped.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,9 +73,16 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             if path.is_file():
                 with open(path, "rb+") as handle:
                     os.fsync(handle.fileno())
-        if target.exists():
-            os.replace(target, aside)
-        os.replace(tmp, target)
+        if keep_existing:
+            try:
+                os.replace(tmp, target)  # fails when another process's folder is already there
+            except OSError:
+                if not target.is_dir():
+                    raise
+        else:
+            if target.exists():
+                os.replace(target, aside)
+            os.replace(tmp, target)
         fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

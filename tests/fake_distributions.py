@@ -47,7 +47,7 @@ class Site:
 
 
 SOLVER_PLUGIN = """
-    from puzzle_core import hookimpl
+    from puzzle_core.api import hookimpl
     from puzzle_core.interfaces import Solver
     from puzzle_core.records import SolverPlugin
 

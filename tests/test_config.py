@@ -13,7 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from puzzle_core import hookimpl
+from puzzle_core.api import hookimpl
 from puzzle_core.cli import main
 from puzzle_core.choices import PluginChoice, SolverChoice
 from puzzle_core.config import parse_yaml, read_yaml, stable_hash, structure, unstructure

@@ -15,7 +15,8 @@ from puzzle_core.errors import UserError
 from puzzle_core.interfaces import ModelShape, ProcessRole
 from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.schema import PuzzleConfig, Scenario
-from puzzle_plugins.roofline import H100_SXM, GPUSpec, RooflineCostModel
+from puzzle_core.roofline import GPUSpec, RooflineCostModel
+from puzzle_plugins.roofline import H100_SXM
 
 RUNTIME_KEYS = ("runtime_ms", "prefill_ms", "decode_ms")
 SIZE_KEYS = ("memory_mib", "num_params")
@@ -138,6 +139,31 @@ def test_dtype_missing_from_the_spec_sheet_is_a_user_error():
     no_fp8 = GPUSpec(name="Old GPU", memory_gib=16, bandwidth_gbs=900, peak_tflops={"fp32": 15.7, "bf16": 125.0})
     with pytest.raises(UserError, match="no fp8 throughput"):
         RooflineCostModel(no_fp8).block_costs(SHAPE, SHAPE.blocks[0], Scenario(dtype="fp8"), None)
+
+
+def test_the_spec_sheet_check_names_what_the_scenario_needs():
+    no_fp8 = RooflineCostModel(GPUSpec("Old GPU", memory_gib=16, bandwidth_gbs=900, peak_tflops={"fp32": 15.7, "bf16": 125.0}))
+    assert no_fp8.check_scenario(Scenario(dtype="bf16", kv_dtype="fp8")) == []  # fp8 KV cache only changes bytes
+    (problem,) = no_fp8.check_scenario(Scenario(dtype="fp8"))
+    assert "no fp8 throughput" in problem and "supports bf16, fp32" in problem
+    fp32_only = RooflineCostModel(GPUSpec("CPU-ish", memory_gib=16, bandwidth_gbs=100, peak_tflops={"fp32": 1.0}))
+    (problem,) = fp32_only.check_scenario(Scenario(dtype="fp8"))  # fp8 GEMMs with bf16 attention
+    assert "no bf16 or fp8 throughput" in problem
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"peak_tflops": {"fp16": 100.0, "bf16": 100.0}}, "'fp16', which no scenario can ask for; scenario dtypes are fp32, bf16, fp8"),
+        ({"peak_tflops": {"bf16": 0.0}}, "positive TFLOPS"),
+        ({"peak_tflops": {}}, "positive TFLOPS"),
+        ({"memory_gib": 0}, "memory_gib must be positive"),
+        ({"bandwidth_gbs": -1.0}, "bandwidth_gbs must be positive"),
+    ],
+)
+def test_a_spec_sheet_a_scenario_could_never_use_is_refused_when_made(fields, problem):
+    with pytest.raises(ValueError, match=problem):
+        GPUSpec(**{"name": "X", "memory_gib": 16, "bandwidth_gbs": 900, "peak_tflops": {"bf16": 100.0}, **fields})
 
 
 def test_bad_grouping_and_bad_options_are_user_errors(registries):

@@ -10,7 +10,7 @@ from puzzle_core.errors import UserError
 from puzzle_core.interfaces import ModelShape
 from puzzle_core.schema import Scenario
 from puzzle_plugins.measured_cost import MeasuredCostModel, MeasuredOptions, decode_steps_timed
-from puzzle_plugins.roofline import block_params, fixed_params, kv_cache_bytes
+from puzzle_core.roofline import block_params, fixed_params, kv_cache_bytes
 
 SHAPE = ModelShape(
     "llama", 2, 64, 4, 2, 16, 128, 256, True,

@@ -84,7 +84,7 @@ def test_the_process_role_comes_from_the_executors(env, role, registries, monkey
 CLUSTER_EXECUTOR = """
     import os
 
-    from puzzle_core import hookimpl
+    from puzzle_core.api import hookimpl
     from puzzle_core.interfaces import Executor, ProcessRole
     from puzzle_core.records import ExecutorPlugin
 

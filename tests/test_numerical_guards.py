@@ -31,7 +31,7 @@ NAN_LOSSES = """
     import attrs
     import torch
 
-    from puzzle_core import hookimpl
+    from puzzle_core.api import hookimpl
     from puzzle_core.interfaces import DistillationLoss
     from puzzle_core.records import DistillationLossPlugin as Record
 

@@ -20,7 +20,7 @@ BROKEN_IMPORT = """
 """
 
 MISSPELT_HOOK = """
-    from puzzle_core import hookimpl
+    from puzzle_core.api import hookimpl
     from puzzle_core.records import SolverPlugin
 
     @hookimpl
@@ -126,7 +126,7 @@ def test_hook_with_arguments_the_spec_lacks_is_a_fault(site_packages):
         "odd-dist",
         {
             "odd": """
-                from puzzle_core import hookimpl
+                from puzzle_core.api import hookimpl
 
                 @hookimpl
                 def puzzle_solvers(config):
@@ -142,7 +142,7 @@ def test_hook_with_arguments_the_spec_lacks_is_a_fault(site_packages):
 SPEC_PLUGIN = """
     import pluggy
 
-    from puzzle_core import hookimpl
+    from puzzle_core.api import hookimpl
 
     class TokenizerSpecs:
         @pluggy.HookspecMarker("puzzle")
@@ -155,7 +155,7 @@ SPEC_PLUGIN = """
 """
 
 IMPLEMENTING_PLUGIN = """
-    from puzzle_core import hookimpl
+    from puzzle_core.api import hookimpl
 
     @hookimpl
     def puzzle_tokenizers():
@@ -179,7 +179,7 @@ def test_puzzle_addhooks_that_raises_skips_only_that_plugin(site_packages):
         "bad-spec",
         {
             "bad_spec": """
-                from puzzle_core import hookimpl
+                from puzzle_core.api import hookimpl
 
                 @hookimpl
                 def puzzle_addhooks(pluginmanager):
@@ -197,7 +197,7 @@ def test_puzzle_addhooks_that_raises_skips_only_that_plugin(site_packages):
 # ---------------------------------------------------------------- faults seen from the command line
 
 RAISING_HOOK = """
-    from puzzle_core import hookimpl
+    from puzzle_core.api import hookimpl
 
     @hookimpl
     def puzzle_solvers():
@@ -205,7 +205,7 @@ RAISING_HOOK = """
 """
 
 MALFORMED_RECORDS = """
-    from puzzle_core import hookimpl
+    from puzzle_core.api import hookimpl
 
     @hookimpl
     def puzzle_solvers():

@@ -8,7 +8,7 @@ import attrs
 import pytest
 from fake_distributions import site_packages, solver_plugin  # noqa: F401  (fixture)
 
-from puzzle_core import hookimpl
+from puzzle_core.api import hookimpl
 from puzzle_core.choices import choice_type
 from puzzle_core.config import structure
 from puzzle_core.errors import PluginError, UnknownNameError

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from puzzle_core import hookimpl
-from puzzle_core.interfaces import ModelFamily, VariantProvider
-from puzzle_core.records import ArchitecturePlugin, BlockVariantsPlugin, NoOptions
+from puzzle_core.api import ArchitecturePlugin, BlockVariantsPlugin, ModelFamily, NoOptions, VariantProvider, hookimpl
 
 
 def _family(_options: NoOptions) -> ModelFamily:
@@ -20,7 +18,7 @@ def _variants(options) -> VariantProvider:
 
 
 @hookimpl
-def puzzle_architectures():
+def puzzle_architectures() -> list[ArchitecturePlugin]:
     return [
         ArchitecturePlugin(
             name="llama",
@@ -31,7 +29,7 @@ def puzzle_architectures():
 
 
 @hookimpl
-def puzzle_block_variants():
+def puzzle_block_variants() -> list[BlockVariantsPlugin]:
     from puzzle_plugins.llama.options import LlamaVariantOptions
 
     return [

@@ -7,16 +7,11 @@ Each alias resolves to a Hugging Face folder in the user cache (``$PUZZLE_CACHE`
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from puzzle_core.cache import cache_root
-from puzzle_core.errors import UserError
-from puzzle_core.rundir import TEMP_PREFIX, fsync_dir
+from puzzle_core.api import UserError, atomic_dir, cache_root
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 0
@@ -28,22 +23,9 @@ def _model_dir(name: str) -> Path:
 
 def _publish(folder: Path, model, tokenizer) -> None:
     """Save into a temp folder and rename it into place; if another process got there first, keep theirs."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + folder.name + ".", dir=folder.parent))
-    try:
+    with atomic_dir(folder, keep_existing=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for path in tmp.iterdir():
-            with open(path, "rb+") as handle:
-                os.fsync(handle.fileno())
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # the folder exists (and is not empty): a concurrent first use finished before us
-            if not (folder / "config.json").is_file():
-                raise
-        fsync_dir(folder.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def smollm2_135m() -> Path:

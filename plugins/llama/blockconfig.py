@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec
-from puzzle_core.errors import UserError
+from puzzle_core.api import AttentionSpec, BlockSpec, FFNSpec, UserError
 from puzzle_plugins.llama.configuration_decilm import block_intermediate_size, ffn_mult_to_intermediate_size
 
 # Keys of published block configs that describe features this model code does not implement.

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import LoadedModel
-from puzzle_core.rundir import atomic_dir
+from puzzle_core.api import LoadedModel, UserError, atomic_dir, read_config
 
 CODE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
 AUTO_MAP = {
@@ -82,7 +80,6 @@ def load_child(family, folder: Path, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoTokenizer
 
     from puzzle_plugins.llama.configuration_decilm import DeciLMConfig
-    from puzzle_core.parents import read_config
     from puzzle_plugins.llama.family import DECILM_MODEL_TYPES, uninitialised_child
 
     if not folder.is_dir():

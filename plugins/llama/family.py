@@ -16,11 +16,20 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec, SubBlockSpec
-from puzzle_core.dtypes import torch_dtype
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import Calibration, LoadedModel, ModelFamily, ModelShape, Part
-from puzzle_core.parents import read_config
+from puzzle_core.api import (
+    AttentionSpec,
+    BlockSpec,
+    Calibration,
+    FFNSpec,
+    LoadedModel,
+    ModelFamily,
+    ModelShape,
+    Part,
+    SubBlockSpec,
+    UserError,
+    read_config,
+    torch_dtype,
+)
 from puzzle_plugins.llama import blockconfig
 from puzzle_plugins.llama.configuration_decilm import DeciLMConfig
 from puzzle_plugins.llama.init import InitMethods, init_sublayer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from puzzle_core.errors import UserError
+from puzzle_core.api import UserError
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 

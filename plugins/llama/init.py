@@ -22,9 +22,7 @@ import attrs
 import torch
 from torch import nn
 
-from puzzle_core.blocks import AttentionSpec, FFNSpec, SubBlockSpec
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import Calibration
+from puzzle_core.api import AttentionSpec, Calibration, FFNSpec, SubBlockSpec, UserError
 from puzzle_plugins.llama.modeling_decilm import make_attention, make_mlp
 from puzzle_plugins.llama.options import ATTENTION_METHODS, FFN_METHODS, LINEAR_METHODS
 from puzzle_plugins.llama.runner import AttentionSublayer, FFNSublayer

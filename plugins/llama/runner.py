@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
-from puzzle_core.interfaces import LayerRunner, Part
+from puzzle_core.api import LayerRunner, Part
 
 
 @attrs.frozen

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from puzzle_core.blocks import AttentionSpec, FFNSpec, VariantSpace
-from puzzle_core.interfaces import ModelShape, VariantProvider
+from puzzle_core.api import AttentionSpec, FFNSpec, ModelShape, VariantProvider, VariantSpace
 from puzzle_plugins.llama.init import InitMethods
 from puzzle_plugins.llama.options import LlamaVariantOptions
 

@@ -12,13 +12,23 @@ import time
 import attrs
 import numpy as np
 
-from puzzle_core import hookimpl
-from puzzle_core.errors import UserError
-from puzzle_core.interfaces import ModelOutputs, Scorer, ScoringBatch, Solver
-from puzzle_core.records import ScorerPlugin
-from puzzle_core.records import SolverPlugin
-from puzzle_core.search import SearchProblem, Solution, check_diversity_count, infeasible_error
-from puzzle_plugins.roofline import GPUSpec, roofline_cost_model
+from puzzle_core.api import (
+    CostModelPlugin,
+    GPUSpec,
+    ModelOutputs,
+    Scorer,
+    ScorerPlugin,
+    ScoringBatch,
+    SearchProblem,
+    Solution,
+    Solver,
+    SolverPlugin,
+    UserError,
+    check_diversity_count,
+    hookimpl,
+    infeasible_error,
+    roofline_cost_model,
+)
 
 # ---------------------------------------------------------------- an A100 cost model
 # A new GPU for the roofline cost models is its spec sheet and one record.
@@ -33,7 +43,7 @@ A100_SXM = GPUSpec(
 
 
 @hookimpl
-def puzzle_cost_models():
+def puzzle_cost_models() -> list[CostModelPlugin]:
     return [roofline_cost_model("a100", A100_SXM)]
 
 
@@ -97,7 +107,7 @@ class BruteForceSolver(Solver):
 
 
 @hookimpl(specname="puzzle_solvers")
-def brute_force_solver():
+def brute_force_solver() -> list[SolverPlugin]:
     return [
         SolverPlugin(
             name=BruteForceSolver.name,
@@ -125,6 +135,6 @@ class TopOneMismatch(Scorer):
 
 
 @hookimpl(specname="puzzle_scorers")
-def top1_mismatch_scorer():
+def top1_mismatch_scorer() -> list[ScorerPlugin]:
     return [ScorerPlugin(name="top1_mismatch", implementation=TopOneMismatch,
                          description="share of validation tokens whose top-1 prediction changes, block replaced alone")]
