@@ -56,7 +56,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def validation_batches(parent, corpus: str, tokens: int, seq_len: int, batch_size: int) -> list[ScoringBatch]:
-    from puzzle_core.data import load_corpus
+    from puzzle_core.corpus import load_corpus
 
     data = load_corpus(DataSection(corpus=corpus, seq_len=seq_len), parent.tokenizer)
     return [

@@ -24,12 +24,13 @@ import pluggy
 
 from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec, SubBlockSpec, VariantSpace
 from puzzle_core.cache import cache_root
-from puzzle_core.data import CorpusSplit, Document, TokenizedCorpus
+from puzzle_core.data import CorpusSplit, CorpusText, Document, TokenizedCorpus, assign_splits, chunk_documents
 from puzzle_core.devices import resolve_device, torch_threads
 from puzzle_core.dtypes import DTYPE_BYTES, Dtype, ModelDtype, ScenarioDtype, torch_dtype
 from puzzle_core.errors import ConfigError, PluginError, UnknownNameError, UserError
 from puzzle_core.interfaces import (
     Calibration,
+    Corpus,
     CostModel,
     Costs,
     DistillationLoss,
@@ -60,6 +61,7 @@ from puzzle_core.plugins import PluginWarning, get_plugin_manager, hookimpl, mak
 from puzzle_core.records import (
     ArchitecturePlugin,
     BlockVariantsPlugin,
+    CorpusPlugin,
     CostModelPlugin,
     DistillationLossPlugin,
     EvaluatorPlugin,
@@ -121,6 +123,7 @@ __all__ = [
     "DistillationLossPlugin",
     "EvaluatorPlugin",
     "ExecutorPlugin",
+    "CorpusPlugin",
     # interfaces
     "ModelFamily",
     "LayerRunner",
@@ -131,6 +134,7 @@ __all__ = [
     "DistillationLoss",
     "Evaluator",
     "Executor",
+    "Corpus",
     # shared types
     "ModelShape",
     "BlockSpec",
@@ -157,6 +161,7 @@ __all__ = [
     "StageContext",
     "ProcessRole",
     "Document",
+    "CorpusText",
     "CorpusSplit",
     "TokenizedCorpus",
     "Dtype",
@@ -190,6 +195,8 @@ __all__ = [
     "check_diversity_count",
     "readable",
     "throughput",
+    "chunk_documents",
+    "assign_splits",
     "GPUSpec",
     "RooflineOptions",
     "RooflineCostModel",

@@ -14,6 +14,7 @@ import attrs
 from puzzle_core.config import CONVERTER, structure_str
 from puzzle_core.records import (
     ArchitecturePlugin,
+    CorpusPlugin,
     BlockVariantsPlugin,
     CostModelPlugin,
     DistillationLossPlugin,
@@ -74,6 +75,14 @@ class ExecutorChoice(PluginChoice):
     kind: ClassVar[str] = ExecutorPlugin.kind
 
 
+@attrs.frozen
+class CorpusChoice(PluginChoice):
+    kind: ClassVar[str] = CorpusPlugin.kind
+
+
+PATH_CORPUS = "files"
+"""The corpus that reads a ``data.corpus`` given as a path rather than a corpus name."""
+
 _CHOICE_TYPES: dict[str, type[PluginChoice]] = {t.kind: t for t in PluginChoice.__subclasses__()}
 
 
@@ -90,7 +99,10 @@ def _structure_plugin_choice(value: Any, type_: type[PluginChoice]) -> PluginCho
     from puzzle_core.registry import get_registries
 
     if isinstance(value, str):
-        value = {"name": value}
+        if type_ is CorpusChoice and value not in get_registries().corpora:
+            value = {"name": PATH_CORPUS, "path": value}  # not a corpus name: a file or folder
+        else:
+            value = {"name": value}
     if not isinstance(value, dict) or "name" not in value:
         raise ValueError(f"expected a plugin name or a mapping with 'name', got {value!r}")
     raw = dict(value)
@@ -103,6 +115,13 @@ def _structure_plugin_choice(value: Any, type_: type[PluginChoice]) -> PluginCho
 def _unstructure_plugin_choice(choice: PluginChoice) -> dict:
     data = CONVERTER.unstructure(choice.options) if choice.options is not None else {}
     return {"name": choice.name, **data}
+
+
+def corpus_choice(value: object) -> CorpusChoice:
+    """``data.corpus`` as a choice: a corpus name, a path (read by the ``files`` corpus) or a mapping."""
+    from puzzle_core.config import structure
+
+    return value if isinstance(value, CorpusChoice) else structure(value, CorpusChoice, path="$.data.corpus")
 
 
 CONVERTER.register_structure_hook_func(_is_plugin_choice, _structure_plugin_choice)

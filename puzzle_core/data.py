@@ -1,15 +1,11 @@
-"""Text corpora: read, split into train / validation / test, tokenise, batch.
+"""Text corpora: split into train / validation / test, tokenise, batch.
 
-``data.corpus`` in a run config names the source:
-
-- ``demo``: the Debian texts prepared by ``puzzle data prepare`` (:mod:`puzzle_core.demo_data`);
-- ``synthetic``: pseudo-English generated in code from the run seed (tests, ``configs/tiny.yaml``);
-- a ``.txt`` / ``.jsonl`` (a ``text`` field per line, optionally a ``source`` label) /
-  ``.parquet`` (a ``text`` column) file, or a folder of them. A folder holding files named
-  ``train.*``, ``validation.*``, ``test.*`` gives the splits explicitly; otherwise the
-  text is cut into chunks of about
-  :data:`CHUNK_CHARS` characters at paragraph breaks and each chunk goes to a split by a
-  hash of its content, so the split does not depend on file order or on the run seed.
+``data.corpus`` in a run config names a corpus plugin (``puzzle_corpora``: ``demo``,
+``synthetic``, ``files``...) or is a path, read by the ``files`` corpus. A corpus gives
+documents (:class:`CorpusText`), per split when it defines them; the core cuts them into
+chunks of about :data:`CHUNK_CHARS` characters at paragraph breaks and deals each chunk of
+unsplit text to a split by a hash of its content, so the split does not depend on file
+order or on the run seed.
 
 Tokenised splits are cached under the user cache (:func:`puzzle_core.cache.cache_root`),
 keyed by the source's content and the tokenizer, so a second run starts at once.
@@ -20,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import re
 import sys
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import attrs
@@ -33,10 +27,8 @@ from puzzle_core.errors import UserError
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
-SUFFIXES = (".txt", ".jsonl", ".parquet")
 CHUNK_CHARS = 2000
 """Target size of a split unit (and of a document for perplexity): about 500 tokens of English."""
-SYNTHETIC_DOCUMENTS = 200
 FORMAT_VERSION = 1  # bump when chunking or tokenisation changes, to invalidate caches
 
 
@@ -143,169 +135,43 @@ class TokenizedCorpus:
 # ---------------------------------------------------------------- loading
 
 
-def load_corpus(data_section, tokenizer, seed: int = 0) -> TokenizedCorpus:
-    """The corpus ``data_section.corpus`` names, tokenised with ``tokenizer`` (cached)."""
-    documents = read_splits(
-        data_section.corpus,
-        seed=seed,
-        validation_fraction=data_section.validation_fraction,
-        test_fraction=data_section.test_fraction,
-    )
-    return tokenize_splits(documents.name, documents.splits, tokenizer, documents.fingerprint)
-
-
 @attrs.frozen
-class SplitDocuments:
-    """Documents per split before tokenisation, with a fingerprint of everything that made them."""
+class CorpusText:
+    """What a corpus plugin reads: documents per split, and a fingerprint of the text.
+
+    ``splits`` holds ``train`` and, when the source defines them, ``validation`` and
+    ``test``; the splits it lacks are carved out of ``train`` by content hash. The
+    ``fingerprint`` must change whenever the text does: tokenised splits are cached by it.
+    """
 
     name: str
     splits: Mapping[str, tuple[Document, ...]]
     fingerprint: str
 
 
-def read_splits(
-    source: str, *, seed: int = 0, validation_fraction: float = 0.05, test_fraction: float = 0.05
-) -> SplitDocuments:
-    """Read ``source`` (``demo``, ``synthetic`` or a path) into split documents."""
-    _check_fractions(validation_fraction, test_fraction)
-    fractions = {"validation": validation_fraction, "test": test_fraction}
-    if source == "synthetic":
-        documents = synthetic_documents(seed)
-        fingerprint = _digest(["synthetic", seed, SYNTHETIC_DOCUMENTS, fractions, FORMAT_VERSION])
-        return SplitDocuments("synthetic", assign_splits(documents, fractions, name="synthetic"), fingerprint)
-    if source == "demo":
-        from puzzle_core.demo_data import demo_corpus_dir
-
-        path = demo_corpus_dir()
-        if not all((path / f"{split}.jsonl").is_file() for split in SPLITS):
-            raise UserError(
-                "The demo corpus is not prepared yet. Run `puzzle data prepare` once (it fetches three small "
-                "Debian text packages), or set data.corpus to 'synthetic' or to your own .txt/.jsonl/.parquet files."
-            )
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise UserError(
-                f"Corpus '{source}' is not 'demo', 'synthetic', or an existing file or folder. Fix data.corpus "
-                f"in the config (relative paths are from the current directory)."
-            )
-    files = _corpus_files(path)
-    named = {split: [f for f in files if f.stem == split] for split in SPLITS}
-    if any(named.values()) and not named["train"]:
+def split_documents(text: CorpusText, fractions: Mapping[str, float]) -> dict[str, tuple[Document, ...]]:
+    """Chunk a corpus's documents and complete its splits: those it lacks are carved out of ``train``."""
+    unknown = sorted(set(text.splits) - set(SPLITS))
+    if unknown or "train" not in text.splits:
         raise UserError(
-            f"Folder '{path}' has {' and '.join(f.name for fs in named.values() for f in fs)} but no train.* file. "
-            f"Add one (train.txt, train.jsonl or train.parquet), or rename the split files to split automatically."
+            f"Corpus '{text.name}' gave the splits {', '.join(sorted(text.splits)) or '(none)'}; a corpus gives "
+            f"train and optionally validation and test."
         )
-    if named["train"]:
-        others = [f for f in files if f.stem not in SPLITS]
-        if others:
-            raise UserError(
-                f"Folder '{path}' mixes split files (train.*, validation.*, test.*) with other files "
-                f"({', '.join(f.name for f in others[:3])}). Put every file in a split file, or remove the "
-                f"split-named ones to let the text be split automatically."
-            )
-        given = {split: chunk_documents(_read_documents(fs, path)) for split, fs in named.items() if fs}
-        carved = {s: f for s, f in fractions.items() if s not in given}
-        if carved:
-            parts = assign_splits(given.pop("train"), carved, name=str(path))
-            given.update(parts)
-        splits = {split: given[split] for split in SPLITS}
-    else:
-        splits = assign_splits(_read_documents(files, path), fractions, name=str(path))
-    contents = [(str(f.relative_to(path)) if path.is_dir() else f.name, _file_digest(f)) for f in files]
-    fingerprint = _digest([contents, fractions, FORMAT_VERSION])
-    return SplitDocuments("demo" if source == "demo" else str(path), splits, fingerprint)
+    if set(text.splits) == {"train"}:
+        return assign_splits(text.splits["train"], fractions, name=text.name)
+    given = {split: chunk_documents(documents) for split, documents in text.splits.items()}
+    carved = {split: fraction for split, fraction in fractions.items() if split not in given}
+    if carved:
+        given.update(assign_splits(given.pop("train"), carved, name=text.name))
+    return {split: given[split] for split in SPLITS}
 
 
-def _check_fractions(validation_fraction: float, test_fraction: float) -> None:
+def check_fractions(validation_fraction: float, test_fraction: float) -> None:
     if not (0 < validation_fraction < 1 and 0 < test_fraction < 1 and validation_fraction + test_fraction < 1):
         raise UserError(
             f"data.validation_fraction ({validation_fraction}) and data.test_fraction ({test_fraction}) must each "
             f"be between 0 and 1 and sum to less than 1."
         )
-
-
-def _corpus_files(path: Path) -> list[Path]:
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            raise UserError(f"Corpus folder '{path}' holds no files. Add .txt, .jsonl or .parquet files to it.")
-    unknown = [f for f in files if f.suffix.lower() not in SUFFIXES]
-    if unknown:
-        raise UserError(
-            f"Corpus file '{unknown[0]}' has an unsupported extension '{unknown[0].suffix}'. Corpora are read from "
-            f"{', '.join(SUFFIXES)} files (.jsonl and .parquet with a 'text' field); convert or remove it."
-        )
-    return files
-
-
-def _read_documents(files: Sequence[Path], root: Path) -> tuple[Document, ...]:
-    documents: list[Document] = []
-    for file in files:
-        label = str(file.relative_to(root)) if root.is_dir() else file.name
-        documents.extend(Document(text, source or label) for text, source in _read_file(file) if text.strip())
-    if not documents:
-        where = f"'{files[0]}'" if len(files) == 1 else f"the {len(files)} files under '{root}'"
-        raise UserError(f"The corpus in {where} is empty: no text was found. Point data.corpus at files with text.")
-    return tuple(documents)
-
-
-def _read_file(path: Path) -> list[tuple[str, str | None]]:
-    """``(text, source)`` per document; ``source`` from a JSONL ``source`` field, else ``None`` (the file)."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return [(text, None) for text in _read_parquet(path)]
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"Corpus file '{path}' is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}). Convert it, "
-            f"e.g. `iconv -f latin1 -t utf-8 '{path}' > out.txt`, or remove it from the corpus."
-        ) from None
-    if suffix == ".txt":
-        return [(text, None)]
-    return _parse_jsonl(path, text)
-
-
-def _parse_jsonl(path: Path, text: str) -> list[tuple[str, str | None]]:
-    texts = []
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): text may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"Line {number} of '{path}' is not valid JSON ({exc.msg}). Each line must be one JSON object.") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(
-                f"Line {number} of '{path}' has no string field 'text'. Each line must look like "
-                f'{{"text": "..."}} (an optional "source" labels it; other fields are ignored).'
-            )
-        source = record.get("source")
-        texts.append((record["text"], source if isinstance(source, str) else None))
-    return texts
-
-
-def _read_parquet(path: Path) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several unrelated types for unreadable files
-        raise UserError(f"Corpus file '{path}' could not be read as Parquet ({exc}). Check the file.") from None
-    if "text" not in table.column_names:
-        raise UserError(
-            f"Parquet file '{path}' has no 'text' column (columns: {', '.join(table.column_names)}). Rename the "
-            f"column holding the text to 'text'."
-        )
-    column = table.column("text")
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise UserError(f"Column 'text' of '{path}' holds {column.type}, not strings. Store the text as strings.")
-    return [t for t in column.to_pylist() if t is not None]
 
 
 # ---------------------------------------------------------------- splitting
@@ -342,7 +208,7 @@ def chunk_text(text: str, target_chars: int = CHUNK_CHARS) -> list[str]:
 
 def chunk_documents(documents: Iterable[Document], target_chars: int = CHUNK_CHARS) -> tuple[Document, ...]:
     """Every document cut by :func:`chunk_text`, duplicates dropped, in content-hash order."""
-    chunks = {_digest(["chunk", c]): Document(c, d.source) for d in documents for c in chunk_text(d.text, target_chars)}
+    chunks = {digest(["chunk", c]): Document(c, d.source) for d in documents for c in chunk_text(d.text, target_chars)}
     return tuple(chunks[key] for key in sorted(chunks))
 
 
@@ -382,7 +248,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
         payload = backend.to_str()
     else:
         payload = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return _digest([type(tokenizer).__name__, payload, getattr(tokenizer, "eos_token_id", None)])
+    return digest([type(tokenizer).__name__, payload, getattr(tokenizer, "eos_token_id", None)])
 
 
 def tokenize_splits(name: str, splits: Mapping[str, Sequence[Document]], tokenizer, fingerprint: str) -> TokenizedCorpus:
@@ -391,7 +257,7 @@ def tokenize_splits(name: str, splits: Mapping[str, Sequence[Document]], tokeniz
 
     from puzzle_core.rundir import atomic_path
 
-    key = _digest([fingerprint, tokenizer_fingerprint(tokenizer)])
+    key = digest([fingerprint, tokenizer_fingerprint(tokenizer)])
     cache = cache_root() / "corpora" / f"{key}.safetensors"
     if cache.is_file():
         tensors = load_file(cache)
@@ -422,75 +288,8 @@ def _tokenize(documents: Sequence[Document], tokenizer, description: str):
     return torch.tensor(ids, dtype=torch.long)
 
 
-# ---------------------------------------------------------------- synthetic text
-
-
-_WORDS: dict[str, tuple[str, ...]] = {
-    "det": ("the", "a", "every", "this", "that", "one", "no", "some", "her", "his"),
-    "adj": ("old", "quiet", "bright", "small", "green", "heavy", "strange", "gentle", "cold", "proud", "narrow",
-            "golden", "silent", "broken", "early", "patient", "distant", "simple", "tall", "kind"),
-    "noun": ("house", "river", "garden", "letter", "king", "window", "child", "road", "village", "horse", "door",
-             "friend", "mountain", "book", "table", "ship", "teacher", "forest", "city", "morning", "stone",
-             "bird", "doctor", "song", "lamp", "field", "sister", "bridge", "market", "winter"),
-    "verb": ("saw", "found", "carried", "opened", "remembered", "followed", "built", "watched", "lost", "painted",
-             "visited", "answered", "crossed", "kept", "wrote", "heard", "closed", "praised", "sold", "named"),
-    "intransitive": ("slept", "laughed", "waited", "arrived", "vanished", "smiled", "returned", "wandered"),
-    "adv": ("slowly", "again", "quietly", "at last", "together", "carefully", "alone", "once more", "gladly"),
-    "prep": ("near", "behind", "across", "beside", "under", "beyond", "toward", "inside"),
-    "name": ("Anna", "Thomas", "Mira", "Jonas", "Clara", "Peter", "Elena", "Samuel", "Ruth", "Oliver"),
-}
-
-
-def _zipf(rng: random.Random, words: tuple[str, ...]) -> str:
-    return rng.choices(words, weights=[1.0 / (rank + 1) for rank in range(len(words))])[0]
-
-
-def _noun_phrase(rng: random.Random) -> str:
-    if rng.random() < 0.2:
-        return _zipf(rng, _WORDS["name"])
-    words = [_zipf(rng, _WORDS["det"])]
-    if rng.random() < 0.5:
-        words.append(_zipf(rng, _WORDS["adj"]))
-    words.append(_zipf(rng, _WORDS["noun"]))
-    if rng.random() < 0.25:
-        words += [_zipf(rng, _WORDS["prep"]), "the", _zipf(rng, _WORDS["noun"])]
-    return " ".join(words)
-
-
-def _sentence(rng: random.Random) -> str:
-    if rng.random() < 0.3:
-        words = [_noun_phrase(rng), _zipf(rng, _WORDS["intransitive"])]
-    else:
-        words = [_noun_phrase(rng), _zipf(rng, _WORDS["verb"]), _noun_phrase(rng)]
-    if rng.random() < 0.3:
-        words.append(_zipf(rng, _WORDS["adv"]))
-    text = " ".join(words)
-    text = text[0].upper() + text[1:]
-    if rng.random() < 0.15:
-        return f'"{text}," said {_zipf(rng, _WORDS["name"])}.'
-    return text + "."
-
-
-def synthetic_documents(seed: int, count: int = SYNTHETIC_DOCUMENTS) -> tuple[Document, ...]:
-    """``count`` short pseudo-English stories from a small grammar (learnable, deterministic in ``seed``)."""
-    rng = random.Random(f"puzzle-synthetic-{seed}")
-    documents = []
-    for index in range(count):
-        paragraphs = [
-            " ".join(_sentence(rng) for _ in range(rng.randint(3, 7))) for _ in range(rng.randint(3, 8))
-        ]
-        documents.append(Document(f"Story {index + 1}\n\n" + "\n\n".join(paragraphs), f"synthetic/{index}"))
-    return tuple(documents)
-
-
 # ---------------------------------------------------------------- hashing
 
 
-def _digest(data: Any) -> str:
+def digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _file_digest(path: Path) -> str:
-    from puzzle_core.rundir import sha256_file
-
-    return sha256_file(path)

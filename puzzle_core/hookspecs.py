@@ -17,6 +17,7 @@ import pluggy
 
 from puzzle_core.records import (
     ArchitecturePlugin,
+    CorpusPlugin,
     BlockVariantsPlugin,
     CostModelPlugin,
     DistillationLossPlugin,
@@ -91,6 +92,14 @@ def puzzle_executors() -> list[ExecutorPlugin]:
     """Ways to run independent jobs (BLD blocks, scoring shards).
 
     Example: ``return [ExecutorPlugin(name="slurm", implementation=SlurmExecutor, options=SlurmOptions)]``.
+    """
+
+
+@hookspec
+def puzzle_corpora() -> list[CorpusPlugin]:
+    """Text sources for BLD, scoring and GKD, picked by ``data.corpus``.
+
+    Example: ``return [CorpusPlugin(name="wiki", implementation=WikiDump, options=WikiOptions)]``.
     """
 
 

@@ -16,7 +16,7 @@ import attrs
 
 from puzzle_core.blocks import BlockSpec, SubBlockSpec, VariantSpace
 from puzzle_core.cache import cache_root
-from puzzle_core.data import TokenizedCorpus
+from puzzle_core.data import CorpusText, TokenizedCorpus
 from puzzle_core.dtypes import ModelDtype
 from puzzle_core.scenario import Scenario
 from puzzle_core.search import SearchProblem, Solution
@@ -384,6 +384,22 @@ class Evaluator(ABC):
     @abstractmethod
     def evaluate(self, model: LoadedModel, context: EvalContext) -> dict[str, float]:
         """Named numbers for ``model`` (``context`` holds the parent, data and scenario)."""
+
+
+class Corpus(ABC):
+    """Implementation of a :class:`~puzzle_core.records.CorpusPlugin` record: text for BLD, scoring and GKD.
+
+    The core chunks what :meth:`read` returns, carves the splits a corpus does not
+    define out of ``train``, tokenises with the parent's tokenizer and caches the result
+    by the text's fingerprint.
+    """
+
+    @abstractmethod
+    def read(self, seed: int) -> CorpusText:
+        """The documents, per split when the source defines them (else all under ``train``)."""
+
+    def prepare(self, force: bool = False, echo: Callable[[str], None] = print) -> None:
+        """Fetch or build what :meth:`read` needs, once (``puzzle data prepare``); nothing by default."""
 
 
 @attrs.frozen

@@ -146,9 +146,9 @@ class RunContext(StageContext):
     @cached_property
     def corpus(self) -> TokenizedCorpus:
         """Tokenised train / validation / test splits."""
-        from puzzle_core.data import load_corpus
+        from puzzle_core.corpus import load_corpus
 
-        return load_corpus(self.config.data, self.parent.tokenizer, seed=self.config.seed)
+        return load_corpus(self.config.data, self.parent.tokenizer, seed=self.config.seed, registries=self.registries)
 
     def scoring_data(self) -> ScoringData:
         from puzzle_core.scoring import validation_data

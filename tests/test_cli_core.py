@@ -36,6 +36,7 @@ def test_plugins_json_lists_every_kind_with_name_distribution_description(capsys
         "distillation_losses",
         "evaluators",
         "executors",
+        "corpora",
     ]
     for kind, items in listing.items():
         assert [item["name"] for item in items] == sorted(item["name"] for item in items)

