@@ -1,5 +1,6 @@
 # Two commands: `make demo` runs the whole pipeline on the embedded SmolLM2 parent,
-# `make test` runs the test suite. Both create or refresh .venv themselves.
+# `make test` checks the import contracts (pyproject.toml) and runs the test suite.
+# Both create or refresh .venv themselves.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -20,9 +21,11 @@ $(STAMP): pyproject.toml examples/puzzle-example-plugin/pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"
 
 data: $(STAMP)

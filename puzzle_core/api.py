@@ -30,6 +30,7 @@ from puzzle_core.dtypes import DTYPE_BYTES, Dtype, ModelDtype, ScenarioDtype, to
 from puzzle_core.errors import ConfigError, PluginError, UnknownNameError, UserError
 from puzzle_core.interfaces import (
     Calibration,
+    Command,
     Corpus,
     CostModel,
     Costs,
@@ -61,6 +62,7 @@ from puzzle_core.plugins import PluginWarning, get_plugin_manager, hookimpl, mak
 from puzzle_core.records import (
     ArchitecturePlugin,
     BlockVariantsPlugin,
+    CommandPlugin,
     CorpusPlugin,
     CostModelPlugin,
     DistillationLossPlugin,
@@ -124,6 +126,7 @@ __all__ = [
     "EvaluatorPlugin",
     "ExecutorPlugin",
     "CorpusPlugin",
+    "CommandPlugin",
     # interfaces
     "ModelFamily",
     "LayerRunner",
@@ -135,6 +138,7 @@ __all__ = [
     "Evaluator",
     "Executor",
     "Corpus",
+    "Command",
     # shared types
     "ModelShape",
     "BlockSpec",

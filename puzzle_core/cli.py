@@ -1,8 +1,9 @@
 """The ``puzzle`` command line.
 
-Sub-commands live next to the code they drive and are attached at the bottom of this
-module; every :class:`~puzzle_core.errors.UserError` becomes a one-paragraph message
-on stderr and exit code 2, never a traceback.
+The core's sub-commands live next to the code they drive and are attached at the bottom
+of this module; plugins add more through ``puzzle_commands`` (``bench`` is one). Every
+:class:`~puzzle_core.errors.UserError` becomes a one-paragraph message on stderr and exit
+code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,38 @@ from puzzle_core.records import KINDS
 
 
 class PuzzleGroup(click.Group):
-    """A click group that turns our errors into clean messages and exit codes."""
+    """A click group that turns our errors into clean messages and exit codes, with the plugins' commands."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugin_commands()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, name) or self._plugin_commands().get(name)
+
+    def _plugin_commands(self) -> dict[str, click.Command]:
+        """The commands of the registered ``puzzle_commands`` records; a broken one is a plugin fault."""
+        from puzzle_core.plugins import report_plugin_fault
+        from puzzle_core.registry import get_registries
+
+        registries = get_registries()
+        cached = getattr(self, "_plugins_built", None)
+        if cached is not None and cached[0] is registries:  # built once per set of registries
+            return cached[1]
+        found = {}
+        for entry in registries.commands:
+            where = f"Command '{entry.name}' of plugin '{entry.plugin}' from distribution '{entry.distribution}'"
+            if entry.name in self.commands:
+                report_plugin_fault(f"{where} has the name of a built-in command.", skipped="It was skipped")
+                continue
+            try:
+                command = entry.record.create().click_command()
+            except Exception as exc:  # third-party code can fail in any way
+                report_plugin_fault(f"{where} could not be built: {type(exc).__name__}: {exc}.", skipped="It was skipped")
+                continue
+            command.name = entry.name
+            found[entry.name] = command
+        self._plugins_built = (registries, found)
+        return found
 
     def invoke(self, ctx: click.Context):
         try:
@@ -111,6 +143,7 @@ _attach_commands()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    _show_warnings_briefly()  # before parsing: finding a plugin's command can warn
     try:
         # without standalone mode click returns ctx.exit()'s code instead of raising Exit
         result = cli.main(args=argv, prog_name="puzzle", standalone_mode=False)

@@ -17,6 +17,7 @@ import pluggy
 
 from puzzle_core.records import (
     ArchitecturePlugin,
+    CommandPlugin,
     CorpusPlugin,
     BlockVariantsPlugin,
     CostModelPlugin,
@@ -100,6 +101,14 @@ def puzzle_corpora() -> list[CorpusPlugin]:
     """Text sources for BLD, scoring and GKD, picked by ``data.corpus``.
 
     Example: ``return [CorpusPlugin(name="wiki", implementation=WikiDump, options=WikiOptions)]``.
+    """
+
+
+@hookspec
+def puzzle_commands() -> list[CommandPlugin]:
+    """Sub-commands of the ``puzzle`` command line.
+
+    Example: ``return [CommandPlugin(name="export-onnx", implementation=ExportOnnx)]``.
     """
 
 

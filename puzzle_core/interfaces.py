@@ -22,6 +22,7 @@ from puzzle_core.scenario import Scenario
 from puzzle_core.search import SearchProblem, Solution
 
 if TYPE_CHECKING:
+    import click
     import torch
     from transformers import PreTrainedTokenizerBase
 
@@ -400,6 +401,21 @@ class Corpus(ABC):
 
     def prepare(self, force: bool = False, echo: Callable[[str], None] = print) -> None:
         """Fetch or build what :meth:`read` needs, once (``puzzle data prepare``); nothing by default."""
+
+
+class Command(ABC):
+    """Implementation of a :class:`~puzzle_core.records.CommandPlugin` record: a ``puzzle`` sub-command.
+
+    The command is a click command (or group) named after the record; a
+    :class:`~puzzle_core.errors.UserError` it raises is printed as one paragraph with exit code 2.
+    """
+
+    def __init__(self, options: object = None):
+        self.options = options
+
+    @abstractmethod
+    def click_command(self) -> click.Command:
+        """The click command to attach under the record's name."""
 
 
 @attrs.frozen

@@ -20,6 +20,7 @@ import attrs
 
 from puzzle_core.errors import PluginError
 from puzzle_core.interfaces import (
+    Command,
     Corpus,
     CostModel,
     DistillationLoss,
@@ -198,6 +199,14 @@ class CorpusPlugin(PluginRecord[Corpus]):
     interface: ClassVar[type] = Corpus
 
 
+@attrs.frozen
+class CommandPlugin(PluginRecord[Command]):
+    """A ``puzzle`` sub-command (``bench``...)."""
+
+    kind: ClassVar[str] = "commands"
+    interface: ClassVar[type] = Command
+
+
 RECORD_TYPES: tuple[type[PluginRecord], ...] = (
     ArchitecturePlugin,
     BlockVariantsPlugin,
@@ -208,5 +217,6 @@ RECORD_TYPES: tuple[type[PluginRecord], ...] = (
     EvaluatorPlugin,
     ExecutorPlugin,
     CorpusPlugin,
+    CommandPlugin,
 )
 KINDS: tuple[str, ...] = tuple(t.kind for t in RECORD_TYPES)

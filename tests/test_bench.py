@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -264,3 +265,21 @@ def test_bench_lists_the_ablations_and_refuses_unknown_ones(tmp_path):
     assert unknown_arm.exit_code == 2 and "no arm ['simplex']" in unknown_arm.output
     assert not any(tmp_path.iterdir())
     assert runner.available() == list(runner.ORDER)
+
+
+def test_bench_is_a_plugin_command_that_runs_from_any_directory(tmp_path):
+    from puzzle_core.registry import get_registries
+
+    entry = get_registries().commands.entry("bench")
+    assert (entry.plugin, entry.distribution) == ("bench", "puzzle-nas")
+    listing = subprocess.run([sys.executable, "-m", "puzzle_core.cli", "bench", "--list"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert "search" in listing.stdout and "arms: mip, greedy, max_params" in listing.stdout
+
+
+def test_bench_without_a_checkout_says_so(tmp_path):
+    from puzzle_plugins.bench_command import benchmarks_runner
+
+    with pytest.raises(UserError, match="benchmarks/ folder of a source checkout.*pip install -e"):
+        benchmarks_runner(tmp_path / "benchmarks")

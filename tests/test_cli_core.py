@@ -37,6 +37,7 @@ def test_plugins_json_lists_every_kind_with_name_distribution_description(capsys
         "evaluators",
         "executors",
         "corpora",
+        "commands",
     ]
     for kind, items in listing.items():
         assert [item["name"] for item in items] == sorted(item["name"] for item in items)
@@ -120,3 +121,41 @@ def test_duplicate_names_are_a_plugin_error_with_exit_code_2(site_packages, caps
     assert code == 2 and out == ""
     assert err.startswith("Plugin error: Two plugins register the solvers name 'fast_search'")
     assert "'acme-solvers'" in err and "'zenith-solvers'" in err and "Traceback" not in err
+
+
+HELLO_COMMAND = """
+    import click
+
+    from puzzle_core.api import Command, CommandPlugin, UserError, hookimpl
+
+    @click.command()
+    @click.argument("who")
+    def hello(who):
+        if who == "nobody":
+            raise UserError("Nobody to greet; name someone.")
+        click.echo(f"hello {who}")
+
+    class Hello(Command):
+        def click_command(self):
+            return hello
+
+    class Clash(Command):
+        def click_command(self):
+            return hello
+
+    @hookimpl
+    def puzzle_commands():
+        return [CommandPlugin(name="hello", implementation=Hello, description="greets"),
+                CommandPlugin(name="run", implementation=Clash, description="clashes with puzzle run")]
+"""
+
+
+def test_puzzle_commands_hook_adds_a_command_and_cannot_replace_a_built_in(site_packages, capsys):
+    site_packages.install("hello-command", {"hello": HELLO_COMMAND})
+    code, out, err = run(capsys, "hello", "world")
+    assert (code, out) == (0, "hello world\n")
+    assert "Command 'run' of plugin 'hello' from distribution 'hello-command' has the name of a built-in" in err
+    code, _, err = run(capsys, "hello", "nobody")
+    assert code == 2 and "Error: Nobody to greet; name someone." in err and "Traceback" not in err
+    code, out, _ = run(capsys, "--help")
+    assert "hello" in out and "greets" not in out  # listed by its click help, which has none

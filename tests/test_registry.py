@@ -216,6 +216,7 @@ def test_record_labels_read_naturally():
         "evaluator",
         "executor",
         "corpus",
+        "command",
     ]
 
 

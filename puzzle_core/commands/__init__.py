@@ -6,5 +6,4 @@ MODULES = (
     "puzzle_core.commands.data",
     "puzzle_core.commands.library",
     "puzzle_core.commands.search",
-    "puzzle_core.commands.bench",
 )

@@ -1,29 +1,44 @@
-"""``puzzle bench``: run an ablation of the benchmark suite (``benchmarks/`` of a source checkout)."""
+"""The ``bench`` command: the paper's ablations, from the ``benchmarks/`` folder of a source checkout.
+
+The suite lives next to the packages in the repository, not inside the installed
+distribution, so the command runs the checkout this installation comes from (an
+editable install, ``pip install -e .``) and says so when there is none.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import click
 
-from puzzle_core.errors import UserError
+from puzzle_core.api import Command, CommandPlugin, UserError, hookimpl
 
-CHECKOUT = Path(__file__).resolve().parents[2]
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks"  # this plugin's checkout, when it is one
+MARKERS = ("__init__.py", "runner.py", "budgets.yaml")
 
 
-def _runner():
-    """``benchmarks.runner``: the suite lives next to the package in a checkout, not inside it."""
-    if not (CHECKOUT / "benchmarks" / "runner.py").is_file():
+def benchmarks_runner(suite: Path = SUITE) -> ModuleType:
+    """``benchmarks.runner`` of the checkout, imported as the package ``benchmarks`` from ``suite``."""
+    if not all((suite / marker).is_file() for marker in MARKERS):
         raise UserError(
-            "puzzle bench runs the ablations in the benchmarks/ folder of a source checkout, which this installation "
-            "lacks. Clone the repository and install it with `pip install -e .`."
+            f"puzzle bench runs the ablations in the benchmarks/ folder of a source checkout, and this installation "
+            f"has none ({suite} is missing). Clone the repository and install it with `pip install -e .`."
         )
-    if str(CHECKOUT) not in sys.path:
-        sys.path.insert(0, str(CHECKOUT))
-    from benchmarks import runner
-
-    return runner
+    loaded = sys.modules.get("benchmarks")
+    if loaded is None:
+        spec = importlib.util.spec_from_file_location(
+            "benchmarks", suite / "__init__.py", submodule_search_locations=[str(suite)]
+        )
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = loaded
+        spec.loader.exec_module(loaded)
+    elif Path(loaded.__file__).resolve().parent != suite.resolve():
+        raise UserError(f"Another package called 'benchmarks' ({loaded.__file__}) is already imported; run puzzle bench alone.")
+    return importlib.import_module("benchmarks.runner")
 
 
 @click.command("bench")
@@ -45,7 +60,7 @@ def bench_command(ablation: str | None, budget: str, base: str | None, results_d
     Writes RESULTS_DIR/ABLATION.json (ABLATION.small.json for the small budget), a markdown
     table and a PNG plot; rerunning reuses every finished arm.
     """
-    runner = _runner()
+    runner = benchmarks_runner()
     if list_only or ablation is None:
         for name in runner.available():
             definition = runner.load_ablation(name)
@@ -71,4 +86,11 @@ def bench_command(ablation: str | None, budget: str, base: str | None, results_d
         click.echo(f"Results: {path} (+ .md, .png)")
 
 
-commands = [bench_command]
+class Bench(Command):
+    def click_command(self) -> click.Command:
+        return bench_command
+
+
+@hookimpl
+def puzzle_commands() -> list[CommandPlugin]:
+    return [CommandPlugin(name="bench", implementation=Bench, description="the paper's ablations (source checkouts)")]
