@@ -40,7 +40,7 @@ import attrs
 import yaml
 
 from benchmarks.render import final_metric, write_markdown, write_plot
-from puzzle_core.config import read_yaml, stable_hash, structure, unstructure
+from puzzle_core.config import deep_merge, read_yaml, stable_hash, structure, unstructure
 from puzzle_core.errors import UserError
 from puzzle_core.pipeline import STAGE_NAMES, run_pipeline, stage_hashes
 from puzzle_core.rundir import MANIFEST, atomic_write_json, sha256_file
@@ -136,16 +136,6 @@ def load_budget(name: BudgetName) -> Budget:
 
 
 # ---------------------------------------------------------------------------- composing configs
-
-
-def deep_merge(base: Any, overlay: Any) -> Any:
-    """``overlay`` on ``base``: mappings merge key by key, anything else (lists too) replaces."""
-    if isinstance(base, Mapping) and isinstance(overlay, Mapping):
-        merged = dict(base)
-        for key, value in overlay.items():
-            merged[key] = deep_merge(base[key], value) if key in base else value
-        return merged
-    return overlay
 
 
 def apply_scale(data: dict, scale: Mapping[str, float], arm: str) -> dict:

@@ -15,6 +15,7 @@ import warnings
 import click
 
 from puzzle_core import __version__
+from puzzle_core.commands import overrides_option
 from puzzle_core.errors import PluginError, UserError
 from puzzle_core.records import KINDS
 
@@ -108,24 +109,26 @@ def config_group() -> None:
 
 @config_group.command("validate")
 @click.argument("path", type=click.Path(dir_okay=False))
-def config_validate(path: str) -> None:
-    """Check a config; prints every problem with its path, exit code 2 if any."""
-    from puzzle_core.schema import load_config
+@overrides_option
+def config_validate(path: str, overrides: tuple[str, ...]) -> None:
+    """Check a config and that its plugins suit its scenario; prints every problem with its path, exit code 2 if any."""
+    from puzzle_core.schema import check_config, load_config
 
-    load_config(path)
+    check_config(load_config(path, overrides), source=path)
     click.echo(f"{path}: OK")
 
 
 @config_group.command("show")
 @click.argument("path", type=click.Path(dir_okay=False))
-def config_show(path: str) -> None:
+@overrides_option
+def config_show(path: str, overrides: tuple[str, ...]) -> None:
     """Print a config fully resolved, with every default filled in."""
     import yaml
 
     from puzzle_core.config import unstructure
     from puzzle_core.schema import load_config
 
-    click.echo(yaml.safe_dump(unstructure(load_config(path)), sort_keys=False), nl=False)
+    click.echo(yaml.safe_dump(unstructure(load_config(path, overrides)), sort_keys=False), nl=False)
 
 
 def _attach_commands() -> None:

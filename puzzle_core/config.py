@@ -14,7 +14,7 @@ import json
 import math
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Sequence, TypeVar
 
 import attrs
 import cattrs
@@ -261,6 +261,60 @@ def read_yaml(path: str | Path) -> Any:
     except OSError as exc:
         raise UserError(f"Config file '{path}' cannot be read: {exc.strerror}.") from None
     return parse_yaml(text, str(path))
+
+
+def deep_merge(base: Any, overlay: Any) -> Any:
+    """``overlay`` on ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    if isinstance(base, collections.abc.Mapping) and isinstance(overlay, collections.abc.Mapping):
+        merged = dict(base)
+        for key, value in overlay.items():
+            merged[key] = deep_merge(base[key], value) if key in base else value
+        return merged
+    return overlay
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], source: str = "--set") -> dict:
+    """``data`` (a resolved config) with ``PATH=VALUE`` overrides merged in (:func:`deep_merge`).
+
+    ``PATH`` is a dot-path to a key the config has (``search.speedup``, ``gkd.tokens``);
+    ``VALUE`` is read as YAML (``2``, ``true``, ``null``, ``bf16``, ``[1.5, 2]``). Every
+    malformed override and unknown path is reported at once, with suggestions.
+    """
+    problems = []
+    for text in overrides:
+        key, sep, raw = str(text).partition("=")
+        path = [part.strip() for part in key.split(".")]
+        if not sep or not all(path):
+            problems.append(f"at --set {text!r}: expected PATH=VALUE, e.g. --set search.speedup=2")
+            continue
+        node, found = data, True
+        for depth, part in enumerate(path):
+            where = "$." + ".".join(path[: depth + 1])
+            if not isinstance(node, collections.abc.Mapping):
+                parent = "$." + ".".join(path[:depth])
+                problems.append(f"at {where}: {parent} is {_type_name(node)}, not a section; set {parent[2:]}=... instead")
+                found = False
+                break
+            if part not in node:
+                known = sorted(map(str, node))
+                hint = suggest(part, known) or f" Known keys: {', '.join(known) or '(none)'}."
+                problems.append(f"at {where}: unknown key.{hint}")
+                found = False
+                break
+            node = node[part]
+        if not found:
+            continue
+        try:
+            value: Any = yaml.load(raw, Loader=_StrictLoader)
+        except yaml.YAMLError:
+            problems.append(f"at --set {text!r}: the value is not valid YAML; quote strings that hold ':' or '#'")
+            continue
+        for part in reversed(path):
+            value = {part: value}
+        data = deep_merge(data, value)
+    if problems:
+        raise ConfigError(problems, source)
+    return data
 
 
 def stable_hash(data: Any) -> str:

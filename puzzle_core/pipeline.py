@@ -194,14 +194,16 @@ def run_pipeline(
     """
     import torch
 
+    from puzzle_core.registry import get_registries
+    from puzzle_core.schema import check_config
+
     unknown = [s for s in stages or [] if s not in STAGE_NAMES]
     if unknown:
         raise UserError(f"Unknown stage(s) {unknown}; stages are: {', '.join(STAGE_NAMES)}.")
+    check_config(config)  # plugins that cannot work on this scenario fail now, not after hours of BLD
     wanted = [s for s in STAGES if not stages or s.name in stages]
     rundir = RunDir(run_dir)
     donors = [RunDir(p) for p in reuse if Path(p).resolve() != rundir.root.resolve()]
-    from puzzle_core.registry import get_registries
-
     role = process_role(get_registries())
     worker = not role.is_driver
     if worker:

@@ -7,7 +7,7 @@ config only says what differs. ``puzzle config show FILE`` prints the resolved w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import attrs
 
@@ -23,8 +23,9 @@ from puzzle_core.choices import (
     SolverChoice,
     corpus_choice,
 )
-from puzzle_core.config import CONVERTER, read_yaml, structure
+from puzzle_core.config import CONVERTER, apply_overrides, read_yaml, structure, unstructure
 from puzzle_core.dtypes import ModelDtype
+from puzzle_core.errors import ConfigError
 from puzzle_core.scenario import Scenario, at_least, device_name
 from puzzle_core.search import Constraint, LayerRule, Objective
 
@@ -224,11 +225,32 @@ class PuzzleConfig:
     evaluation: EvaluationSection = attrs.Factory(EvaluationSection)
 
 
-def load_config(path: str | Path) -> PuzzleConfig:
-    """Read and validate a run config; every problem is reported at once."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PuzzleConfig:
+    """Read and validate a run config, with ``PATH=VALUE`` overrides; every problem is reported at once."""
     data = read_yaml(path)
     if not isinstance(data, dict):
-        from puzzle_core.errors import ConfigError
-
         raise ConfigError([f"at $: expected a mapping of sections, got {type(data).__name__}"], str(path))
-    return structure(data, PuzzleConfig, source=str(path))
+    config = structure(data, PuzzleConfig, source=str(path))
+    if not overrides:
+        return config
+    source = f"{path} with --set {' --set '.join(overrides)}"
+    return structure(apply_overrides(unstructure(config), overrides, source), PuzzleConfig, source=source)
+
+
+def check_config(config: PuzzleConfig, registries=None, source: str | None = None) -> None:
+    """What structure alone cannot see: whether the chosen plugins can work together on this scenario.
+
+    A cost model whose spec sheet lacks the scenario's dtype, for instance, would fail at
+    the cost stage after BLD and scoring ran; here it is a :class:`ConfigError` up front.
+    """
+    from puzzle_core.registry import get_registries
+
+    registries = registries or get_registries()
+    choice = config.costs.model
+    cost_model = registries.record(choice).create(choice.options)
+    problems = [
+        f"at $.costs.model: cost model '{choice.name}' cannot price this scenario: {problem}"
+        for problem in cost_model.check_scenario(config.scenario)
+    ]
+    if problems:
+        raise ConfigError(problems, source)

@@ -230,9 +230,9 @@ def test_plugin_without_options_refuses_option_keys(test_plugins):
 
 def test_choice_classes_are_named_after_their_records():
     from puzzle_core import choices
-    from puzzle_core.records import RECORD_TYPES
+    from puzzle_core.records import RECORD_TYPES, CommandPlugin
 
-    for record_type in RECORD_TYPES:
+    for record_type in [t for t in RECORD_TYPES if t is not CommandPlugin]:  # commands are not picked in configs
         cls = choices.choice_type(record_type.kind)
         assert issubclass(cls, PluginChoice) and cls.kind == record_type.kind
         assert cls.__name__ == record_type.__name__.removesuffix("Plugin") + "Choice"
@@ -456,3 +456,61 @@ def test_one_dtype_vocabulary_torch_spellings_are_read_as_the_short_names():
     assert problems({"scenario": {"dtype": "float16"}}, PuzzleConfig) == [
         "at $.scenario.dtype: expected one of 'fp32', 'bf16', 'fp8', got 'fp16'"
     ]
+
+
+# ---------------------------------------------------------------- --set overrides and plugin/scenario checks
+
+
+def test_overrides_set_typed_values_at_dot_paths(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  corpus: synthetic\nsearch:\n  solver: mip\n")
+    config = load_config(path, ["search.speedup=2", "gkd.tokens=32768", "parent.dtype=bfloat16",
+                                "search.solver.gap=0.01", "gkd.enabled=false", "search.speedups=[1.5, 2]"])
+    assert (config.search.speedup, config.gkd.tokens, config.parent.dtype) == (2.0, 32768, "bf16")
+    assert config.search.solver.options.gap == 0.01 and config.gkd.enabled is False
+    assert config.search.speedups == [1.5, 2.0]
+    assert config.data.corpus.name == "synthetic", "what the file says stays"
+    switched = load_config(path, ["search.solver=greedy", "parent.architecture=llama"])
+    assert (switched.search.solver.name, switched.parent.architecture.name) == ("greedy", "llama")
+
+
+def test_overrides_of_unknown_paths_are_config_errors_with_suggestions(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  corpus: synthetic\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ["search.speeedup=2", "gkd.tokns=5", "nothing", "seed.x=1", "gkd.tokens=many"])
+    assert caught.value.problems == [
+        "at $.search.speeedup: unknown key. Did you mean 'speedup'?",
+        "at $.gkd.tokns: unknown key. Did you mean 'tokens'?",
+        "at --set 'nothing': expected PATH=VALUE, e.g. --set search.speedup=2",
+        "at $.seed.x: $.seed is 0, not a section; set seed=... instead",
+    ]
+    with pytest.raises(ConfigError, match=r"at \$\.gkd\.tokens: expected int, got 'many'"):
+        load_config(path, ["gkd.tokens=many"])
+
+
+def test_run_and_config_commands_take_the_same_overrides(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  corpus: synthetic\n")
+    assert main(["config", "show", str(path), "--set", "search.speedup=2", "--set", "gkd.tokens=32768"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["search"]["speedup"] == 2.0 and shown["gkd"]["tokens"] == 32768
+    assert main(["config", "validate", str(path), "--set", "gkd.tokens=32768"]) == 0
+    run_dir = tmp_path / "run"
+    assert main(["run", str(path), "--run-dir", str(run_dir), "--set", "search.speeedup=2"]) == 2
+    assert "Did you mean 'speedup'?" in capsys.readouterr().err and not run_dir.exists()
+
+
+def test_config_validate_checks_the_cost_model_can_price_the_scenario(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("costs:\n  model: h100\nscenario:\n  dtype: fp8\n")
+    assert main(["config", "validate", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["config", "validate", str(path), "--set", "costs.model=a100"]) == 2
+    err = capsys.readouterr().err
+    assert "at $.costs.model: cost model 'a100' cannot price this scenario" in err
+    assert "no fp8 throughput" in err and "supports bf16, fp32" in err
+    # the run refuses it before any stage writes anything
+    run_dir = tmp_path / "run"
+    assert main(["run", str(path), "--run-dir", str(run_dir), "--set", "costs.model=a100"]) == 2
+    assert not run_dir.exists()

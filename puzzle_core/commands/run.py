@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from puzzle_core.commands import overrides_option
 from puzzle_core.errors import UserError
 from puzzle_core.pipeline import STAGE_NAMES
 
@@ -28,12 +29,21 @@ from puzzle_core.pipeline import STAGE_NAMES
     type=click.Path(file_okay=False, exists=True),
     help="Another run directory (repeatable): its stages finished with the same settings are linked in, not rerun.",
 )
-def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tuple[str, ...], reuse: tuple[str, ...]) -> None:
-    """Run the Puzzle pipeline described by CONFIG."""
+@overrides_option
+def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tuple[str, ...], reuse: tuple[str, ...],
+                overrides: tuple[str, ...]) -> None:
+    """Run the Puzzle pipeline described by CONFIG (with --set overrides)."""
+    import yaml
+
+    from puzzle_core.config import unstructure
     from puzzle_core.pipeline import run_pipeline
     from puzzle_core.schema import load_config
 
-    config = load_config(config_path)
+    config = load_config(config_path, overrides)
+    config_text = Path(config_path).read_text(encoding="utf-8")
+    if overrides:  # the run directory keeps the config it ran with
+        header = f"# {config_path} with {' '.join(f'--set {o}' for o in overrides)}, resolved\n"
+        config_text = header + yaml.safe_dump(unstructure(config), sort_keys=False)
     run_dir = run_dir or str(Path("runs") / Path(config_path).stem)
     fresh = not Path(run_dir).exists()
     try:
@@ -42,7 +52,7 @@ def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tup
             run_dir,
             stages=list(stages) or None,
             resume=resume,
-            config_text=Path(config_path).read_text(encoding="utf-8"),
+            config_text=config_text,
             echo=click.echo,
             reuse=reuse,
         )
