@@ -80,7 +80,7 @@ def cli() -> None:
 
 
 @cli.command("plugins")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: {kind: [{name, distribution, description}]}.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: {kind: [{name, distribution, version, description}]}.")
 def plugins_command(as_json: bool) -> None:
     """List every registered plugin item by kind, with the distribution that supplied it."""
     from puzzle_core.registry import get_registries
@@ -88,7 +88,7 @@ def plugins_command(as_json: bool) -> None:
     registries = get_registries()
     listing = {
         kind: [
-            {"name": e.name, "distribution": e.distribution, "description": e.record.description}
+            {"name": e.name, "distribution": e.distribution, "version": e.version, "description": e.record.description}
             for e in registry.entries()
         ]
         for kind, registry in registries.items()
@@ -98,8 +98,9 @@ def plugins_command(as_json: bool) -> None:
         return
     for kind in KINDS:
         click.secho(kind.replace("_", " "), bold=True)
-        for item in listing[kind] or [{"name": "(none)", "distribution": "", "description": ""}]:
-            click.echo(f"  {item['name']:<18} {item['distribution']:<28} {item['description']}")
+        for item in listing[kind] or [{"name": "(none)", "distribution": "", "version": "", "description": ""}]:
+            supplier = f"{item['distribution']} {item['version']}".strip()
+            click.echo(f"  {item['name']:<18} {supplier:<34} {item['description']}")
 
 
 @cli.group("config")

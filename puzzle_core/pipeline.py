@@ -26,6 +26,7 @@ from typing import Callable, Literal, Sequence
 import attrs
 import yaml
 
+from puzzle_core.choices import PluginChoice
 from puzzle_core.config import stable_hash, unstructure
 from puzzle_core.data import TokenizedCorpus
 from puzzle_core.errors import UserError
@@ -67,15 +68,51 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
-def stage_hashes(config: PuzzleConfig) -> dict[str, str]:
-    """Chained hash per stage: its own sections plus everything upstream."""
+def stage_hashes(config: PuzzleConfig, registries=None) -> dict[str, str]:
+    """Chained hash per stage: its own sections, the plugins they pick, and everything upstream.
+
+    The plugins enter as ``distribution==version``, so upgrading a plugin redoes the
+    stages it produced (and those after them), not the others.
+    """
+    from puzzle_core.registry import get_registries
+
+    registries = registries or get_registries()
     data = unstructure(config)
     hashes: dict[str, str] = {}
     previous = ""
     for stage in STAGES:
-        previous = stable_hash({"upstream": previous, "stage": stage.name, **{s: data[s] for s in stage.sections}})
+        plugins = stage_plugins(config, stage.sections, registries)
+        previous = stable_hash(
+            {"upstream": previous, "stage": stage.name, "plugins": plugins, **{s: data[s] for s in stage.sections}}
+        )
         hashes[stage.name] = previous
     return hashes
+
+
+def stage_plugins(config: PuzzleConfig, sections: Sequence[str], registries) -> list[str]:
+    """``distribution==version`` of every plugin the config ``sections`` pick.
+
+    An architecture or block-variants provider left to detection may be any registered one.
+    """
+    entries = []
+    for section in sections:
+        value = getattr(config, section)
+        entries += [registries.kind(choice.kind).entry(choice.name) for choice in _choices_in(value)]
+        if section == "parent" and config.parent.architecture is None:
+            entries += registries.architectures.entries()
+        if section == "library" and config.library.variants is None:
+            entries += registries.block_variants.entries()
+    return sorted({f"{entry.distribution}=={entry.version}" for entry in entries})
+
+
+def _choices_in(value: object) -> list[PluginChoice]:
+    if isinstance(value, PluginChoice):
+        return [value]
+    if attrs.has(type(value)):
+        return [c for field in attrs.fields(type(value)) for c in _choices_in(getattr(value, field.name))]
+    if isinstance(value, (list, tuple)):
+        return [c for item in value for c in _choices_in(item)]
+    return []
 
 
 def process_role(registries) -> ProcessRole:
@@ -117,7 +154,7 @@ class RunContext(StageContext):
         self.role = role or ProcessRole()
         self.seed = config.seed
         self.stage: str | None = None  # the stage being run, for executors that relaunch it
-        self.hashes = stage_hashes(config)
+        self.hashes = stage_hashes(config, self.registries)
         self.outcomes: dict[str, StageOutcome] = {}  # per stage of this call: how it was done
 
     @cached_property

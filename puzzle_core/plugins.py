@@ -66,11 +66,14 @@ class PuzzlePluginManager(pluggy.PluginManager):
         super().__init__(PROJECT)
         self.add_hookspecs(hookspecs)
         self.distributions: dict[str, str] = {}
+        self.versions: dict[str, str] = {}
         # historic: every plugin registered from now on gets this call when it registers
         self.hook.puzzle_addhooks.call_historic(kwargs={"pluginmanager": self})
 
-    def register_plugin(self, plugin: object, name: str, distribution: str = LOCAL_DISTRIBUTION) -> None:
-        """Register ``plugin`` under ``name``, remembering its ``distribution``.
+    def register_plugin(
+        self, plugin: object, name: str, distribution: str = LOCAL_DISTRIBUTION, version: str = ""
+    ) -> None:
+        """Register ``plugin`` under ``name``, remembering its ``distribution`` and its ``version``.
 
         A plugin pluggy rejects (bad hook signature, taken name) or whose
         ``puzzle_addhooks`` raises is left unregistered and raises :class:`PluginError`.
@@ -84,16 +87,22 @@ class PuzzlePluginManager(pluggy.PluginManager):
                 f"{_describe_plugin(name, distribution)} could not be registered: {type(exc).__name__}: {exc}"
             ) from exc
         self.distributions[name] = distribution
+        self.versions[name] = version
 
     def distribution_of(self, plugin_name: str) -> str:
         """The distribution that supplied a registered plugin (``<local>`` if unknown)."""
         return self.distributions.get(plugin_name, LOCAL_DISTRIBUTION)
+
+    def version_of(self, plugin_name: str) -> str:
+        """The version of the distribution that supplied a registered plugin (empty if unknown)."""
+        return self.versions.get(plugin_name, "")
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
         """Import and register every entry point of ``group``; faults are reported, not raised."""
         blocked = disabled_plugins()
         for entry_point in sorted(importlib.metadata.entry_points(group=group), key=lambda ep: ep.name):
             distribution = entry_point.dist.name if entry_point.dist else "<unknown>"
+            version = entry_point.dist.version if entry_point.dist else ""
             where = f"Plugin entry point '{entry_point.name}' ({entry_point.value}) from distribution '{distribution}'"
             if blocked & {entry_point.name, distribution}:
                 continue
@@ -110,7 +119,7 @@ class PuzzlePluginManager(pluggy.PluginManager):
                 report_plugin_fault(f"{where} failed to import: {type(exc).__name__}: {exc}.")
                 continue
             try:
-                self.register_plugin(plugin, entry_point.name, distribution)
+                self.register_plugin(plugin, entry_point.name, distribution, version)
             except PluginError as exc:
                 cause = exc.__cause__
                 report_plugin_fault(f"{where} could not be registered: {type(cause).__name__}: {cause}.")

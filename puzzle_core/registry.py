@@ -23,6 +23,7 @@ class Entry:
     record: PluginRecord
     plugin: str
     distribution: str
+    version: str = ""
 
     @property
     def name(self) -> str:
@@ -116,6 +117,7 @@ def build_registries(manager: PuzzlePluginManager | None = None) -> Registries:
         for impl in reversed(hook.get_hookimpls()):  # registration order
             plugin = impl.plugin_name
             distribution = manager.distribution_of(plugin)
+            version = manager.version_of(plugin)
             where = f"plugin '{plugin}' from distribution '{distribution}'"
             skipped = f"Its {record_type.kind.replace('_', ' ')} were skipped"
             try:
@@ -137,7 +139,7 @@ def build_registries(manager: PuzzlePluginManager | None = None) -> Registries:
                 )
                 continue
             for record in records:
-                registry.add(Entry(record=record, plugin=plugin, distribution=distribution))
+                registry.add(Entry(record=record, plugin=plugin, distribution=distribution, version=version))
     return registries
 
 

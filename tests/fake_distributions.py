@@ -7,6 +7,7 @@ reads for a pip-installed package.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import textwrap
 import uuid
@@ -24,7 +25,9 @@ class Site:
         self.modules: list[str] = []
         monkeypatch.syspath_prepend(str(root))
 
-    def install(self, distribution: str, plugins: dict[str, str], group: str = "puzzle") -> dict[str, str]:
+    def install(
+        self, distribution: str, plugins: dict[str, str], group: str = "puzzle", version: str = "1.0"
+    ) -> dict[str, str]:
         """Install ``distribution`` with one entry point per ``plugins`` item (name -> module source).
 
         Returns entry-point name -> module name; module names are unique per call, so a
@@ -33,13 +36,18 @@ class Site:
         module_names = {name: f"puzzle_test_{name}_{uuid.uuid4().hex[:8]}" for name in plugins}
         for name, source in plugins.items():
             (self.root / f"{module_names[name]}.py").write_text(textwrap.dedent(source))
-        info = self.root / f"{distribution.replace('-', '_')}-1.0.dist-info"
+        info = self.root / f"{distribution.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 1.0\n")
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
         lines = [f"[{group}]"] + [f"{name} = {module}" for name, module in module_names.items()]
         (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
         self.modules.extend(module_names.values())
         return module_names
+
+    def uninstall(self, distribution: str) -> None:
+        """Remove ``distribution``'s metadata (its modules stay, as after ``pip uninstall`` in a live process)."""
+        for info in self.root.glob(f"{distribution.replace('-', '_')}-*.dist-info"):
+            shutil.rmtree(info)
 
     def forget_modules(self) -> None:
         for module in self.modules:

@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+from fake_distributions import site_packages  # noqa: F401  (fixture)
 
 from benchmarks import runner
 from puzzle_core.config import stable_hash, structure, unstructure
@@ -283,3 +284,37 @@ def test_bench_without_a_checkout_says_so(tmp_path):
 
     with pytest.raises(UserError, match="benchmarks/ folder of a source checkout.*pip install -e"):
         benchmarks_runner(tmp_path / "benchmarks")
+
+
+ACME_EXECUTOR = """
+    from puzzle_core.api import Executor, ExecutorPlugin, hookimpl
+
+    class Acme(Executor):
+        def __init__(self, options):
+            pass
+
+        def run(self, jobs, work, description="jobs", context=None):
+            for job in jobs:
+                work(job)
+
+    @hookimpl
+    def puzzle_executors():
+        return [ExecutorPlugin(name="acme", implementation=Acme)]
+"""
+
+
+def test_upgrading_a_plugin_redoes_the_stages_it_produced_and_no_others(tmp_path, counting_stages, site_packages):
+    from puzzle_core.plugins import reset_plugin_manager
+    from puzzle_core.registry import reset_registries
+
+    site_packages.install("acme-executor", {"acme": ACME_EXECUTOR}, version="1.0")
+    run = tmp_path / "run"
+    first = run_pipeline(config(gkd={"executor": "acme"}), run, echo=lambda _: None)
+    assert first.outcomes == {"first": "ran", "second": "ran"}
+    site_packages.uninstall("acme-executor")
+    site_packages.install("acme-executor", {"acme": ACME_EXECUTOR}, version="1.1")
+    reset_plugin_manager()
+    reset_registries()
+    upgraded = run_pipeline(config(gkd={"executor": "acme"}), run, echo=lambda _: None)
+    assert upgraded.outcomes == {"first": "skipped", "second": "ran"}  # only the gkd section picks the plugin
+    assert first.hashes["first"] == upgraded.hashes["first"] and first.hashes["second"] != upgraded.hashes["second"]

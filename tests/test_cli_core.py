@@ -42,7 +42,7 @@ def test_plugins_json_lists_every_kind_with_name_distribution_description(capsys
     for kind, items in listing.items():
         assert [item["name"] for item in items] == sorted(item["name"] for item in items)
         for item in items:
-            assert set(item) == {"name", "distribution", "description"}
+            assert set(item) == {"name", "distribution", "version", "description"}
             assert all(isinstance(value, str) for value in item.values())
     built_in = {item["name"] for item in listing["solvers"] if item["distribution"] == "puzzle-nas"}
     assert {"mip", "greedy"} <= built_in
@@ -51,7 +51,8 @@ def test_plugins_json_lists_every_kind_with_name_distribution_description(capsys
 def test_plugins_json_shows_a_new_distribution_by_its_name(site_packages, capsys):
     site_packages.install("acme-solvers", {"acme": solver_plugin("acme_search")})
     listing = json.loads(run(capsys, "plugins", "--json")[1])
-    assert {"name": "acme_search", "distribution": "acme-solvers", "description": "a test solver"} in listing["solvers"]
+    assert {"name": "acme_search", "distribution": "acme-solvers", "version": "1.0",
+            "description": "a test solver"} in listing["solvers"]
 
 
 def test_plugins_text_has_a_heading_per_kind(site_packages, capsys):
@@ -61,7 +62,7 @@ def test_plugins_text_has_a_heading_per_kind(site_packages, capsys):
     lines = out.splitlines()
     headings = [line for line in lines if line and not line.startswith(" ")]
     assert headings == [kind.replace("_", " ") for kind in KINDS]
-    assert any(line.split() == ["acme_search", "acme-solvers", "a", "test", "solver"] for line in lines)
+    assert any(line.split() == ["acme_search", "acme-solvers", "1.0", "a", "test", "solver"] for line in lines)
 
 
 def test_a_broken_plugin_is_one_warning_line_and_the_listing_still_works(site_packages, capsys):
