@@ -73,11 +73,12 @@ from puzzle_core.records import (
     ScorerPlugin,
     SolverPlugin,
 )
-from puzzle_core.registry import Registries, build_registries, reset_registries
+from puzzle_core.registry import Entry, Registries, Registry, build_registries, reset_registries
 from puzzle_core.roofline import GPUSpec, RooflineCostModel, RooflineOptions, ffn_size, kv_heads, roofline_cost_model
 from puzzle_core.rundir import atomic_dir, atomic_path, atomic_write, atomic_write_json
 from puzzle_core.scenario import Scenario
 from puzzle_core.search import (
+    Constraint,
     InfeasibleError,
     Objective,
     SearchProblem,
@@ -96,10 +97,12 @@ hookspec = pluggy.HookspecMarker("puzzle")
 
 
 def plugin_registries(*plugins: object) -> Registries:
-    """Registries holding only ``plugins`` (modules or objects with ``@hookimpl`` functions).
+    """Registries holding only ``plugins`` (modules or objects with ``@hookimpl`` functions), for a plugin's tests.
 
-    They become the process's registries too, so configs resolve plugin names against
-    them: for a plugin's own tests. Misspelt hook names are an error here.
+    ``registries.solvers.get("random")`` is a record (build it with ``.create(options)``),
+    ``registries.solvers.entry("random")`` says which plugin registered it. They become the
+    process's registries too, so configs resolve plugin names against them. A misspelt
+    hook name is an error here.
     """
     manager = make_plugin_manager(load_entry_points=False)
     for index, plugin in enumerate(plugins):
@@ -155,6 +158,7 @@ __all__ = [
     "Costs",
     "SearchProblem",
     "Objective",
+    "Constraint",
     "Solution",
     "SolutionStatus",
     "ScoringBatch",
@@ -207,6 +211,8 @@ __all__ = [
     "roofline_cost_model",
     # plugin machinery, for a plugin's tests and for hooks of its own
     "Registries",
+    "Registry",
+    "Entry",
     "plugin_registries",
     "get_plugin_manager",
 ]

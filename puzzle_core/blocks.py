@@ -31,6 +31,7 @@ class AttentionSpec:
 
     @property
     def id(self) -> str:
+        """``attn_g<N>``, ``attn_linear`` or ``attn_noop``."""
         if self.no_op:
             return "attn_noop"
         if self.replace_with_linear:
@@ -39,10 +40,12 @@ class AttentionSpec:
 
     @property
     def kind(self) -> str:
+        """``attention``, ``linear`` or ``no_op``."""
         return "no_op" if self.no_op else "linear" if self.replace_with_linear else "attention"
 
     @classmethod
     def parse(cls, text: str) -> "AttentionSpec":
+        """The spec of an id (:attr:`id` reversed); anything else is a :class:`UserError`."""
         if text == "attn_noop":
             return cls(no_op=True)
         if text == "attn_linear":
@@ -66,6 +69,7 @@ class FFNSpec:
 
     @property
     def id(self) -> str:
+        """``ffn_<size>``, ``ffn_linear`` or ``ffn_noop``."""
         if self.no_op:
             return "ffn_noop"
         if self.replace_with_linear:
@@ -74,10 +78,12 @@ class FFNSpec:
 
     @property
     def kind(self) -> str:
+        """``ffn``, ``linear`` or ``no_op``."""
         return "no_op" if self.no_op else "linear" if self.replace_with_linear else "ffn"
 
     @classmethod
     def parse(cls, text: str) -> "FFNSpec":
+        """The spec of an id (:attr:`id` reversed); anything else is a :class:`UserError`."""
         if text == "ffn_noop":
             return cls(no_op=True)
         if text == "ffn_linear":
@@ -99,10 +105,12 @@ class BlockSpec:
 
     @property
     def id(self) -> str:
+        """``<attention id>+<ffn id>``, e.g. ``attn_g3+ffn_768``."""
         return f"{self.attention.id}+{self.ffn.id}"
 
     @classmethod
     def parse(cls, text: str) -> "BlockSpec":
+        """The block of an id (:attr:`id` reversed); anything else is a :class:`UserError`."""
         attention, sep, ffn = text.partition("+")
         if not sep:
             raise UserError(f"'{text}' is not a block id; expected '<attention id>+<ffn id>', e.g. attn_g3+ffn_768.")

@@ -57,14 +57,17 @@ class TokenizedCorpus:
 
     @property
     def train(self):
+        """The train split's token stream."""
         return self.tokens("train")
 
     @property
     def validation(self):
+        """The validation split's token stream."""
         return self.tokens("validation")
 
     @property
     def test(self):
+        """The test split's token stream."""
         return self.tokens("test")
 
     def _split(self, split: str) -> CorpusSplit:

@@ -52,6 +52,7 @@ class ModelShape:
     blocks: tuple[BlockSpec, ...]  # per layer: the parent's blocks, or a child's
 
     def with_blocks(self, blocks: Sequence[BlockSpec]) -> ModelShape:
+        """The same model with other blocks (a child's, or ``n`` copies of one for timing)."""
         return attrs.evolve(self, blocks=tuple(blocks))
 
 
@@ -369,11 +370,13 @@ class EvalContext:
     cache_dir: Path = attrs.Factory(lambda: cache_root() / "eval")  # scratch files evaluators may reuse
 
     def require_parent(self, evaluator: str) -> LoadedModel:
+        """The parent, or an error naming ``evaluator`` that needs it."""
         if self.parent is None:
             raise ValueError(f"the {evaluator} evaluator needs the parent in its EvalContext")
         return self.parent
 
     def require_corpus(self, evaluator: str) -> TokenizedCorpus:
+        """The corpus, or an error naming ``evaluator`` that needs it."""
         if self.corpus is None:
             raise ValueError(f"the {evaluator} evaluator needs a corpus in its EvalContext")
         return self.corpus

@@ -26,6 +26,7 @@ VariantRecord = dict[str, Any]
 
 
 def layer_key(index: int) -> str:
+    """``layer_<index>``: how libraries, scores and solutions name a layer."""
     return f"layer_{index}"
 
 

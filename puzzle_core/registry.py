@@ -27,6 +27,7 @@ class Entry:
 
     @property
     def name(self) -> str:
+        """The record's name."""
         return self.record.name
 
 
@@ -50,9 +51,11 @@ class Registry:
         self._entries[entry.name] = entry
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._entries)
 
     def entries(self) -> list[Entry]:
+        """The entries, by name."""
         return [self._entries[n] for n in self.names()]
 
     def __contains__(self, name: str) -> bool:
@@ -77,6 +80,7 @@ class Registry:
             ) from None
 
     def get(self, name: str) -> PluginRecord:
+        """The record called ``name`` (unknown names as in :meth:`entry`)."""
         return self.entry(name).record
 
 
@@ -93,9 +97,11 @@ class Registries:
             raise AttributeError(kind) from None
 
     def kind(self, kind: str) -> Registry:
+        """The registry of ``kind`` (``solvers``...), also reachable as ``registries.solvers``."""
         return self._by_kind[kind]
 
     def items(self) -> list[tuple[str, Registry]]:
+        """``(kind, registry)`` for every kind, in hook order."""
         return [(k, self._by_kind[k]) for k in KINDS]
 
     def record(self, choice: PluginChoice) -> PluginRecord:

@@ -96,6 +96,7 @@ def atomic_write(target: str | Path, data: bytes | str) -> None:
 
 
 def atomic_write_json(target: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``target`` atomically (NaN and infinity refused)."""
     atomic_write(target, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 

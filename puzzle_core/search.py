@@ -99,6 +99,7 @@ class Objective:
 
     @property
     def paths(self) -> list[str]:
+        """The dot-paths the objective reads."""
         return [path for path, _ in self.terms]
 
     def __str__(self) -> str:
@@ -330,10 +331,12 @@ class Solution:
     solve_seconds: float
 
     def to_json(self) -> dict:
+        """The JSON of ``solutions/<name>.json`` and ``puzzle search --json``."""
         return CONVERTER.unstructure(self)
 
     @classmethod
     def from_json(cls, data: Any) -> "Solution":
+        """A solution read back from :meth:`to_json`'s output."""
         return CONVERTER.structure(data, cls)
 
 
@@ -363,10 +366,12 @@ class SearchProblem:
 
     @property
     def num_layers(self) -> int:
+        """How many layers a solution chooses for."""
         return len(self.allowed)
 
     @property
     def layer_names(self) -> list[str]:
+        """``layer_0``, ``layer_1``...: the keys of :attr:`Solution.chosen`."""
         return [layer_key(i) for i in range(self.num_layers)]
 
     @property
@@ -411,6 +416,7 @@ class SearchProblem:
         return self.fixed.get(path, 0.0) + sum(_number(self.library, i, n, path, cost) for i, n in enumerate(names))
 
     def objective_value(self, names: Sequence[str]) -> float:
+        """The objective of one variant name per layer."""
         return sum(w * self.total(p, names, cost=False) for p, w in self.objective.terms)
 
     def totals(self, names: Sequence[str]) -> dict[str, float]:

@@ -33,7 +33,7 @@ def named_paths(text: str) -> set[str]:
         heading = re.match(rf"({folders})/\s+(.*)", line)
         folder, rest = (heading.group(1), heading.group(2)) if heading else (folder, line) if line[:1] == " " else (None, "")
         if folder:
-            found |= {f"{folder}/{name}" for name in re.findall(r"[\w-]+\.(?:yaml|md|py|toml)\b", rest)}
+            found |= {f"{folder}/{name}" for name in re.findall(r"(?<![\w/.-])[\w-]+\.(?:yaml|md|py|toml)\b", rest)}
     return found
 
 
