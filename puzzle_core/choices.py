@@ -7,11 +7,13 @@ component is built from the record it names: ``registries.record(choice).create(
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
 
 from puzzle_core.config import CONVERTER, structure_str
+from puzzle_core.errors import UnknownNameError, suggest
 from puzzle_core.records import (
     ArchitecturePlugin,
     CorpusPlugin,
@@ -99,7 +101,14 @@ def _structure_plugin_choice(value: Any, type_: type[PluginChoice]) -> PluginCho
     from puzzle_core.registry import get_registries
 
     if isinstance(value, str):
-        if type_ is CorpusChoice and value not in get_registries().corpora:
+        corpora = get_registries().corpora
+        if type_ is CorpusChoice and value not in corpora:
+            close = suggest(value, corpora.names())
+            if close and not Path(value).expanduser().exists():  # a misspelt name rather than a path
+                raise UnknownNameError(
+                    f"Unknown corpus '{value}'.{close} Corpora: {', '.join(corpora.names())}; or give an existing "
+                    f"file or folder."
+                )
             value = {"name": PATH_CORPUS, "path": value}  # not a corpus name: a file or folder
         else:
             value = {"name": value}

@@ -366,6 +366,8 @@ def test_data_corpus_is_a_corpus_name_or_a_path():
     assert unstructure(path) == {"name": "files", "path": "my texts/notes.jsonl", "text_field": "text"}
     with pytest.raises(UserError, match=r"at \$\.data\.corpus\.path: required key is missing"):
         structure({"data": {"corpus": {"name": "files"}}}, PuzzleConfig)
+    with pytest.raises(UserError, match=r"at \$\.data\.corpus: Unknown corpus 'synthtic'\. Did you mean 'synthetic'\?"):
+        structure({"data": {"corpus": "synthtic"}}, PuzzleConfig)
 
 
 def test_files_corpus_reads_another_text_field(tmp_path):
