@@ -2,18 +2,18 @@
 
 A block's cost is what it adds to a real generation workload, measured with the model
 family's own code: the family builds a random model with ``layers`` copies of the block
-(``random_model(shape.with_blocks([block] * layers))``) and one with no layers at all;
-both run the scenario's workload interleaved (so load on a shared machine hits both
-alike), and the block's cost is the paired difference divided by ``layers``. The
-zero-layer model's own times are the fixed costs (embedding, final norm, LM head,
-per-forward bookkeeping).
-
-The workload is what ``generate`` does: a prefill over ``prefill_len`` tokens (logits of
-the last position only) and single-token decode steps against a KV cache. Only
-``decode_points`` steps, spread from the first to the last, are timed (after the cache is
-filled to the right length); the others are interpolated, which is exact while a step's
-time is linear in the cache length. Each timing is the median (``statistic: min``: the
-fastest) of ``repeats`` after ``warmup`` runs, with ``scenario.threads`` CPU threads.
+(``random_model(shape.with_blocks([block] * layers))``) and one with no layers at all.
+Both run the scenario exactly as the ``throughput`` evaluator runs a child: Hugging Face
+``generate`` (greedy, KV cache, exactly ``decode_len`` new tokens for a batch of
+``batch_size`` prompts of ``prefill_len`` tokens), with ``scenario.threads`` CPU
+threads. The two models take turns (``warmup`` untimed rounds, then ``repeats`` timed
+ones, the order reversing every round) so that load or clock drift on a shared machine
+hits both alike; a block's cost is the median over rounds of the paired difference,
+divided by ``layers``. The zero-layer model's own median time is the fixed cost
+(embedding, final norm, LM head, and ``generate``'s per-step bookkeeping, which the
+end-to-end measurement pays too). Prefill is the first forward call inside the same
+``generate`` (timed by hooks); decode is the rest. ``statistic: min`` differences the
+fastest run of each model instead.
 
 ``clock: wall`` (default) times wall-clock time, the truth on a dedicated machine.
 ``clock: process`` times this process's CPU time instead: with ``threads: 1`` it equals
@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import attrs
 
@@ -46,10 +45,11 @@ from puzzle_core.errors import UserError
 from puzzle_core.interfaces import CostModel, ModelFamily, ModelShape, parameter_count
 from puzzle_core.records import CostModel as CostModelRecord
 from puzzle_core.rundir import atomic_write_json
+from puzzle_plugins.local_executor import torch_threads
 from puzzle_plugins.roofline import ffn_size, kv_heads
 
 MIB = 2**20
-METHOD_VERSION = 1  # bump when the measurement changes meaning, to retire old cache entries
+METHOD_VERSION = 2  # bump when the measurement changes meaning, to retire old cache entries
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -62,17 +62,17 @@ def _positive(_instance, attribute, value):
 class MeasuredOptions:
     """How blocks are timed."""
 
-    layers: int = attrs.field(default=4, validator=_positive)  # copies of a block per timed model
-    warmup: int = attrs.field(default=1, validator=attrs.validators.ge(0))
-    repeats: int = attrs.field(default=5, validator=_positive)
-    decode_points: int = attrs.field(default=3, validator=_positive)  # decode steps timed per model
+    layers: int = attrs.field(default=8, validator=_positive)  # copies of a block per timed model
+    warmup: int = attrs.field(default=1, validator=attrs.validators.ge(0))  # untimed rounds first
+    repeats: int = attrs.field(default=5, validator=_positive)  # timed rounds (each runs both models once)
     clock: Literal["wall", "process"] = "wall"  # 'process': CPU time of this process (see the module docstring)
-    statistic: Literal["median", "min"] = "median"  # of the repeats; 'min' is steadier on a busy machine
+    # 'median': of the per-round paired differences; 'min': the fastest run of each model, differenced
+    statistic: Literal["median", "min"] = "median"
     cache: bool = True
     cache_dir: str | None = None  # None: $PUZZLE_CACHE/costs, else ~/.cache/puzzle/costs
 
 
-# ---------------------------------------------------------------- devices and threads
+# ---------------------------------------------------------------- devices
 
 
 def resolve_device(name: str) -> str:
@@ -101,81 +101,11 @@ def device_description(device: str, threads: int) -> str:
     return f"{name}, {threads} thread(s)"
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run with a fixed number of intra-op CPU threads, restoring the previous number."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+# ---------------------------------------------------------------- timing generate()
 
 
-# ---------------------------------------------------------------- the workload
-
-
-@attrs.frozen
-class WorkloadTiming:
-    """One model's times for a scenario, and what it holds in memory."""
-
-    prefill_ms: float
-    decode_ms: float  # all decode steps together
-    num_params: int
-    weight_bytes: int
-    kv_bytes_per_position: float  # KV cache bytes per cached position (all sequences)
-
-
-class _Generation:
-    """One model stepping through the scenario like ``generate`` (greedy, KV cache, last logits)."""
-
-    def __init__(self, model, tokens, prompt_len: int):
-        self.model = model
-        self.tokens = tokens  # (batch, prompt + generated) ids: the prompt, then what is fed while decoding
-        self.prompt_len = prompt_len
-        parameters = inspect.signature(model.forward).parameters
-        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-        self.cache = None
-        self.length = 0  # positions fed so far (the cache may hold none: no attention layers)
-        self.next_tokens = None
-
-    def forward(self, tokens):
-        import torch
-
-        batch, new = tokens.shape
-        mask = torch.ones(batch, self.length + new, dtype=torch.long, device=tokens.device)
-        output = self.model(tokens, attention_mask=mask, cache=self.cache, use_cache=True, **self.extra)
-        self.cache = output.cache
-        self.length += new
-        self.next_tokens = output.logits[:, -1:].argmax(-1)
-
-    def prefill(self):
-        self.cache, self.length = None, 0
-        self.forward(self.tokens[:, : self.prompt_len])
-
-    def extend_to(self, length: int):
-        """Feed tokens (in one chunk) until ``length`` positions are cached."""
-        if length > self.length:
-            self.forward(self.tokens[:, self.length : length])
-
-    def crop_to(self, length: int):
-        if self.length > length:
-            if self.cache is not None and self.cache.get_seq_length() > 0:
-                self.cache.crop(length - self.length)
-            self.length = length
-
-    def decode_step(self):
-        self.forward(self.next_tokens)
-
-    def cache_bytes(self) -> int:
-        total = 0
-        for layer in getattr(self.cache, "layers", ()):
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if tensor is not None and hasattr(tensor, "nbytes"):
-                    total += tensor.nbytes
-        return total
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+STATISTICS = {"median": statistics.median, "min": min}
 
 
 def _synchronize(device: str):
@@ -183,9 +113,6 @@ def _synchronize(device: str):
         import torch
 
         torch.cuda.synchronize(torch.device(device))
-
-
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 def timed_ms(action, device: str = "cpu", clock: str = "wall") -> float:
@@ -198,65 +125,135 @@ def timed_ms(action, device: str = "cpu", clock: str = "wall") -> float:
     return (now() - started) * 1e3
 
 
-def decode_steps_timed(decode_len: int, points: int) -> list[int]:
-    """Which decode steps (1 .. decode_len - 1) are timed: evenly spread, ends included."""
-    steps = decode_len - 1
-    if steps <= 0:
-        return []
-    count = min(points, steps)
-    if count == 1:
-        return [(steps + 1) // 2]
-    return sorted({round(1 + i * (steps - 1) / (count - 1)) for i in range(count)})
+def interleaved(actions: Sequence[Callable[[], Any]], rounds: int, warmup: int = 0) -> list[list[Any]]:
+    """``results[i][r]``: what action ``i`` returned in timed round ``r``, after ``warmup`` untimed rounds.
+
+    Every round runs every action once, in an order that reverses every other round
+    (A B, B A, A B, ...), so a drift in the machine's speed (another job starting, the
+    clock boosting) hits every action alike and cancels in per-round ratios or differences.
+    """
+    results: list[list[Any]] = [[] for _ in actions]
+    for round_ in range(warmup + rounds):
+        order = range(len(actions)) if round_ % 2 == 0 else reversed(range(len(actions)))
+        for index in order:
+            value = actions[index]()
+            if round_ >= warmup:
+                results[index].append(value)
+    return results
 
 
-STATISTICS = {"median": statistics.median, "min": min}
+@attrs.frozen
+class Spread:
+    """Median, quartiles and range of repeated measurements."""
+
+    median: float
+    q1: float
+    q3: float
+    low: float
+    high: float
+    count: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Spread":
+        values = sorted(values)
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+        return cls(statistics.median(values), q1, q3, values[0], values[-1], len(values))
 
 
-def time_workloads(models: Sequence[Any], scenario, device: str, warmup: int, repeats: int, decode_points: int,
-                   clock: str = "wall", statistic: str = "median", seed: int = 0) -> list[WorkloadTiming]:
-    """Time the scenario's workload on each model, interleaving the models in every repeat."""
+def generation_config(decode_len: int, tokenizer=None):
+    """Greedy decoding of exactly ``decode_len`` tokens (no end-of-text stop) with a KV cache."""
+    from transformers import GenerationConfig
+
+    pad = getattr(tokenizer, "pad_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=decode_len,
+        min_new_tokens=decode_len,
+        use_cache=True,
+        pad_token_id=pad if pad is not None else eos if eos is not None else 0,
+        eos_token_id=eos,
+        return_dict_in_generate=True,
+    )
+
+
+@attrs.frozen
+class GenerateTiming:
+    """One timed ``generate`` call: all of it, and its first forward (the prefill) alone."""
+
+    total_ms: float
+    prefill_ms: float
+
+    @property
+    def decode_ms(self) -> float:
+        return self.total_ms - self.prefill_ms
+
+
+class TimedGenerate:
+    """The scenario as ``generate`` runs it on one model: prefill of the prompt, then greedy decoding.
+
+    Calling it runs ``generate`` once and returns a :class:`GenerateTiming`; the prefill is
+    timed by hooks on the model's first forward call inside the same ``generate``, so
+    prefill and decode add up to the end-to-end time, ``generate``'s own overhead included.
+    """
+
+    def __init__(self, model, prompt, decode_len: int, device: str = "cpu", clock: str = "wall", tokenizer=None):
+        self.model = model
+        self.prompt = prompt
+        self.mask = prompt.new_ones(prompt.shape)
+        self.settings = generation_config(decode_len, tokenizer)
+        self.device = device
+        self.now = CLOCKS[clock]
+        self.kv_bytes_per_position: float | None = None  # KV cache bytes per cached position, after the first call
+
+    def __call__(self) -> GenerateTiming:
+        marks: list[float] = []
+
+        def before(_module, _args):
+            if not marks:
+                _synchronize(self.device)
+                marks.append(self.now())
+
+        def after(_module, _args, _output):
+            if len(marks) == 1:
+                _synchronize(self.device)
+                marks.append(self.now())
+
+        hooks = [self.model.register_forward_pre_hook(before), self.model.register_forward_hook(after)]
+        try:
+            _synchronize(self.device)
+            started = self.now()
+            output = self.model.generate(input_ids=self.prompt, attention_mask=self.mask,
+                                         generation_config=self.settings)
+            _synchronize(self.device)
+            ended = self.now()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        made = output.sequences.shape[1] - self.prompt.shape[1]
+        if made != self.settings.max_new_tokens:
+            raise RuntimeError(f"generate() made {made} tokens instead of {self.settings.max_new_tokens}")
+        if self.kv_bytes_per_position is None:
+            self.kv_bytes_per_position = _cache_bytes_per_position(output.past_key_values, self.prompt.shape[0])
+        return GenerateTiming(total_ms=(ended - started) * 1e3, prefill_ms=(marks[1] - marks[0]) * 1e3)
+
+
+def _cache_bytes_per_position(cache, batch: int) -> float:
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None and hasattr(tensor, "nbytes"):
+                total += tensor.nbytes
+    length = cache.get_seq_length() if cache is not None and total else 0
+    return total / (batch * length) if length else 0.0
+
+
+def scenario_prompt(vocab_size: int, scenario, device: str, seed: int = 0):
+    """Random prompt ids ``(batch_size, prefill_len)``, the same for every model timed."""
     import torch
 
-    summary = STATISTICS[statistic]
     generator = torch.Generator().manual_seed(seed)
-    vocab = min(int(m.get_input_embeddings().num_embeddings) for m in models)
-    shape = (scenario.batch_size, scenario.prefill_len + scenario.decode_len)
-    tokens = torch.randint(0, vocab, shape, generator=generator).to(device)
-    runs = [_Generation(model, tokens, scenario.prefill_len) for model in models]
-    prefill: list[list[float]] = [[] for _ in runs]
-    decode: list[list[float]] = [[] for _ in runs]
-    with torch.inference_mode():
-        for round_ in range(warmup + repeats):
-            for index, run in enumerate(runs):
-                elapsed = timed_ms(run.prefill, device, clock)
-                if round_ >= warmup:
-                    prefill[index].append(elapsed)
-        kv_per_position = [run.cache_bytes() / (scenario.batch_size * scenario.prefill_len) for run in runs]
-        points = decode_steps_timed(scenario.decode_len, decode_points)
-        for step in points:
-            before = scenario.prefill_len + step - 1  # cached positions when step `step` runs
-            for run in runs:
-                run.extend_to(before)
-            times: list[list[float]] = [[] for _ in runs]
-            for round_ in range(warmup + repeats):
-                for index, run in enumerate(runs):
-                    run.crop_to(before)
-                    elapsed = timed_ms(run.decode_step, device, clock)
-                    if round_ >= warmup:
-                        times[index].append(elapsed)
-            for index in range(len(runs)):
-                decode[index].append(summary(times[index]))
-    steps = scenario.decode_len - 1
-    return [
-        WorkloadTiming(
-            prefill_ms=summary(prefill[i]),
-            decode_ms=statistics.fmean(decode[i]) * steps if points else 0.0,
-            num_params=parameter_count(models[i]),
-            weight_bytes=sum(p.numel() * p.element_size() for p in models[i].parameters()),
-            kv_bytes_per_position=kv_per_position[i],
-        )
-        for i in range(len(runs))
-    ]
+    return torch.randint(0, vocab_size, (scenario.batch_size, scenario.prefill_len), generator=generator).to(device)
 
 
 # ---------------------------------------------------------------- the cost model
@@ -353,10 +350,27 @@ class MeasuredCostModel(CostModel):
             raise UserError("The 'process' clock counts CPU time and cannot time GPU kernels; use clock: wall on CUDA.")
         return device
 
-    def _time(self, models, scenario, device) -> list[WorkloadTiming]:
+    def _time(self, models, scenario, device: str) -> tuple[list[list[GenerateTiming]], list[float]]:
+        """Each model's timed rounds of ``generate`` (the models interleaved), and its KV bytes per position."""
+        import torch
+
         o = self.options
-        with torch_threads(scenario.threads):
-            return time_workloads(models, scenario, device, o.warmup, o.repeats, o.decode_points, o.clock, o.statistic)
+        vocab = min(int(m.get_input_embeddings().num_embeddings) for m in models)
+        prompt = scenario_prompt(vocab, scenario, device)
+        runs = [TimedGenerate(m, prompt, scenario.decode_len, device, o.clock) for m in models]
+        with torch_threads(scenario.threads), torch.inference_mode():
+            timings = interleaved(runs, o.repeats, o.warmup)
+        return timings, [run.kv_bytes_per_position for run in runs]
+
+    def _summary(self, timings: Sequence[GenerateTiming], part: str) -> float:
+        return STATISTICS[self.options.statistic]([getattr(t, part) for t in timings])
+
+    def _paired(self, empty: Sequence[GenerateTiming], full: Sequence[GenerateTiming], part: str) -> float:
+        """What the ``layers`` copies add to ``part`` (total_ms or prefill_ms), per copy."""
+        k = self.options.layers
+        if self.options.statistic == "min":
+            return (self._summary(full, part) - self._summary(empty, part)) / k
+        return statistics.median((getattr(f, part) - getattr(e, part)) / k for e, f in zip(empty, full))
 
     def block_costs(self, shape: ModelShape, block: BlockSpec, scenario, family: ModelFamily | None) -> dict:
         device = self._setup(scenario, family)
@@ -364,15 +378,18 @@ class MeasuredCostModel(CostModel):
 
         def measure() -> dict:
             k = self.options.layers
-            base, stacked = (self._models(family, shape, blocks, scenario, device) for blocks in ([], [block] * k))
-            empty, full = self._time([base, stacked], scenario, device)
+            models = [self._models(family, shape, blocks, scenario, device) for blocks in ([], [block] * k)]
+            (empty, full), kv_per_position = self._time(models, scenario, device)
             positions = scenario.batch_size * (scenario.prefill_len + scenario.decode_len)
-            kv_bytes = (full.kv_bytes_per_position - empty.kv_bytes_per_position) * positions / k
+            kv_bytes = (kv_per_position[1] - kv_per_position[0]) * positions / k
+            runtime = max(0.0, self._paired(empty, full, "total_ms"))
+            prefill = min(runtime, max(0.0, self._paired(empty, full, "prefill_ms")))
+            weight_bytes = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in models]
             return _stats(
-                max(0.0, (full.prefill_ms - empty.prefill_ms) / k),
-                max(0.0, (full.decode_ms - empty.decode_ms) / k),
-                (full.num_params - empty.num_params) / k,
-                (full.weight_bytes - empty.weight_bytes) / k + kv_bytes,
+                prefill,
+                runtime - prefill,
+                (parameter_count(models[1]) - parameter_count(models[0])) / k,
+                (weight_bytes[1] - weight_bytes[0]) / k + kv_bytes,
                 kv_bytes,
                 kv,
                 ffn_size(block.ffn),
@@ -386,8 +403,11 @@ class MeasuredCostModel(CostModel):
         device = self._setup(scenario, family)
 
         def measure() -> dict:
-            (empty,) = self._time([self._models(family, shape, [], scenario, device)], scenario, device)
-            return _stats(empty.prefill_ms, empty.decode_ms, empty.num_params, empty.weight_bytes, 0, 0, 0)
+            model = self._models(family, shape, [], scenario, device)
+            (empty,), _ = self._time([model], scenario, device)
+            runtime, prefill = self._summary(empty, "total_ms"), self._summary(empty, "prefill_ms")
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            return _stats(prefill, runtime - prefill, parameter_count(model), weight_bytes, 0, 0, 0)
 
         return self._cached(self.cache_key("fixed", shape, scenario, device), measure)
 

@@ -274,6 +274,10 @@ class Solver(ABC):
 class Evaluator(ABC):
     """Implementation of an :class:`~puzzle_core.records.Evaluator` record."""
 
+    # True when the numbers depend on the architecture alone, not the weights (e.g. timing
+    # fixed-length decoding): a child after GKD then reuses its assembled twin's numbers.
+    architecture_only: bool = False
+
     @abstractmethod
     def evaluate(self, model: LoadedModel, context: Any) -> dict[str, float]:
         """Named numbers for ``model`` (``context`` holds the parent, data and scenario)."""

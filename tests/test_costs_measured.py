@@ -9,7 +9,7 @@ from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import ModelShape
 from puzzle_core.schema import Scenario
-from puzzle_plugins.measured_cost import MeasuredCostModel, MeasuredOptions, decode_steps_timed
+from puzzle_plugins.measured_cost import MeasuredCostModel, MeasuredOptions
 from puzzle_plugins.roofline import block_params, fixed_params, kv_cache_bytes
 
 SHAPE = ModelShape(
@@ -31,7 +31,7 @@ def family(registries):
 
 @pytest.fixture
 def measured(tmp_path):
-    return MeasuredCostModel(MeasuredOptions(layers=2, warmup=1, repeats=3, decode_points=2, cache_dir=str(tmp_path)))
+    return MeasuredCostModel(MeasuredOptions(layers=2, warmup=1, repeats=3, cache_dir=str(tmp_path)))
 
 
 def test_second_call_hits_the_disk_cache(measured, family, tmp_path):
@@ -78,7 +78,7 @@ def test_a_much_smaller_block_is_measured_faster(family):
     shape = ModelShape("llama", 1, 256, 8, 8, 32, 2048, 256, True,
                        (BlockSpec(AttentionSpec(n_heads_in_group=1), FFNSpec(intermediate_size=2048)),))
     workload = scenario(batch_size=4, prefill_len=64, decode_len=3)
-    model = MeasuredCostModel(MeasuredOptions(layers=2, repeats=5, decode_points=1, cache=False))
+    model = MeasuredCostModel(MeasuredOptions(layers=2, repeats=5, cache=False))
     big = model.block_costs(shape, shape.blocks[0], workload, family)
     small = model.block_costs(shape, BlockSpec.parse("attn_g8+ffn_64"), workload, family)
     assert small["prefill_ms"] < big["prefill_ms"]
@@ -94,16 +94,8 @@ def test_inputs_it_cannot_measure_are_user_errors(measured, family):
         measured.fixed_costs(SHAPE, SCENARIO, None)
 
 
-def test_decode_steps_timed_spread_over_the_generation():
-    assert decode_steps_timed(1, 3) == []
-    assert decode_steps_timed(2, 3) == [1]
-    assert decode_steps_timed(128, 3) == [1, 64, 127]
-    assert decode_steps_timed(128, 1) == [64]
-    assert decode_steps_timed(4, 10) == [1, 2, 3]
-
-
 def test_process_clock_is_a_separate_measurement(tmp_path, family):
-    wall = MeasuredCostModel(MeasuredOptions(layers=1, repeats=1, decode_points=1, cache_dir=str(tmp_path)))
+    wall = MeasuredCostModel(MeasuredOptions(layers=1, repeats=1, cache_dir=str(tmp_path)))
     process = MeasuredCostModel(attrs.evolve(wall.options, clock="process"))
     fixed = process.fixed_costs(SHAPE, SCENARIO, family)
     assert fixed["prefill_ms"] > 0 and fixed["decode_ms"] > 0
