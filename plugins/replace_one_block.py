@@ -2,7 +2,8 @@
 
 Each compares the otherwise-parent model with one block replaced against the parent,
 per real token, on the same cached validation batches (one forward per block serves
-all three). Lower is better for all of them.
+all three, and ``kl`` and ``lm_loss`` share one streamed pass over the LM head, see
+:mod:`puzzle_core.scoring`). Lower is better for all of them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from puzzle_core import hookimpl
 from puzzle_core.interfaces import ModelOutputs, Scorer, ScoringBatch
 from puzzle_core.records import Scorer as ScorerRecord
+from puzzle_core.scoring import kl_per_token, label_log_probs
 
 
 class KLDivergence(Scorer):
@@ -20,8 +22,7 @@ class KLDivergence(Scorer):
     needs_parent_log_probs = True
 
     def batch_score(self, child: ModelOutputs, parent: ModelOutputs, batch: ScoringBatch) -> tuple[float, float]:
-        # sum_v p (log p - log q), written out: ~40% faster than F.kl_div on a 49k vocabulary, same terms
-        per_token = (parent.log_probs.exp() * (parent.log_probs - child.log_probs)).sum(-1)
+        per_token = kl_per_token(child, parent)
         return float(per_token[batch.mask].sum()), float(batch.mask.sum())
 
 
@@ -30,8 +31,7 @@ class NextTokenLoss(Scorer):
 
     def batch_score(self, child: ModelOutputs, parent: ModelOutputs, batch: ScoringBatch) -> tuple[float, float]:
         labels = batch.labels
-        loss = F.nll_loss(child.log_probs.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        return float(loss), float((labels != -100).sum())
+        return float(-label_log_probs(child, labels).sum()), float((labels != -100).sum())
 
 
 class HiddenCosineDistance(Scorer):

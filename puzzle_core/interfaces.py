@@ -89,6 +89,14 @@ class LayerRunner(ABC):
     def head(self, hidden) -> Any:
         """Final norm + LM head: hidden states -> logits."""
 
+    def head_projection(self) -> tuple[Callable[[Any], Any], Any] | None:
+        """``(pre, weight)`` with ``head(h) == pre(h) @ weight.T``, or ``None`` when the head is not of that form.
+
+        With it, scoring streams the vocabulary in slices that stay in cache instead of
+        materialising a ``tokens x vocab`` logits tensor.
+        """
+        return None
+
     def layer(self, index: int, hidden, context) -> Any:
         """One whole layer."""
         hidden = hidden + self.sublayer(index, "attention")(hidden, context)
