@@ -97,7 +97,8 @@ def matmul_rates(tokens: int, hidden: int, intermediate: int, kv: int, repeats: 
     head = [(hidden, 8192)] * 6  # a vocabulary slice; the whole head is the same product, wider
     rates = {}
     for name, shapes in (("layer", layer), ("head", head)):
-        pairs = [(torch.randn(tokens, k, generator=generator), torch.randn(k, n, generator=generator)) for k, n in shapes]
+        pairs = [(torch.randn(tokens, k, generator=generator), torch.randn(k, n, generator=generator))
+                 for k, n in shapes]
         flops = sum(2 * tokens * a.shape[1] * b.shape[1] for a, b in pairs)
         _, times = cpu_times(lambda: [a @ b for a, b in pairs], repeats)
         rates[name] = flops / min(times)
@@ -174,8 +175,9 @@ def main() -> None:
                 naive = engine.score(layer, attention, ffn, scorers, reuse_prefix=False)
                 row["max_abs_difference_to_naive"] = max(abs(scores[n] - naive[n]) for n in names)
             rows.append(row)
-            floor_text = f"{row['floor_s']:8.3f} {row['fraction_of_floor']:8.2f}" if "floor_s" in row else f"{'-':>8s} {'-':>8s}"
-            print(f"{layer:5d} {block.id:22s} {row['cpu_s']:8.3f} [{min(times):.3f}-{max(times):.3f}]{'':3s} {floor_text}",
+            floor_text = (f"{row['floor_s']:8.3f} {row['fraction_of_floor']:8.2f}" if "floor_s" in row
+                          else f"{'-':>8s} {'-':>8s}")
+            print(f"{layer:5d} {block.id:22s} {row['cpu_s']:8.3f} [{min(times):.3f}-{max(times):.3f}]   {floor_text}",
                   flush=True)
 
     replaced = [r for r in rows if not r["parent_block"]]
@@ -185,7 +187,8 @@ def main() -> None:
                                               [r["floor_s"] for r in replaced], 1)
     parent_s = statistics.median([r["cpu_s"] for r in rows if r["parent_block"]] or [0.0])
     per_layer = [len(provider.variants(shape, i).blocks()) for i in range(num_layers)]
-    projected = build_s + sum(parent_s + (n - 1) * (intercept + slope * (num_layers - i)) for i, n in enumerate(per_layer))
+    projected = build_s + sum(parent_s + (n - 1) * (intercept + slope * (num_layers - i))
+                              for i, n in enumerate(per_layer))
     projected_floor = sum((n - 1) * (floor_intercept + floor_slope * (num_layers - i)) for i, n in enumerate(per_layer))
     print(f"\nreplaced blocks sampled: {measured:.1f} CPU s vs floor {floor:.1f} s: {floor / measured:.2f} of the floor "
           f"rate; the parent's own block {parent_s:.3f} s; cache build {build_s:.1f} s (once)")

@@ -18,8 +18,9 @@ floor of replace-1-block scoring. What else the engine does to stay near it:
   ``KL(p || q) = sum_v p_v log p_v - sum_v p_v z_v + m logsumexp(z)``, where the
   parent's negative entropy and mass ``m = sum_v p_v`` are cached per token (``m`` is 1
   up to float32 rounding, which times a log-normaliser of ~30 would otherwise cost
-  ~1e-4 nats). Per-token sums are accumulated in float64. Scorers reach these through :func:`kl_per_token` and :func:`label_log_probs`;
-  any other scorer still gets full ``log_probs`` on first use.
+  ~1e-4 nats). Per-token sums are accumulated in float64. Scorers reach these through
+  :func:`kl_per_token` and :func:`label_log_probs`; any other scorer still gets full
+  ``log_probs`` on first use.
 
 Memory bound (checked before caching, ``scoring.max_cache_mib``): ``tokens x hidden x
 (layers + 1)`` activations in the parent's dtype, plus ``tokens x vocab`` float32
@@ -205,7 +206,8 @@ def _entropy_terms(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def kl_per_token(child: ModelOutputs, parent: ModelOutputs) -> torch.Tensor:
     """KL(parent || child) of the next-token distributions, per token ``(batch, seq)``."""
-    if isinstance(child, StreamedOutputs) and child.parent is parent and getattr(parent, "neg_entropy", None) is not None:
+    streamed = isinstance(child, StreamedOutputs) and child.parent is parent
+    if streamed and getattr(parent, "neg_entropy", None) is not None:
         statistics = child.statistics()
         return parent.neg_entropy - statistics.parent_dot + parent.mass * statistics.log_normalizer
     # sum_v p (log p - log q), written out: ~40% faster than F.kl_div on a 49k vocabulary, same terms

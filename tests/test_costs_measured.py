@@ -101,3 +101,48 @@ def test_process_clock_is_a_separate_measurement(tmp_path, family):
     assert fixed["prefill_ms"] > 0 and fixed["decode_ms"] > 0
     wall.fixed_costs(SHAPE, SCENARIO, family)
     assert wall.measured == 1 and len(list(tmp_path.glob("*.json"))) == 2
+
+
+class RoundClock:
+    """Fake time that passes only in forward calls: ``1 + 0.5 x layers`` units each, times the current
+    round's slowdown; the slowdown changes every ``round_calls`` calls (a machine whose load keeps changing)."""
+
+    SLOWDOWNS = (7.0, 1.0, 3.0, 1.5, 4.0, 2.0)  # the first round is the warm-up
+
+    def __init__(self, round_calls: int):
+        self.time, self.calls, self.round_calls = 0.0, 0, round_calls
+
+    def now(self) -> float:
+        return self.time
+
+    def charge(self, layers: int):
+        def hook(_module, _args, _output):
+            self.time += (1 + 0.5 * layers) * self.SLOWDOWNS[self.calls // self.round_calls]
+            self.calls += 1
+        return hook
+
+
+def test_block_cost_is_the_median_paired_difference_of_interleaved_generate_runs(family, monkeypatch):
+    import statistics
+
+    import puzzle_plugins.measured_cost as measured_cost
+
+    decode = SCENARIO.decode_len  # forward calls per generate(): the prefill and decode - 1 steps
+    clock = RoundClock(round_calls=2 * decode)
+    monkeypatch.setitem(measured_cost.CLOCKS, "wall", clock.now)
+    build = family.random_model
+
+    def timed_model(shape, dtype="float32"):
+        model = build(shape, dtype)
+        model.register_forward_hook(clock.charge(shape.num_layers))
+        return model
+
+    monkeypatch.setattr(family, "random_model", timed_model)
+    model = MeasuredCostModel(MeasuredOptions(layers=4, warmup=1, repeats=5, cache=False))
+    costs = model.block_costs(SHAPE, BlockSpec.parse("attn_g4+ffn_64"), SCENARIO, family)
+    assert clock.calls == 6 * 2 * decode  # a warm-up round and 5 timed ones, both models in each
+    # per round: the 4-layer model's extra 0.5 x 4 units per call, over 4 layers; median over the timed rounds
+    per_call = statistics.median(0.5 * s for s in RoundClock.SLOWDOWNS[1:]) * 1e3
+    assert costs["runtime_ms"] == pytest.approx(per_call * decode)
+    assert costs["prefill_ms"] == pytest.approx(per_call)  # the first forward call of each generate()
+    assert costs["decode_ms"] == pytest.approx(per_call * (decode - 1))
