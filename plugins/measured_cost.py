@@ -234,7 +234,7 @@ class TimedGenerate:
         if made != self.settings.max_new_tokens:
             raise RuntimeError(f"generate() made {made} tokens instead of {self.settings.max_new_tokens}")
         if self.kv_bytes_per_position is None:
-            self.kv_bytes_per_position = _cache_bytes_per_position(output.past_key_values, self.prompt.shape[0])
+            self.kv_bytes_per_position = _cache_bytes_per_position(output.cache, self.prompt.shape[0])
         return GenerateTiming(total_ms=(ended - started) * 1e3, prefill_ms=(marks[1] - marks[0]) * 1e3)
 
 
