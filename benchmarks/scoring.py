@@ -18,17 +18,29 @@ The script only uses the engine's public calls, so the same command measures an 
 checkout for a before/after table. ``--check`` also scores each sampled block the naive
 way (every layer from the embeddings) and reports the largest difference.
 
-    .venv/bin/python benchmarks/scoring.py [--tokens 256] [--layers 0,10,20,29] [--threads 1] [--repeats 3] [--check]
+``--compare RUN_DIR ...`` asks instead how many scoring tokens the search needs: run
+directories of one config that differ only in ``scoring.tokens`` (each with the library,
+score and cost stages done; the last one, with the most tokens, is the reference). It
+reports the rank correlation (Spearman) and relative deviation of every block's KL score
+against the reference, the MIP's choice at ``--speedup`` from each run directory (``puzzle
+search``), and, as the independent check, each chosen child's measured KL to the parent
+on ``--kl-tokens`` test tokens (assembled from the library, before GKD).
 
-Writes ``benchmarks/results/scoring.json`` (or ``--out``).
+    .venv/bin/python benchmarks/scoring.py [--tokens 256] [--layers 0,10,20,29] [--threads 1] [--repeats 3] [--check]
+    .venv/bin/python benchmarks/scoring.py --compare runs/t256 runs/t1024 runs/t2048 [--speedup 1.6]
+
+Writes ``benchmarks/results/scoring.json`` (``--compare``: ``scoring_tokens.json``), or ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,7 +77,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timings per block: median and range reported")
     parser.add_argument("--check", action="store_true", help="also score the naive way and compare")
     parser.add_argument("--label", default="", help="a name for this measurement (e.g. the commit)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="run directories differing in scoring.tokens, the reference last")
+    parser.add_argument("--speedup", type=float, default=1.6, help="--compare: the search's target speedup")
+    parser.add_argument("--kl-tokens", type=int, default=4096, help="--compare: test tokens of each child's KL")
+    parser.add_argument("--out", type=Path)
     return parser.parse_args()
 
 
@@ -127,8 +143,78 @@ def floor_flops(engine, runner, layer: int, attention, ffn) -> dict[str, float]:
     return {"suffix": float(suffix.get_total_flops()), "head": float(head.get_total_flops())}
 
 
+# ---------------------------------------------------------------- how many scoring tokens
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ranks = [np.argsort(np.argsort(x)) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def kl_scores(run_dir: Path) -> dict[tuple[str, str], float]:
+    scores = json.loads((run_dir / "scores" / "scores.json").read_text())
+    return {(layer, block): values["kl"] for layer, blocks in scores.items() if layer.startswith("layer_")
+            for block, values in blocks.items()}
+
+
+def compare(args) -> dict:
+    """Scores at fewer tokens against the reference run, the MIP's choices, and the chosen children's real KL."""
+    from puzzle_core.bld import load_sublayers
+    from puzzle_core.evaluation import EvalContext
+    from puzzle_core.pipeline import RunContext
+    from puzzle_core.rundir import RunDir
+    from puzzle_plugins.model_metrics import KLOptions, KLToParent
+
+    torch.set_num_threads(args.threads)
+    runs = [RunContext(load_config(d / "config.yaml"), RunDir(d)) for d in args.compare]
+    scores = [kl_scores(d) for d in args.compare]
+    reference = scores[-1]
+    replaced = [k for k, v in reference.items() if v > 0]  # parent blocks score 0 at every size
+    kinds = {"all": lambda b: True, "FFN no-op": lambda b: b.endswith("ffn_noop"),
+             "attention no-op": lambda b: b.startswith("attn_noop")}
+    evaluator = KLToParent(KLOptions(tokens=args.kl_tokens))
+    rows = []
+    for run, run_scores, run_dir in zip(runs, scores, args.compare):
+        chosen = json.loads(subprocess.run(
+            [sys.executable, "-m", "puzzle_core.cli", "search", str(run_dir), "--speedup", str(args.speedup), "--json"],
+            check=True, capture_output=True, text=True).stdout)
+        blocks = [BlockSpec.parse(chosen["chosen"][f"layer_{i}"]) for i in range(len(chosen["chosen"]))]
+        child = run.family.build_child(run.parent, blocks, load_sublayers(run.run_dir, blocks))
+        context = EvalContext(parent=run.parent, corpus=run.corpus, seed=run.config.seed)
+        row = {"run_dir": str(run_dir), "tokens": run.config.scoring.tokens, "chosen": chosen["chosen"],
+               "objective": chosen["objective_value"], "status": chosen["status"],
+               "reference_objective": sum(reference[(layer, block)] for layer, block in chosen["chosen"].items()),
+               "child": evaluator.evaluate(child, context)}
+        for kind, keep in kinds.items():
+            keys = [k for k in replaced if keep(k[1])]
+            deviation = sorted(abs(run_scores[k] / reference[k] - 1) for k in keys)
+            row[kind] = {"blocks": len(keys), "spearman": spearman([run_scores[k] for k in keys],
+                                                                   [reference[k] for k in keys]),
+                         "median_relative_deviation": statistics.median(deviation),
+                         "max_relative_deviation": deviation[-1]}
+        rows.append(row)
+    last = rows[-1]["chosen"]
+    for row in rows:
+        row["layers_differing_from_reference"] = sorted(k for k in last if row["chosen"][k] != last[k])
+    print(f"{'tokens':>6s} {'spearman (all / FFN no-op / attn no-op)':>40s} {'median dev':>10s} {'max dev':>8s} "
+          f"{'layers != ref':>13s} {'sum of ref KL':>13s} {'child KL':>9s} {'child LM loss':>13s}")
+    for row in rows:
+        correlations = " / ".join(f"{row[kind]['spearman']:.4f}" for kind in kinds)
+        print(f"{row['tokens']:6d} {correlations:>40s} "
+              f"{row['all']['median_relative_deviation']:10.1%} {row['all']['max_relative_deviation']:8.1%} "
+              f"{len(row['layers_differing_from_reference']):13d} {row['reference_objective']:13.4f} "
+              f"{row['child']['kl_to_parent']:9.4f} {row['child']['test_lm_loss']:13.4f}")
+    return {"benchmark": "how many replace-1-block scoring tokens the search needs", "speedup": args.speedup,
+            "kl_tokens": args.kl_tokens, "reference": str(args.compare[-1]), "runs": rows}
+
+
 def main() -> None:
     args = parse_args()
+    if args.compare:
+        out = args.out or RESULTS.with_name("scoring_tokens.json")
+        atomic_write_json(out, compare(args))
+        print(f"wrote {out}")
+        return
     torch.set_num_threads(args.threads)
     registries = get_registries()
     family, parent = load_parent(ParentSection(source=args.parent), registries)
@@ -197,7 +283,8 @@ def main() -> None:
     if args.check:
         print(f"max |engine - naive| over all scores: {max(r['max_abs_difference_to_naive'] for r in rows):.1e}")
 
-    atomic_write_json(args.out, {
+    out = args.out or RESULTS
+    atomic_write_json(out, {
         "benchmark": "replace-1-block scoring engine vs its compute floor",
         "label": args.label,
         "parent": args.parent,
@@ -219,7 +306,7 @@ def main() -> None:
                                             else args.config),
                               "blocks": sum(per_layer), "cpu_s": projected, "floor_s": projected_floor},
     })
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
