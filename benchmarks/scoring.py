@@ -181,7 +181,7 @@ def compare(args) -> dict:
         blocks = [BlockSpec.parse(chosen["chosen"][f"layer_{i}"]) for i in range(len(chosen["chosen"]))]
         child = run.family.build_child(run.parent, blocks, load_sublayers(run.run_dir, blocks))
         context = EvalContext(parent=run.parent, corpus=run.corpus, seed=run.config.seed)
-        row = {"run_dir": str(run_dir), "tokens": run.config.scoring.tokens, "chosen": chosen["chosen"],
+        row = {"run_dir": run_dir.name, "tokens": run.config.scoring.tokens, "chosen": chosen["chosen"],
                "objective": chosen["objective_value"], "status": chosen["status"],
                "reference_objective": sum(reference[(layer, block)] for layer, block in chosen["chosen"].items()),
                "child": evaluator.evaluate(child, context)}
@@ -205,7 +205,7 @@ def compare(args) -> dict:
               f"{len(row['layers_differing_from_reference']):13d} {row['reference_objective']:13.4f} "
               f"{row['child']['kl_to_parent']:9.4f} {row['child']['test_lm_loss']:13.4f}")
     return {"benchmark": "how many replace-1-block scoring tokens the search needs", "speedup": args.speedup,
-            "kl_tokens": args.kl_tokens, "reference": str(args.compare[-1]), "runs": rows}
+            "kl_tokens": args.kl_tokens, "reference": args.compare[-1].name, "runs": rows}
 
 
 def main() -> None:
