@@ -215,12 +215,19 @@ class DistillationObjective:
         return total, parts
 
 
-def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> tuple[float, int]:
-    """Summed KL(teacher || student) over next-token distributions, and the token count."""
-    teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
-    student = torch.log_softmax(student_logits.float(), dim=-1)
-    kl = (teacher.exp() * (teacher - student)).sum()
-    return float(kl), teacher.numel() // teacher.shape[-1]
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, chunk: int = 256) -> tuple[float, int]:
+    """Summed KL(teacher || student) over next-token distributions, and the token count.
+
+    ``chunk`` positions at a time, so no full-vocabulary float32 copy of either is made.
+    """
+    vocab = teacher_logits.shape[-1]
+    teacher_logits, student_logits = teacher_logits.reshape(-1, vocab), student_logits.reshape(-1, vocab)
+    total = 0.0
+    for start in range(0, teacher_logits.shape[0], chunk):
+        teacher = torch.log_softmax(teacher_logits[start : start + chunk].float(), dim=-1)
+        student = torch.log_softmax(student_logits[start : start + chunk].float(), dim=-1)
+        total += float((teacher.exp() * (teacher - student)).sum(dtype=torch.float64))
+    return total, teacher_logits.shape[0]
 
 
 # ---------------------------------------------------------------- schedule
@@ -239,33 +246,80 @@ def learning_rate(step: int, total_steps: int, section: GKDSection) -> float:
 # ---------------------------------------------------------------- student
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Every ``nn.Linear`` except the LM head: what LoRA adapts (custom linear blocks included)."""
+def linear_module_names(model: nn.Module, within: Sequence[nn.Module] | None = None) -> list[str]:
+    """Every ``nn.Linear`` except the LM head (custom linear blocks included), or only those inside ``within``."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside = None if within is None else {id(m) for module in within for m in module.modules()}
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head and not name.endswith("lm_head")
+        if isinstance(module, nn.Linear)
+        and module is not head
+        and not name.endswith("lm_head")
+        and (inside is None or id(module) in inside)
     ]
 
 
+def trainable_sublayers(
+    family: ModelFamily, student: LoadedModel, parent: LoadedModel, section: GKDSection
+) -> list[nn.Module] | None:
+    """The sub-block modules ``gkd.trainable`` picks (``None``: every parameter trains).
+
+    ``layers``: every layer's sub-blocks, so the embeddings, final norm and LM head stay
+    the parent's (and their gradients are never computed). ``changed``: the sub-blocks
+    whose variant differs from the parent's, plus (``trainable_neighbors`` > 0) every
+    sub-block of the layers within that many layers of a changed one; layers before the
+    first of them run without backward at all.
+    """
+    if section.trainable == "all":
+        return None
+    runner = family.layer_runner(student.model)
+    child_blocks, parent_blocks = student.shape.blocks, parent.shape.blocks
+    if section.trainable == "layers":
+        picked = {(i, part) for i in range(runner.num_layers) for part in ("attention", "ffn")}
+    else:
+        changed = {
+            (i, part)
+            for i, (child, original) in enumerate(zip(child_blocks, parent_blocks))
+            for part, mine, theirs in (("attention", child.attention, original.attention), ("ffn", child.ffn, original.ffn))
+            if mine.id != theirs.id
+        }
+        if not changed:
+            raise UserError(
+                "gkd.trainable is 'changed', but the child has the parent's every sub-block: nothing would train. "
+                "Use gkd.trainable: layers (or all)."
+            )
+        reach = section.trainable_neighbors
+        near = {j for i, _ in changed for j in range(i - reach, i + reach + 1)} if reach else set()
+        picked = changed | {(j, part) for j in near if 0 <= j < runner.num_layers for part in ("attention", "ffn")}
+    return [runner.sublayer(i, part) for i, part in sorted(picked)]
+
+
 class Student:
-    """The child being trained: every parameter, or LoRA adapters on its linear layers.
+    """The child being trained: all of its parameters or those of ``modules``, or LoRA adapters on their linear layers.
 
     peft injects the adapters into ``model`` in place, so ``model`` is what is run and
     checkpointed either way; :meth:`finish` merges the adapters back into the weights.
     """
 
-    def __init__(self, model: nn.Module, section: GKDSection):
+    def __init__(self, model: nn.Module, section: GKDSection, modules: Sequence[nn.Module] | None = None):
         self.model = model
         self.peft = None
         if section.lora_rank <= 0:
             for parameter in model.parameters():
-                parameter.requires_grad_(True)
+                parameter.requires_grad_(modules is None)
+            for module in modules or ():
+                for parameter in module.parameters():
+                    parameter.requires_grad_(True)
+            if not any(p.requires_grad for p in model.parameters()):
+                raise UserError(
+                    f"gkd.trainable '{section.trainable}' leaves the child no parameter to train (its chosen "
+                    f"sub-blocks are all no-ops). Use gkd.trainable: layers or all."
+                )
             return
         from peft import LoraConfig, get_peft_model
 
-        targets = linear_module_names(model)
+        targets = linear_module_names(model, modules)
         if not targets:
             raise UserError("gkd.lora_rank is set but the child has no linear layers to adapt; set gkd.lora_rank: 0.")
         config = LoraConfig(
@@ -479,7 +533,8 @@ class _Training:
                 f"{self.tokens_per_step} tokens). Raise gkd.tokens or lower gkd.batch_size."
             )
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if section.bf16 else nullcontext
-        self.student = Student(student.model.to(self.device), section)
+        self.student = Student(student.model.to(self.device), section,
+                               trainable_sublayers(family, student, teacher, section))
         self.student.model.train()
         self.forward = LayerwiseForward(self.student.model, family)
         self.teacher = LayerwiseForward(teacher.model.to(self.device), family).eval()

@@ -227,6 +227,10 @@ class GKDSection:
     weight_decay: float = attrs.field(default=0.0, validator=_at_least(0.0))
     max_grad_norm: float = attrs.field(default=1.0, validator=_at_least(0.0))  # 0: no clipping
     bf16: bool = False  # bfloat16 autocast for the forward passes
+    # What trains: 'all' parameters; 'layers' (embeddings, final norm and LM head frozen); 'changed': the
+    # sub-blocks that differ from the parent's, plus every sub-block of the layers within `trainable_neighbors`
+    trainable: Literal["all", "layers", "changed"] = "all"
+    trainable_neighbors: int = attrs.field(default=1, validator=_at_least(0))
     device: str = attrs.field(default="auto", validator=_device)  # 'auto': the local rank's GPU if any, else CPU
     lora_rank: int = attrs.field(default=0, validator=_at_least(0))  # 0: full fine-tuning; >0: LoRA, merged at the end
     lora_alpha: float | None = None  # None: 2 * lora_rank
