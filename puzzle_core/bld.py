@@ -427,8 +427,7 @@ class UnitPass:
 
     @property
     def id(self) -> str:
-        names = [unit.name for unit in self.units]
-        return f"{layer_key(self.layer)}/{names[0]}" if len(names) == 1 else f"{layer_key(self.layer)}/{'|'.join(names)}"
+        return f"{layer_key(self.layer)}/{'|'.join(unit.name for unit in self.units)}"
 
 
 def plan_passes(plan: LibraryPlan, units_per_pass: int = 0) -> list[UnitPass]:

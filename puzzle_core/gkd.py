@@ -154,7 +154,7 @@ class ForwardOutput:
     """Every layer's output (the residual stream after it) and the logits."""
 
     hidden: list[torch.Tensor]
-    logits: torch.Tensor
+    logits: torch.Tensor | None
 
 
 class LayerwiseForward(nn.Module):
@@ -170,7 +170,8 @@ class LayerwiseForward(nn.Module):
         self.model = model
         self.__dict__["runner"] = family.layer_runner(model)  # not a submodule: it only points into model
 
-    def forward(self, input_ids: torch.Tensor, keep_hidden: bool = True) -> ForwardOutput:
+    def forward(self, input_ids: torch.Tensor, keep_hidden: bool = True, logits: bool = True) -> ForwardOutput:
+        """Every layer's output when ``keep_hidden``; the logits (the LM head's work) only when ``logits``."""
         runner = self.runner
         hidden = runner.embed(input_ids)
         context = runner.context(hidden)
@@ -179,7 +180,7 @@ class LayerwiseForward(nn.Module):
             hidden = runner.layer(index, hidden, context)
             if keep_hidden:
                 outputs.append(hidden)
-        return ForwardOutput(hidden=outputs, logits=runner.head(hidden))
+        return ForwardOutput(hidden=outputs, logits=runner.head(hidden) if logits else None)
 
 
 class DistillationObjective:
@@ -196,6 +197,7 @@ class DistillationObjective:
         if len(set(names)) != len(names):
             raise UserError(f"gkd.losses names a loss more than once ({names}); merge their weights into one term.")
         self.needs_hidden = any(loss.target == "hidden" for _, _, loss in self.terms)
+        self.needs_logits = any(loss.target == "logits" for _, _, loss in self.terms)
 
     @classmethod
     def from_config(cls, section: GKDSection, registries) -> "DistillationObjective":
@@ -281,8 +283,8 @@ def trainable_sublayers(
         changed = {
             (i, part)
             for i, (child, original) in enumerate(zip(child_blocks, parent_blocks))
-            for part, mine, theirs in (("attention", child.attention, original.attention), ("ffn", child.ffn, original.ffn))
-            if mine.id != theirs.id
+            for part in ("attention", "ffn")
+            if getattr(child, part).id != getattr(original, part).id
         }
         if not changed:
             raise UserError(
@@ -571,9 +573,10 @@ class _Training:
             last = k == section.grad_accum - 1
             with nullcontext() if last or not _distributed() else self.trained.no_sync():
                 with torch.no_grad(), self.autocast():
-                    target = self.teacher(ids, keep_hidden=objective.needs_hidden)
+                    target = self.teacher(ids, keep_hidden=objective.needs_hidden, logits=objective.needs_logits)
                 with self.autocast():
-                    loss, parts = objective(self.trained(ids, keep_hidden=objective.needs_hidden), target, ids)
+                    output = self.trained(ids, keep_hidden=objective.needs_hidden, logits=objective.needs_logits)
+                    loss, parts = objective(output, target, ids)
                 (loss / section.grad_accum).backward()
             for name, value in (("loss", loss), *parts.items()):
                 sums[name] += float(value.detach())

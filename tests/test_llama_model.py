@@ -298,7 +298,8 @@ def test_fitted_kv_beats_mean_and_random_heads_on_held_out_tokens(tiny):
     calibration, *_ = _calibration(parent, family, 2, "attention", tokens=96)
     _, hidden, context, delta = _calibration(parent, family, 2, "attention", tokens=96, seed=11)
     spec = AttentionSpec(n_heads_in_group=4)
-    fitted, mean = (family.init_sublayer(parent, 2, spec, calibration, f"attention={m}") for m in ("fitted_kv", "mean_kv"))
+    fitted, mean = (family.init_sublayer(parent, 2, spec, calibration, f"attention={method}")
+                    for method in ("fitted_kv", "mean_kv"))
     random = family.init_sublayer(parent, 2, spec, calibration, "attention=mean_kv")
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)
