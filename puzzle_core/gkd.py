@@ -151,7 +151,7 @@ def resolve_device(setting: str) -> torch.device:
 
 @attrs.frozen
 class ForwardOutput:
-    """Every layer's output (the residual stream after it) and the logits."""
+    """Every layer's output (the residual stream after it; only the last layer's unless kept) and the logits."""
 
     hidden: list[torch.Tensor]
     logits: torch.Tensor | None
@@ -171,7 +171,8 @@ class LayerwiseForward(nn.Module):
         self.__dict__["runner"] = family.layer_runner(model)  # not a submodule: it only points into model
 
     def forward(self, input_ids: torch.Tensor, keep_hidden: bool = True, logits: bool = True) -> ForwardOutput:
-        """Every layer's output when ``keep_hidden``; the logits (the LM head's work) only when ``logits``."""
+        """Every layer's output when ``keep_hidden`` (else the last one's); the logits (the LM head's work) only
+        when ``logits``."""
         runner = self.runner
         hidden = runner.embed(input_ids)
         context = runner.context(hidden)
@@ -180,7 +181,11 @@ class LayerwiseForward(nn.Module):
             hidden = runner.layer(index, hidden, context)
             if keep_hidden:
                 outputs.append(hidden)
-        return ForwardOutput(hidden=outputs, logits=runner.head(hidden) if logits else None)
+        return ForwardOutput(hidden=outputs or [hidden], logits=self.head(hidden) if logits else None)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of the last layer's output."""
+        return self.runner.head(hidden)
 
 
 class DistillationObjective:
@@ -492,16 +497,27 @@ def _micro_batches(run: DistillRun, section: GKDSection, skip: int) -> Iterator[
             yield batch
 
 
-def validation_kl(student: LayerwiseForward, teacher: LayerwiseForward, batches, device, autocast) -> float:
-    """Mean per-token KL(teacher || student) over ``batches``, each rank taking every ``size``-th batch."""
+def validation_kl(student: LayerwiseForward, teacher: LayerwiseForward, batches, device, autocast,
+                  teacher_cache: dict[int, torch.Tensor] | None = None) -> float:
+    """Mean per-token KL(teacher || student) over ``batches``, each rank taking every ``size``-th batch.
+
+    With a ``teacher_cache`` (a dict kept between calls on the same batches) the teacher's
+    last hidden states are stored on first use, so later validations run only its LM head.
+    """
     rank, size = world()
     kl_sum, count = 0.0, 0
     was_training = student.training
     student.eval()
     with torch.no_grad(), autocast():
-        for batch in batches[rank::size]:
-            ids = batch.to(device)
-            kl, n = token_kl(teacher(ids, keep_hidden=False).logits, student(ids, keep_hidden=False).logits)
+        for index in range(rank, len(batches), size):
+            ids = batches[index].to(device)
+            if teacher_cache is None or index not in teacher_cache:
+                final = teacher(ids, keep_hidden=False, logits=False).hidden[-1]
+                if teacher_cache is not None:
+                    teacher_cache[index] = final
+            else:
+                final = teacher_cache[index]
+            kl, n = token_kl(teacher.head(final), student(ids, keep_hidden=False).logits)
             kl_sum, count = kl_sum + kl, count + n
     student.train(was_training)
     kl_sum, count = _all_sum([kl_sum, count], device)
@@ -552,10 +568,11 @@ class _Training:
         self.validation = list(run.corpus.batches(
             "validation", run.seq_len, section.batch_size, min(section.validation_tokens, available), run.seed
         ))
+        self.teacher_cache: dict[int, torch.Tensor] = {}  # the teacher's last hidden states on self.validation
 
     def validate(self, forward: LayerwiseForward) -> float:
         """Mean per-token KL(parent || child) on the validation batches, shared among the ranks."""
-        return validation_kl(forward, self.teacher, self.validation, self.device, self.autocast)
+        return validation_kl(forward, self.teacher, self.validation, self.device, self.autocast, self.teacher_cache)
 
     def step(self, step: int, micro: Iterator[torch.Tensor]) -> TrainPoint | None:
         """One optimizer step over ``grad_accum`` micro-batches per rank; ``None`` when the data ran out."""

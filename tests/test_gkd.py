@@ -273,3 +273,21 @@ def test_ddp_over_two_processes_matches_one_process_with_the_whole_batch(setup, 
     ddp_log = json.loads((tmp_path / "ddp_log.json").read_text())
     assert [p["step"] for p in ddp_log["validation"]] == [p.step for p in single_log.validation]
     assert ddp_log["validation"][-1]["kl"] == pytest.approx(single_log.validation[-1].kl, rel=1e-4)
+
+
+def test_validation_with_a_teacher_cache_runs_only_the_teachers_head_again(setup):
+    family, parent, corpus = setup
+    student = gkd.LayerwiseForward(make_child(family, parent).model, family)
+    teacher = gkd.LayerwiseForward(parent.model, family)
+    batches = list(corpus.batches("validation", SEQ_LEN, 4, 256, 0))
+    cache: dict = {}
+    calls = []
+    hook = parent.model.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        plain = gkd.validation_kl(student, teacher, batches, torch.device("cpu"), gkd.nullcontext)
+        first = gkd.validation_kl(student, teacher, batches, torch.device("cpu"), gkd.nullcontext, cache)
+        assert sorted(cache) == list(range(len(batches))) and len(calls) == 2 * len(batches)
+        again = gkd.validation_kl(student, teacher, batches, torch.device("cpu"), gkd.nullcontext, cache)
+    finally:
+        hook.remove()
+    assert first == plain == again and len(calls) == 2 * len(batches)  # the teacher's layers did not run again
