@@ -345,6 +345,35 @@ def test_channel_contribution_weighs_activations_by_the_down_projection(tiny):
             layer.mlp.down_proj.weight.copy_(original)
 
 
+def test_fitted_ffn_refits_the_down_projection_on_calibration_tokens(tiny):
+    """Channels 64-127 fire exactly like channels 0-63 and write 0.3x their columns: keeping 64 channels loses
+    that share of the output unless the kept columns are re-fitted (towards 1.3x)."""
+    family, parent = tiny
+    mlp = parent.model.model.layers[2].mlp
+    original = {name: getattr(mlp, name).weight.detach().clone() for name in ("gate_proj", "up_proj", "down_proj")}
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj"):
+            getattr(mlp, name).weight[64:] = getattr(mlp, name).weight[:64]
+        mlp.down_proj.weight[:, 64:] = 0.3 * mlp.down_proj.weight[:, :64]
+    try:
+        calibration, *_ = _calibration(parent, family, 2, "ffn", tokens=512)
+        _, hidden, context, delta = _calibration(parent, family, 2, "ffn", tokens=96, seed=11)
+        spec = FFNSpec(intermediate_size=64)
+        fitted, again, chosen = (family.init_sublayer(parent, 2, spec, calibration, f"ffn={method}")
+                                 for method in ("fitted", "fitted", "contribution"))
+        torch.testing.assert_close(fitted.mlp.gate_proj.weight, chosen.mlp.gate_proj.weight)  # the same channels
+        assert torch.equal(fitted.mlp.down_proj.weight, again.mlp.down_proj.weight)
+        errors = [_attention_error(m, hidden, context, delta) for m in (fitted, chosen)]
+        assert errors[0] < 0.5 * errors[1]
+        full = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=128), calibration, "ffn=fitted")
+        with torch.no_grad():
+            torch.testing.assert_close(full(hidden, context), delta, atol=1e-6, rtol=1e-4)  # nothing to improve on
+    finally:
+        with torch.no_grad():
+            for name, weight in original.items():
+                getattr(mlp, name).weight.copy_(weight)
+
+
 @pytest.mark.parametrize("part,spec", [("attention", AttentionSpec(replace_with_linear=True)),
                                        ("ffn", FFNSpec(replace_with_linear=True))])
 def test_linear_init_is_a_least_squares_fit(tiny, part, spec):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 
 ATTENTION_METHODS = ("mean_kv", "first_kv", "similar_kv", "fitted_kv")
-FFN_METHODS = ("activations", "contribution", "weight_norm")
+FFN_METHODS = ("activations", "contribution", "fitted", "weight_norm")
 LINEAR_METHODS = ("lstsq", "zeros")
 
 
