@@ -74,11 +74,14 @@ STAGE_RESULTS = Path(__file__).parent / "results" / "bld_stage.json"
 SWEEP_RESULTS = Path(__file__).parent / "results" / "bld_sweep.json"
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # library overlays compared by --part stage
+TORCHRUN = {"name": "torchrun", "nproc": 2, "threads": 1}
 ARMS = {
     "one_unit": {"units_per_pass": 1},  # a job per unit, as before the one-pass trainer
     "one_pass": {},
     "one_pass_bf16": {"bf16": True},
-    "one_pass_bf16_torchrun": {"bf16": True, "executor": {"name": "torchrun", "nproc": 2, "threads": 1}},
+    "one_unit_torchrun": {"units_per_pass": 1, "executor": TORCHRUN},
+    "one_pass_torchrun": {"executor": TORCHRUN},
+    "one_pass_bf16_torchrun": {"bf16": True, "executor": TORCHRUN},
 }
 RESULT_KEYS = {"stage": {"captures": ("tokens", "executor"), "arms": ("tokens", "arm")},
                "sweep": {"rows": ("sweep", "layer", "unit", "setting")}}  # what identifies a row, for merging
@@ -110,15 +113,18 @@ def parse_args() -> argparse.Namespace:
     stage.add_argument("--arms", type=lambda text: text.split(","), default=list(ARMS),
                        help=f"comma-separated, of {', '.join(ARMS)}")
     sweep = parser.add_argument_group("--part sweep")
+    sweep.add_argument("--sweeps", type=lambda text: text.split(","), default=["tokens", "lr", "init", "precision"],
+                       help="which sweeps to run (their rows replace earlier ones in the results file)")
     sweep.add_argument("--sweep-layers", type=_ints, default=[3, 10, 17, 24])
     sweep.add_argument("--sweep-units", default="attn_g9,ffn_768,ffn_384")
     sweep.add_argument("--sweep-tokens", type=_ints, default=[8192, 32768, 65536, 131072])
     sweep.add_argument("--sweep-lrs", type=lambda text: [float(v) for v in text.split(",")],
                        default=[3e-4, 1e-3, 3e-3, 1e-2])
     sweep.add_argument("--sweep-lr-tokens", type=int, default=32768, help="tokens per block of the lr sweep")
-    sweep.add_argument("--sweep-inits", default="attention=mean_kv,attention=fitted_kv,ffn=activations,"
-                       "ffn=contribution", help="init methods compared (each changes one part's default)")
-    sweep.add_argument("--sweep-init-tokens", type=int, default=8192, help="tokens per block of the init sweep")
+    sweep.add_argument("--sweep-inits", default="attention=mean_kv,attention=fitted_kv,attention=first_kv,"
+                       "ffn=activations,ffn=contribution,ffn=weight_norm",
+                       help="init methods compared (each sets one part's method)")
+    sweep.add_argument("--sweep-init-tokens", type=_ints, default=[8192, 65536], help="tokens per block, init sweep")
     sweep.add_argument("--sweep-heldout-tokens", type=int, default=4096)
     sweep.add_argument("--lr-base", type=float, default=1e-3, help="lr of the sweeps that do not vary it")
     args = parser.parse_args()
@@ -307,13 +313,14 @@ def sweep_settings(args) -> list[dict]:
     base = {"tokens": args.sweep_lr_tokens, "lr": args.lr_base, "init": "default", "bf16": False, "units": units}
     settings = [{**base, "sweep": "tokens", "setting": tokens, "tokens": tokens} for tokens in args.sweep_tokens]
     settings += [{**base, "sweep": "lr", "setting": lr, "lr": lr} for lr in args.sweep_lrs]
-    for method in args.sweep_inits.split(","):
-        part = method.partition("=")[0]
-        chosen = [u for u in units if u.startswith("attn") == (part == "attention")]
-        settings.append({**base, "sweep": "init", "setting": method, "init": method, "units": chosen,
-                         "tokens": args.sweep_init_tokens})
+    for tokens in args.sweep_init_tokens:
+        for method in args.sweep_inits.split(","):
+            part = method.partition("=")[0]
+            chosen = [u for u in units if u.startswith("attn") == (part == "attention")]
+            settings.append({**base, "sweep": "init", "setting": f"{method} @{tokens}", "init": method,
+                             "units": chosen, "tokens": tokens})
     settings.append({**base, "sweep": "precision", "setting": "bf16", "bf16": True, "tokens": max(args.sweep_tokens)})
-    return settings
+    return [setting for setting in settings if setting["sweep"] in args.sweeps]
 
 
 def sweep_part(args) -> dict:
@@ -372,6 +379,9 @@ def print_sweep(results: dict) -> None:
         chosen = [r for r in rows if r["sweep"] == sweep]
         if not chosen:
             continue
+        if sweep == "precision":  # next to the float32 run of the same budget (from the tokens sweep)
+            chosen = [{**r, "setting": "fp32"} for r in rows if r["sweep"] == "tokens" and not r["bf16"]
+                      and r["tokens"] == chosen[0]["tokens"]] + chosen
         settings = list(dict.fromkeys(r["setting"] for r in chosen))
         print(f"\nheld-out normalised MSE after BLD, by {sweep} ({results['heldout_tokens']} held-out tokens)")
         print(f"{'layer/unit':<18}{'init':>9}" + "".join(f"{str(s):>22}" for s in settings))

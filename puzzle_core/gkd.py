@@ -222,10 +222,11 @@ class DistillationObjective:
         return total, parts
 
 
-def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, chunk: int = 256) -> tuple[float, int]:
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, chunk: int = 8) -> tuple[float, int]:
     """Summed KL(teacher || student) over next-token distributions, and the token count.
 
-    ``chunk`` positions at a time, so no full-vocabulary float32 copy of either is made.
+    ``chunk`` positions at a time, so no full-vocabulary float32 copy of either is made
+    (and the temporaries stay in cache).
     """
     vocab = teacher_logits.shape[-1]
     teacher_logits, student_logits = teacher_logits.reshape(-1, vocab), student_logits.reshape(-1, vocab)
