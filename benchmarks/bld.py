@@ -115,6 +115,7 @@ def parse_args() -> argparse.Namespace:
     sweep = parser.add_argument_group("--part sweep")
     sweep.add_argument("--sweeps", type=lambda text: text.split(","), default=["tokens", "lr", "init", "precision"],
                        help="which sweeps to run (their rows replace earlier ones in the results file)")
+    sweep.add_argument("--tag", default="", help="appended to the sweep names (another base setting's rows)")
     sweep.add_argument("--sweep-layers", type=_ints, default=[3, 10, 17, 24])
     sweep.add_argument("--sweep-units", default="attn_g9,ffn_768,ffn_384")
     sweep.add_argument("--sweep-tokens", type=_ints, default=[8192, 32768, 65536, 131072])
@@ -127,6 +128,7 @@ def parse_args() -> argparse.Namespace:
     sweep.add_argument("--sweep-init-tokens", type=_ints, default=[8192, 65536], help="tokens per block, init sweep")
     sweep.add_argument("--sweep-heldout-tokens", type=int, default=4096)
     sweep.add_argument("--lr-base", type=float, default=1e-3, help="lr of the sweeps that do not vary it")
+    sweep.add_argument("--init-base", default="default", help="init method of the sweeps that do not vary it")
     args = parser.parse_args()
     if args.out is None:
         args.out = {"build": RESULTS, "stage": STAGE_RESULTS, "sweep": SWEEP_RESULTS}[args.part]
@@ -310,7 +312,7 @@ def capture_layers(store: ActivationStore, runner, layers: list[int]) -> None:
 def sweep_settings(args) -> list[dict]:
     """Every (sweep, setting) trained: tokens, lr, init method and bf16 autocast, one changed at a time."""
     units = args.sweep_units.split(",")
-    base = {"tokens": args.sweep_lr_tokens, "lr": args.lr_base, "init": "default", "bf16": False, "units": units}
+    base = {"tokens": args.sweep_lr_tokens, "lr": args.lr_base, "init": args.init_base, "bf16": False, "units": units}
     settings = [{**base, "sweep": "tokens", "setting": tokens, "tokens": tokens} for tokens in args.sweep_tokens]
     settings += [{**base, "sweep": "lr", "setting": lr, "lr": lr} for lr in args.sweep_lrs]
     for tokens in args.sweep_init_tokens:
@@ -320,7 +322,8 @@ def sweep_settings(args) -> list[dict]:
             settings.append({**base, "sweep": "init", "setting": f"{method} @{tokens}", "init": method,
                              "units": chosen, "tokens": tokens})
     settings.append({**base, "sweep": "precision", "setting": "bf16", "bf16": True, "tokens": max(args.sweep_tokens)})
-    return [setting for setting in settings if setting["sweep"] in args.sweeps]
+    chosen = [setting for setting in settings if setting["sweep"] in args.sweeps]
+    return [{**setting, "sweep": f"{setting['sweep']}{args.tag}"} for setting in chosen]
 
 
 def sweep_part(args) -> dict:
@@ -375,12 +378,13 @@ def sweep_part(args) -> dict:
 def print_sweep(results: dict) -> None:
     rows = results["rows"]
     units = sorted({(r["layer"], r["unit"]) for r in rows})
-    for sweep in ("tokens", "lr", "init", "precision"):
+    for sweep in dict.fromkeys(r["sweep"] for r in rows):
         chosen = [r for r in rows if r["sweep"] == sweep]
         if not chosen:
             continue
-        if sweep == "precision":  # next to the float32 run of the same budget (from the tokens sweep)
-            chosen = [{**r, "setting": "fp32"} for r in rows if r["sweep"] == "tokens" and not r["bf16"]
+        if sweep.startswith("precision"):  # next to the float32 run of the same budget (from the tokens sweep)
+            tokens_sweep = sweep.replace("precision", "tokens")
+            chosen = [{**r, "setting": "fp32"} for r in rows if r["sweep"] == tokens_sweep and not r["bf16"]
                       and r["tokens"] == chosen[0]["tokens"]] + chosen
         settings = list(dict.fromkeys(r["setting"] for r in chosen))
         print(f"\nheld-out normalised MSE after BLD, by {sweep} ({results['heldout_tokens']} held-out tokens)")
@@ -391,7 +395,7 @@ def print_sweep(results: dict) -> None:
                 continue
             before = next(iter(cells.values()))["heldout_before"]
             line = "".join(f"{cells[s]['heldout_after']:>22.4f}" if s in cells else f"{'':>22}" for s in settings)
-            if sweep == "init":  # the init methods differ before training too
+            if sweep.startswith("init"):  # the init methods differ before training too
                 line = "".join(f"{cells[s]['heldout_before']:>11.4f}->{cells[s]['heldout_after']:<9.4f}"
                                if s in cells else f"{'':>22}" for s in settings)
             print(f"{layer:>3} {unit:<14}{before:>9.4f}{line}")
@@ -407,12 +411,15 @@ def plot_sweep(results: dict, path: Path) -> None:
 
     rows = results["rows"]
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    tags = sorted({r["sweep"][len("tokens"):] for r in rows if r["sweep"].startswith("tokens")})
     for axis, sweep, label in ((axes[0], "tokens", "training tokens per block"), (axes[1], "lr", "learning rate")):
-        for layer, unit in sorted({(r["layer"], r["unit"]) for r in rows}):
-            points = sorted((r["setting"], r["heldout_after"]) for r in rows
-                            if r["sweep"] == sweep and (r["layer"], r["unit"]) == (layer, unit))
-            if points:
-                axis.plot(*zip(*points), marker="o", label=f"layer {layer} {unit}")
+        for (layer, unit), color in zip(sorted({(r["layer"], r["unit"]) for r in rows}), plt.cm.tab20.colors):
+            for tag, style in zip(tags, ("-", "--", ":")):
+                points = sorted((r["setting"], r["heldout_after"]) for r in rows
+                                if r["sweep"] == sweep + tag and (r["layer"], r["unit"]) == (layer, unit))
+                if points:
+                    axis.plot(*zip(*points), style, marker="o", color=color,
+                              label=f"layer {layer} {unit}{' ' + tag if tag else ''}")
         axis.set(xscale="log", yscale="log", xlabel=label, ylabel="held-out normalised MSE after BLD")
         axis.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)

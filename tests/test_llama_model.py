@@ -45,7 +45,7 @@ def test_variants_parent_first_and_every_kind(registries, tiny):
     space = provider.variants(parent.shape, 0)
     assert [a.id for a in space.attention] == ["attn_g2", "attn_g4", "attn_linear", "attn_noop"]
     assert [f.id for f in space.ffn] == ["ffn_128", "ffn_96", "ffn_64", "ffn_32", "ffn_16", "ffn_linear", "ffn_noop"]
-    assert provider.init_method == "attention=mean_kv,ffn=activations,linear=lstsq"
+    assert provider.init_method == "attention=fitted_kv,ffn=fitted,linear=lstsq"
 
 
 def test_variant_options_gqa_rounding_and_subsets(registries):
@@ -210,14 +210,14 @@ def test_ffn_init_keeps_the_most_active_channels(tiny):
     layer = parent.model.model.layers[2]
     importance = channel_importance(layer.mlp, layer.post_attention_layernorm, calibration, "activations")
     keep = importance.topk(32).indices.sort().values
-    module = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=32), calibration)
+    module = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=32), calibration, "ffn=activations")
     torch.testing.assert_close(module.mlp.gate_proj.weight, layer.mlp.gate_proj.weight[keep])
     torch.testing.assert_close(module.mlp.down_proj.weight, layer.mlp.down_proj.weight[:, keep])
     by_weights = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=32), None)
     with torch.no_grad():
         error = lambda m: ((m(hidden, context) - delta) ** 2).sum() / (delta**2).sum()  # noqa: E731
         assert error(module) < error(by_weights)  # activations are measured on the very tokens scored here
-        full = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=128), calibration)
+        full = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=128), calibration, "ffn=activations")
         torch.testing.assert_close(full(hidden, context), delta, atol=1e-6, rtol=0)
 
 

@@ -23,7 +23,8 @@
   or ``zeros``.
 
 An init method string names these per part, e.g. ``attention=mean_kv,ffn=activations,linear=lstsq``
-(``default`` for all defaults).
+(``default`` for all defaults: ``fitted_kv``, ``fitted``, ``lstsq``, the best measured on SmolLM2;
+see ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ from puzzle_plugins.llama.runner import AttentionSublayer, FFNSublayer
 class InitMethods:
     """How each kind of variant is initialised from the parent."""
 
-    attention: str = attrs.field(default="mean_kv", validator=attrs.validators.in_(ATTENTION_METHODS))
-    ffn: str = attrs.field(default="activations", validator=attrs.validators.in_(FFN_METHODS))
+    attention: str = attrs.field(default="fitted_kv", validator=attrs.validators.in_(ATTENTION_METHODS))
+    ffn: str = attrs.field(default="fitted", validator=attrs.validators.in_(FFN_METHODS))
     linear: str = attrs.field(default="lstsq", validator=attrs.validators.in_(LINEAR_METHODS))
     ridge: float = 1e-4  # relative to the mean diagonal of X^T X
 
@@ -64,7 +65,7 @@ class InitMethods:
             key, sep, value = item.partition("=")
             if not sep or key.strip() not in ("attention", "ffn", "linear"):
                 raise UserError(
-                    f"Init method '{text}' is not understood; write e.g. 'attention=mean_kv,ffn=activations,"
+                    f"Init method '{text}' is not understood; write e.g. 'attention=fitted_kv,ffn=fitted,"
                     f"linear=lstsq' (attention: {', '.join(ATTENTION_METHODS)}; ffn: {', '.join(FFN_METHODS)}; "
                     f"linear: {', '.join(LINEAR_METHODS)})."
                 )
