@@ -110,13 +110,13 @@ def resolve_tasks(options: LmEvalOptions) -> list[str]:
             if not path.is_file():
                 raise UserError(f"lm_eval task file '{name}' does not exist. Check the path in the lm_eval evaluator's tasks.")
             name = str(path.resolve())
-            _check_data_files(name, _load_task_yaml(path))
+            _check_data_files(_load_task_yaml(path), path)
         elif name not in BUILTIN_TASKS:
             entry = manager.task_index.get(name)
             if entry is None:
                 _unknown_task(name, options, manager)
             if entry.cfg is not None and entry.yaml_path is not None and not options.include_defaults:
-                _check_data_files(name, entry.cfg)
+                _check_data_files(entry.cfg, entry.yaml_path)
         specs.append(name)
     return specs
 
@@ -140,8 +140,8 @@ def _load_task_yaml(path: Path) -> dict:
         raise UserError(f"lm_eval task file '{path}' cannot be read ({type(exc).__name__}: {exc}). Fix the file.") from None
 
 
-def _check_data_files(task: str, config: dict) -> None:
-    """The local files a task's YAML names must exist (globs and hub data sets are left to lm-eval)."""
+def _check_data_files(config: dict, path: Path) -> None:
+    """The local files a task's YAML (at ``path``) names must exist (globs and hub data sets are left to lm-eval)."""
     if config.get("dataset_path") not in LOCAL_BUILDERS:
         return
     files = (config.get("dataset_kwargs") or {}).get("data_files") or []
@@ -150,9 +150,9 @@ def _check_data_files(task: str, config: dict) -> None:
         for file in [group] if isinstance(group, str) else group:
             if not any(c in str(file) for c in "*?[") and not Path(str(file)).expanduser().is_file():
                 raise UserError(
-                    f"lm_eval task '{task}' reads data file '{file}', which does not exist. Fix "
-                    f"dataset_kwargs.data_files in its YAML (relative paths are read from the folder puzzle runs in; "
-                    f"absolute paths are safer), or leave the task out."
+                    f"lm_eval task '{config.get('task', Path(path).stem)}' (defined in {path}) reads data file '{file}', "
+                    f"which does not exist. Fix dataset_kwargs.data_files in that YAML (relative paths are read from "
+                    f"the folder puzzle runs in; absolute paths are safer), or leave the task out."
                 )
 
 
@@ -201,19 +201,14 @@ class LmEvalEvaluator(Evaluator):
         with _offline_quiet():
             from lm_eval.evaluator import evaluate as run_tasks
 
-            specs = resolve_tasks(self.options)
-            manager = _task_manager(self.options, [self._write_own_tasks(context, specs)])
-            order = {name: rank for rank, name in enumerate(specs)}
-            tasks = dict(sorted(manager.load(specs)["tasks"].items(), key=lambda t: order.get(t[0], len(order))))
+            tasks = self.load_tasks(context)
             lm = harness_model(model, self.options)
             was_training = model.model.training
             results: dict[str, float] = {}
             try:
-                for number, (name, task) in enumerate(tasks.items(), start=1):
-                    _set_fewshot(task, self.options.num_fewshot, context.seed)
-                    started, tokens = time.perf_counter(), lm.tokens_read
-                    indices = _restrict(task, self.options.limit_of(name), self.options.item_seed)
+                for number, (name, (task, indices)) in enumerate(tasks.items(), start=1):
                     lm.label = f"{name} ({number}/{len(tasks)})"
+                    started, tokens = time.perf_counter(), lm.tokens_read
                     with torch.no_grad():
                         output = run_tasks(
                             lm=lm,
@@ -229,6 +224,22 @@ class LmEvalEvaluator(Evaluator):
             finally:
                 model.model.train(was_training)
         return results
+
+    def load_tasks(self, context: EvalContext) -> dict[str, tuple[Any, list[int]]]:
+        """``{name: (lm-eval Task, item ids)}`` in config order, each task left only its items.
+
+        Groups are flattened: each subtask is evaluated and reported on its own.
+        """
+        with _offline_quiet():
+            specs = resolve_tasks(self.options)
+            manager = _task_manager(self.options, [self._write_own_tasks(context, specs)])
+            order = {name: rank for rank, name in enumerate(specs)}
+            loaded = sorted(manager.load(specs)["tasks"].items(), key=lambda item: order.get(item[0], len(order)))
+            tasks = {}
+            for name, task in loaded:
+                _set_fewshot(task, self.options.num_fewshot, context.seed)
+                tasks[name] = (task, _restrict(task, self.options.limit_of(name), self.options.item_seed))
+        return tasks
 
     def _write_own_tasks(self, context: EvalContext, specs: list[str]) -> Path:
         """Render the built-in tasks asked for into a content-addressed folder, with the data of ours."""
