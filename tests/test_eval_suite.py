@@ -138,3 +138,13 @@ def test_the_suite_end_to_end_through_puzzle_run(cache, tmp_path, capsys):
     assert "eval/items/mip/hellaswag.json" in json.dumps(manifest)  # checksummed like every output
     assert main(["run", str(path), "--run-dir", str(run_dir), "--resume"]) == 0
     assert "[7/8] evaluate: evaluating parent and children (done, skipped)" in capsys.readouterr().out
+
+
+def test_item_subsets_are_seeded_nested_and_cover_everything_at_full():
+    from puzzle_plugins.tasks.evaluator import item_subset
+
+    small, large = item_subset("hellaswag", 10_042, 50, 0), item_subset("hellaswag", 10_042, 400, 0)
+    assert len(small) == 50 and len(large) == 400 and set(small) < set(large) and small == sorted(small)
+    assert item_subset("hellaswag", 10_042, 50, 0) == small  # the same items for every model and run
+    assert item_subset("hellaswag", 10_042, 50, 1) != small and item_subset("boolq", 10_042, 50, 0) != small
+    assert item_subset("boolq", 30, "full", 0) == item_subset("boolq", 30, 99, 0) == list(range(30))
