@@ -16,10 +16,11 @@ tokens per second compare the three on the same work; ``hflm`` reads more (colum
 ``hflm tokens``). Times are CPU seconds of this process (robust to others' load on a
 shared machine; with ``--threads`` busy threads they are about ``threads`` x wall time
 on an idle machine) and wall seconds, median and range over ``--repeats`` interleaved
-repeats. ``seconds per model`` projects each task to the limits of ``--config``
-(default: the demo's) from ``ours``' CPU time per item, divided by the thread count:
-the wall time of an idle machine. The log-likelihoods of ``hflm`` and ``ours`` are
-compared (largest absolute difference).
+repeats. ``cpu-s/model`` projects each task to the limits of ``--config`` (default: the
+demo's) from ``ours``' CPU time per item, with the tokens that takes; wall time on idle
+cores follows from those tokens and the forward speed the cores allow (``ours/fwd``
+says how close to it the evaluation runs). The log-likelihoods of ``hflm`` and ``ours``
+are compared (largest absolute difference).
 
     .venv/bin/python benchmarks/eval_cost.py [--limit 100] [--repeats 3] [--threads 2]
 
@@ -120,6 +121,8 @@ def main() -> None:
     context = EvalContext(parent=parent, cache_dir=Path(os.environ.get("TMPDIR", "/tmp")) / "puzzle-eval-cost")
     projected_limits = structure({"name": "lm_eval", **lm_eval_options(args.config)}, EvaluatorChoice).options
     requests = task_requests(evaluator, context)
+    everything = structure({"name": "lm_eval", "tasks": ["suite"]}, EvaluatorChoice).create()  # every item: task sizes
+    sizes = {name: len(ids) for name, (_, ids) in everything.load_tasks(context).items()}
 
     def hflm():
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(parent.tokenizer), backend="causal", device="cpu",
@@ -152,6 +155,7 @@ def main() -> None:
             wall["forward"].append(elapsed)
         difference = max(abs(a[0] - b[0]) for a, b in zip(outputs["hflm"], outputs["ours"]))
         limit = projected_limits.limit_of(name)
+        projected = sizes[name] if limit == "full" else min(limit, sizes[name])
         per_item = statistics.median(cpu["ours"]) / items
         row = {
             "task": name,
@@ -166,7 +170,9 @@ def main() -> None:
             "ours_vs_forward": statistics.median(cpu["forward"]) / statistics.median(cpu["ours"]),
             "max_abs_loglikelihood_difference": difference,
             "projected_limit": limit,
-            "projected_seconds_per_model": None if limit == "full" else per_item * limit / args.threads,
+            "projected_items": projected,
+            "projected_tokens_per_model": read / items * projected,
+            "projected_cpu_seconds_per_model": per_item * projected,
         }
         rows.append(row)
         print(f"{name:14s} {items:4d} items {read:7d} tokens (hflm {hflm_tokens:7d})  CPU s: "
@@ -176,17 +182,18 @@ def main() -> None:
 
     print()
     header = (f"{'task':14s} {'items':>5s} {'tokens':>7s} {'hflm tok':>8s} " + " ".join(
-        f"{m + ' tok/cpu-s':>17s}" for m in METHODS) + f" {'ours/hflm':>9s} {'ours/fwd':>8s} {'s/model*':>8s}")
+        f"{m + ' tok/cpu-s':>17s}" for m in METHODS) + f" {'ours/hflm':>9s} {'ours/fwd':>8s} {'cpu-s/model*':>12s}")
     print(header)
     for row in rows:
-        projected = row["projected_seconds_per_model"]
         print(f"{row['task']:14s} {row['items']:5d} {row['tokens']:7d} {row['hflm_tokens']:8d} "
               + " ".join(f"{row['tokens_per_cpu_s'][m]:17.0f}" for m in METHODS)
               + f" {row['ours_vs_hflm']:8.2f}x {row['ours_vs_forward']:8.2f}"
-              + f" {'–' if projected is None else f'{projected:8.0f}'}")
-    total = sum(r["projected_seconds_per_model"] or 0 for r in rows)
-    print(f"* seconds per model at the limits of {args.config.name} (ours, idle {args.threads}-thread machine, "
-          f"projected from CPU time): {total:.0f} s in all")
+              + f" {row['projected_cpu_seconds_per_model']:12.0f}")
+    total = {key: sum(r[key] for r in rows) for key in ("projected_tokens_per_model", "projected_cpu_seconds_per_model")}
+    sizes_used = ", ".join(f"{r['task']} {r['projected_items']}" for r in rows)
+    print(f"* one model at the limits of {args.config.name} ({sizes_used}):"
+          f" {total['projected_tokens_per_model']:.0f} tokens, {total['projected_cpu_seconds_per_model']:.0f} CPU s "
+          f"at {args.threads} thread(s), projected from these items")
 
     atomic_write_json(args.out, {
         "benchmark": "evaluation cost per task: lm-eval HFLM vs SharedContextLM vs a plain forward pass",
@@ -201,7 +208,8 @@ def main() -> None:
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "load_average": list(os.getloadavg()), "torch": torch.__version__},
         "projection": {"config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
-                       "seconds_per_model": total},
+                       "tokens_per_model": total["projected_tokens_per_model"],
+                       "cpu_seconds_per_model": total["projected_cpu_seconds_per_model"]},
         "rows": rows,
     })
     print(f"wrote {args.out}")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from benchmarks.runner import final_metric
+from puzzle_core.report import percent_interval
 from puzzle_core.rundir import atomic_path, atomic_write
 
 
@@ -21,15 +22,6 @@ def _number(value: Any, digits: int = 3) -> str:
 
 def _assembled(arm: Mapping, name: str) -> float | None:
     return ((arm.get("metrics") or {}).get("assembled") or {}).get(name)
-
-
-def _interval(interval: Mapping | None) -> str:
-    """``97.1% [94.0, 100.3]`` (accuracy preserved with its 95% interval), ``–`` when not measured."""
-    if not interval or interval.get("value") is None:
-        return "–"
-    bounds = "unbounded" if interval["low"] is None or interval["high"] is None else \
-        f"{100 * interval['low']:.1f}, {100 * interval['high']:.1f}"
-    return f"{100 * interval['value']:.1f}% [{bounds}]"
 
 
 def markdown_table(results: Mapping) -> str:
@@ -56,9 +48,9 @@ def markdown_table(results: Mapping) -> str:
             f"{ratios[arm['name']]:.2f}x" if ratios.get(arm["name"]) else "–",
         ]
         if accuracy:
-            row += [_interval(metrics.get("accuracy_preserved_before_gkd")),
-                    _interval(metrics.get("accuracy_preserved")) if trained else "–",
-                    _interval(metrics.get("accuracy_preserved_chance_adjusted")) if trained else "–"]
+            row += [percent_interval(metrics.get("accuracy_preserved_before_gkd")),
+                    percent_interval(metrics.get("accuracy_preserved")) if trained else "–",
+                    percent_interval(metrics.get("accuracy_preserved_chance_adjusted")) if trained else "–"]
         row += [_number(metrics.get("params")), arm["status"] + (f" ({arm['note']})" if arm.get("note") else "")]
         rows.append(row)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

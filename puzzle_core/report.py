@@ -312,7 +312,7 @@ def plot_frontier(summary: Mapping, path: Path) -> Path:
         return value
 
     panels = [("KL to parent (lower is better)", kl("eval_before_gkd"), kl("eval"), True, 0.0)]
-    if any(c["accuracy_preserved_before_gkd"] for c in summary["children"]):
+    if any((c["accuracy_preserved_before_gkd"] or {}).get("value") is not None for c in summary["children"]):
         panels.append(("accuracy preserved, % (mean over tasks, 95% CI)", preserved("accuracy_preserved_before_gkd"),
                        preserved("accuracy_preserved"), False, 100.0))
     figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels) + 2.4, 4.4), squeeze=False)
