@@ -180,7 +180,8 @@ def build_summary(run_dir: RunDir, scenario: Mapping[str, Any] | None = None) ->
             "ran, with a paired bootstrap 95% interval (value, low, high; null bounds: unbounded); one "
             f"accuracy-like metric per task (first of {', '.join(ACCURACY_METRICS)})",
             "accuracy_preserved_chance_adjusted": "sum over tasks of (child - chance) / sum of (parent - chance), "
-            "chance = mean of 1 / #choices: the share of the parent's above-chance accuracy the child keeps",
+            "chance = mean of 1 / #choices, over the tasks where the parent beats chance: the share of the "
+            "parent's above-chance accuracy the child keeps",
             "accuracy": "per task and mean: parent, child, difference, preserved, chance_adjusted, each with its "
             "paired bootstrap 95% interval",
         },
@@ -498,8 +499,8 @@ def accuracy_section(summary: Mapping) -> list[str]:
            "Every model answers the same items of each task. Intervals are 95% bootstrap intervals; for a child they "
            "are paired (every replicate redraws items, both models keep their answers), and the mean over tasks "
            "redraws every task's items jointly. Difference is in accuracy points; preserved is child / parent; "
-           "chance-adjusted is (child - chance) / (parent - chance), chance = 1 / #choices (over tasks: summed "
-           "margins), so a task at chance cannot flatter a child.", "",
+           "chance-adjusted is (child - chance) / (parent - chance), chance = 1 / #choices (over tasks: the summed "
+           "margins of the tasks where the parent beats chance), so a task at chance cannot flatter a child.", "",
            _table(["task", "metric", "items", "chance", "parent accuracy (95% CI)"],
                   [[task, e["metric"], str(e["items"]), _fmt(100 * e["chance"], ".1f"),
                     percent_interval(e["accuracy"])] for task, e in parent.items()]), ""]

@@ -16,8 +16,10 @@ Per task, from the means over the drawn items of the parent's score ``p``, the c
 
 Over several tasks (a *joint* bootstrap: every replicate redraws each task's items):
 ``difference`` and ``preserved`` are means over tasks, and ``chance_adjusted`` is
-``sum(c - h) / sum(p - h)``, which stays finite when one task's parent is at chance
-(a mean of per-task ratios would not). Intervals are percentile intervals; an interval
+``sum(c - h) / sum(p - h)`` over the tasks on which the parent scores above chance, which
+stays finite when one task's parent is near chance (a mean of per-task ratios would
+not); a task where the parent is at or below chance has no above-chance accuracy to
+keep and does not count in it. Intervals are percentile intervals; an interval
 is ``None`` where the ratio is undefined (denominator <= 0) in more replicates than
 the interval's tail, i.e. where the data cannot bound it.
 
@@ -138,6 +140,8 @@ def compare_tasks(
 def _mean_over_tasks(point: np.ndarray, replicates: np.ndarray, level: float) -> Comparison:
     """``point``: (tasks, 3); ``replicates``: (iterations, tasks, 3) of per-task ``(p, c, h)``."""
 
+    above = point[:, 0] > point[:, 2]  # tasks on which the parent beats chance (on the observed items)
+
     def statistics(values: np.ndarray) -> dict[str, np.ndarray]:
         p, c, h = values[..., 0], values[..., 1], values[..., 2]
         return {
@@ -145,7 +149,7 @@ def _mean_over_tasks(point: np.ndarray, replicates: np.ndarray, level: float) ->
             "child": c.mean(-1),
             "difference": (c - p).mean(-1),
             "preserved": _ratio(c, p).mean(-1),  # NaN when a task's parent scored 0: unbounded
-            "chance_adjusted": _ratio((c - h).sum(-1), (p - h).sum(-1)),
+            "chance_adjusted": _ratio((c - h)[..., above].sum(-1), (p - h)[..., above].sum(-1)),
         }
 
     points, spread = statistics(point), statistics(replicates)

@@ -86,3 +86,16 @@ def test_intervals_the_data_cannot_bound_are_none():
     assert interval.value == 0.75 and 0.0 <= interval.low < 0.75 < interval.high <= 1.0
     with pytest.raises(ValueError, match="same positive number of items"):
         PairedScores([1.0], [1.0, 0.0], [0.5])
+
+
+def test_tasks_where_the_parent_is_not_above_chance_do_not_count_in_the_chance_adjusted_mean():
+    rng = np.random.default_rng(5)
+    good = PairedScores(*correlated(200, 0.7, 0.2, seed=7), np.full(200, 0.25))
+    biased = PairedScores((rng.random(200) < 0.35).astype(float), (rng.random(200) < 0.5).astype(float),
+                          np.full(200, 0.5))  # a parent below chance (a yes/no task it answers 'no')
+    with_biased, alone = compare_tasks({"good": good, "biased": biased})[1], compare_tasks({"good": good})[1]
+    assert with_biased.chance_adjusted.value == alone.chance_adjusted.value
+    assert (with_biased.chance_adjusted.low, with_biased.chance_adjusted.high) == pytest.approx(
+        (alone.chance_adjusted.low, alone.chance_adjusted.high), abs=0.02)  # other draws of the same task
+    assert with_biased.preserved.value == pytest.approx((good.child.mean() / good.parent.mean()
+                                                         + biased.child.mean() / biased.parent.mean()) / 2)
