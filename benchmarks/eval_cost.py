@@ -6,7 +6,7 @@ the same log-likelihood requests are scored by:
 - ``hflm``: lm-eval's own ``HFLM`` (each answer re-reads its question, padded batches of
   ``--batch-size`` sequences, log-softmax over every position);
 - ``ours``: :class:`puzzle_plugins.tasks.harness.SharedContextLM` (each question read
-  once for all its answers, batches of ``--batch-tokens`` padded tokens, head and
+  once for all its answers, packed without padding into rows of ``--batch-tokens``, head and
   log-softmax on scored positions only);
 - ``forward``: a plain forward pass (full logits) over as many tokens as ``ours`` reads,
   packed densely into rows of ``--row`` tokens: the speed the model itself allows.
@@ -59,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
                         help="project seconds per model to this config's lm_eval limits")
     parser.add_argument("--batch-size", type=int, default=8, help="HFLM's sequences per batch")
-    parser.add_argument("--batch-tokens", type=int, default=2048, help="ours: padded tokens per forward")
+    parser.add_argument("--batch-tokens", type=int, default=512, help="ours: tokens per packed row (one forward)")
     parser.add_argument("--row", type=int, default=256, help="forward: tokens per row (8 rows per batch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)

@@ -63,7 +63,7 @@ def test_shared_context_log_likelihoods_equal_hflm_on_a_parent_and_a_decilm_chil
     rolling = [Instance("loglikelihood_rolling", {}, ("the river stone light " * 30,), idx=0)]
     for model in (parent, child):
         ours = SharedContextLM(pretrained=model.model, tokenizer=copy.deepcopy(model.tokenizer), backend="causal",
-                               device="cpu", batch_tokens=700)  # several batches, each mixing lengths
+                               device="cpu", batch_tokens=700)  # several rows, each packing units of several lengths
         theirs = HFLM(pretrained=model.model, tokenizer=copy.deepcopy(model.tokenizer), backend="causal", device="cpu",
                       batch_size=5)
         got, expected = ours.loglikelihood(mixed, disable_tqdm=True), theirs.loglikelihood(mixed, disable_tqdm=True)

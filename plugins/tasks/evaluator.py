@@ -22,7 +22,7 @@ score (``acc``, ``acc_norm``...) is saved for the report's paired intervals
 (:func:`puzzle_core.evaluation.write_task_items`).
 
 Log-likelihoods come from :class:`~puzzle_plugins.tasks.harness.SharedContextLM`
-(each question read once for all its answers, batches of ``batch_tokens`` tokens);
+(each question read once for all its answers, packed rows of ``batch_tokens`` tokens);
 lm-eval's task and metric code runs unchanged (its ``evaluate``, task by task; not
 ``simple_evaluate``, which collects machine facts in subprocesses on every call). Task names, files and data are checked
 when the config is read, so a bad name fails before a run starts.
@@ -79,7 +79,7 @@ class LmEvalOptions:
     limit: dict[str, Any] = attrs.field(factory=dict, validator=_check_limits)  # task -> items, or 'full'
     default_limit: Any = attrs.field(default="full", validator=lambda _i, _a, v: _check_limit("default_limit", v))
     item_seed: int = 0  # which items a limit keeps (the same for every model and run)
-    batch_tokens: int = attrs.field(default=2048, validator=attrs.validators.ge(16))  # padded tokens per forward
+    batch_tokens: int = attrs.field(default=512, validator=attrs.validators.ge(16))  # tokens per forward (packed)
     batch_size: int = attrs.field(default=8, validator=attrs.validators.ge(1))  # sequences per batch, generation tasks
     num_fewshot: int | None = None
     max_length: int | None = None  # context window (default: the model's)

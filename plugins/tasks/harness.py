@@ -1,29 +1,33 @@
 """An lm-eval model that reads each question once, however many answers it has.
 
 lm-eval's ``HFLM`` scores a multiple-choice question by running ``context + answer`` once
-per answer, padded to the longest sequence of its batch, and takes a log-softmax over
+per answer, in batches padded to their longest sequence, and takes a log-softmax over
 the whole vocabulary at every position. :class:`SharedContextLM` gives the same
 log-likelihoods from less work:
 
-- requests with the same context (the answers of one question) form a *unit*; the
-  context minus its last token is run once with the KV cache on, and every answer
-  (that last context token, then the answer's tokens) runs on a copy of that cache;
-- units are sorted by length and packed into batches of at most ``batch_tokens``
-  padded tokens, so a batch pads little and the CPU or GPU gets large matrices;
+- requests with the same context (the answers of one question) form a *unit*: the
+  context (minus its last token) once, then each answer (that last context token and
+  the answer's tokens) as its own segment;
+- units are packed, longest first, into rows of at most ``batch_tokens`` tokens
+  (first fit), so there is no padding; one forward per row, with an attention mask
+  that lets every segment see its own unit's context and itself only, and positions
+  that restart for each answer where the context ends;
 - the LM head and the log-softmax only see the positions that are scored.
 
-A request alone with its context (Winogrande's, whose contexts differ per answer) is
-one plain row. lm-eval's task, request and metric code is untouched: only
+A request alone with its context (Winogrande's, whose contexts differ per answer) is a
+unit of one plain segment. Each row's mask is ``(length, length)``, so attention costs
+grow with ``batch_tokens``; a few hundred tokens keep it small next to the rest of the
+model. lm-eval's task, request and metric code is untouched: only
 ``_loglikelihood_tokens`` is replaced, which ``loglikelihood`` and
 ``loglikelihood_rolling`` both call. The model must take the Hugging Face causal-LM
-keyword arguments (``attention_mask``, ``position_ids``, ``cache``, ``use_cache``,
-``logits_to_keep``), as every transformers model does.
+keyword arguments ``attention_mask`` (an additive 4-D mask, which transformers' eager
+and SDPA attention accept as given), ``position_ids`` and ``logits_to_keep``.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import attrs
 import torch
@@ -48,22 +52,22 @@ class Row:
 
 @attrs.frozen
 class Unit:
-    """Requests sharing ``prefix``: it is read once, then each row continues it."""
+    """Requests sharing ``prefix``: it is read once, then each request's tokens continue it."""
 
     prefix: tuple[int, ...]
     rows: tuple[Row, ...]
 
     @property
-    def width(self) -> int:
-        return max(len(row.tokens) for row in self.rows)
+    def size(self) -> int:
+        return len(self.prefix) + sum(len(row.tokens) for row in self.rows)
 
 
 def plan_units(requests: Sequence[Request], max_length: int) -> list[Unit]:
-    """Group requests by the context they read; longest first.
+    """Group requests by the context they read.
 
     Each request reads ``(context + continuation)[-(max_length + 1):][:-1]`` and is
     scored on its continuation, exactly as ``HFLM`` truncates it. Within a unit of two
-    or more, the prefix is the shared context without its last token, so every row
+    or more, the prefix is the shared context without its last token, so every request
     still starts at the position whose prediction is its first answer token.
     """
     groups: dict[tuple[int, ...], list[tuple[int, tuple[int, ...], tuple[int, ...]]]] = {}
@@ -78,86 +82,109 @@ def plan_units(requests: Sequence[Request], max_length: int) -> list[Unit]:
         shared = len(context) - 1 if len(members) > 1 else 0
         rows = tuple(Row(index, reads[shared:], targets) for index, reads, targets in members)
         units.append(Unit(context[:shared], rows))
-    return sorted(units, key=lambda u: (-(len(u.prefix) + u.width), -len(u.rows), u.prefix))
+    return units
 
 
-def pack(units: Sequence[Unit], batch_tokens: int) -> Iterator[list[Unit]]:
-    """Consecutive units in batches whose padded size (prefixes + rows) stays within ``batch_tokens``."""
-    batch: list[Unit] = []
-    for unit in units:
-        candidate = [*batch, unit]
-        prefix = max(len(u.prefix) for u in candidate)
-        width = max(u.width for u in candidate)
-        padded = len(candidate) * prefix + sum(len(u.rows) for u in candidate) * width
-        if batch and padded > batch_tokens:
-            yield batch
-            candidate = [unit]
-        batch = candidate
-    if batch:
-        yield batch
+def pack(units: Sequence[Unit], capacity: int) -> list[list[Unit]]:
+    """Units into rows of at most ``capacity`` tokens: longest first, each into the first row with room.
+
+    A unit longer than ``capacity`` gets a row of its own.
+    """
+    rows: list[list[Unit]] = []
+    room: list[int] = []
+    for unit in sorted(units, key=lambda u: (-u.size, u.prefix)):
+        slot = next((i for i, free in enumerate(room) if unit.size <= free), None)
+        if slot is None:
+            rows.append([unit])
+            room.append(capacity - unit.size)
+        else:
+            rows[slot].append(unit)
+            room[slot] -= unit.size
+    return rows
+
+
+@attrs.frozen
+class PackedRow:
+    """One forward's input: token ids, positions, the additive attention mask and where each request is scored."""
+
+    ids: torch.Tensor  # (1, length)
+    positions: torch.Tensor  # (1, length)
+    mask: torch.Tensor  # (1, 1, length, length): 0 where a token may attend, the dtype's minimum elsewhere
+    scored: torch.Tensor  # (n,) positions whose next-token predictions are scored, in ``requests`` order
+    requests: tuple[Row, ...]
+
+
+def packed_row(units: Sequence[Unit], dtype: torch.dtype) -> PackedRow:
+    """Lay ``units`` out one after another; a context attends causally to itself, an answer to its context and itself."""
+    ids, positions, unit_of, segment_of, context, scored, requests = [], [], [], [], [], [], []
+    for number, unit in enumerate(units):
+        ids += unit.prefix
+        positions += range(len(unit.prefix))
+        unit_of += [number] * len(unit.prefix)
+        segment_of += [number] * len(unit.prefix)  # contexts: segments >= 0; answers: < 0
+        context += [True] * len(unit.prefix)
+        for row in unit.rows:
+            start = len(ids)
+            ids += row.tokens
+            positions += range(len(unit.prefix), len(unit.prefix) + len(row.tokens))
+            unit_of += [number] * len(row.tokens)
+            segment_of += [-1 - len(requests)] * len(row.tokens)
+            context += [False] * len(row.tokens)
+            scored += range(start + len(row.tokens) - row.scored, start + len(row.tokens))
+            requests.append(row)
+    unit_of, segment_of, context = (torch.tensor(v) for v in (unit_of, segment_of, context))
+    length = len(ids)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & (unit_of[:, None] == unit_of[None, :]) & (
+        (segment_of[:, None] == segment_of[None, :]) | context[None, :])
+    mask = torch.zeros(length, length, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return PackedRow(torch.tensor([ids]), torch.tensor([positions]), mask[None, None], torch.tensor(scored),
+                     tuple(requests))
 
 
 class SharedContextLM(HFLM):
-    """``HFLM`` with :func:`plan_units` + :func:`pack` batching for log-likelihood requests."""
+    """``HFLM`` scoring log-likelihood requests from packed rows (see the module doc)."""
 
-    def __init__(self, *args, batch_tokens: int = 2048, **kwargs):
+    def __init__(self, *args, batch_tokens: int = 512, **kwargs):
         super().__init__(*args, **kwargs)
         self.batch_tokens = batch_tokens
         self.label = "log-likelihoods"  # the progress bar's title; the evaluator names the task
-        self.tokens_read = 0  # real (unpadded) tokens through the model, for cost reports
+        self.tokens_read = 0  # tokens through the model, for cost reports
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        units = plan_units(requests, self.max_length)
+        rows = pack(plan_units(requests, self.max_length), self.batch_tokens)
         with tqdm(total=len(requests), desc=self.label, unit="req", file=sys.stderr, dynamic_ncols=True,
                   disable=disable_tqdm or self.rank != 0, leave=False) as bar:
-            for batch in pack(units, self.batch_tokens):
-                for index, answer in self._score(batch):
+            for units in rows:
+                for index, answer in self._score(units):
                     results[index] = answer
                     strings = requests[index][0]
                     if strings is not None:  # rolling windows have none; lm-eval caches those per document
                         self.cache_hook.add_partial("loglikelihood", strings, answer)
-                bar.update(sum(len(u.rows) for u in batch))
+                bar.update(sum(len(u.rows) for u in units))
         return results
 
     @torch.no_grad()
     def _score(self, units: list[Unit]) -> list[tuple[int, tuple[float, bool]]]:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        dtype = next(self.model.parameters()).dtype
+        row = packed_row(units, dtype if dtype.is_floating_point else torch.float32)
         device = self.device
-        prefix_width = max(len(u.prefix) for u in units)
-        rows = [(u, row) for u, unit in enumerate(units) for row in unit.rows]
-        width = max(len(row.tokens) for _, row in rows)
-        cache = None
-        if prefix_width:
-            # right padding needs no mask here: a real token never attends to the pads after it
-            ids = torch.full((len(units), prefix_width), pad, dtype=torch.long)
-            for u, unit in enumerate(units):
-                ids[u, : len(unit.prefix)] = torch.tensor(unit.prefix)
-            cache = self.model(input_ids=ids.to(device), use_cache=True, logits_to_keep=1).cache
-            cache.batch_select_indices(torch.tensor([u for u, _ in rows], device=device))
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), prefix_width + width), dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (u, row) in enumerate(rows):
-            ids[r, : len(row.tokens)] = torch.tensor(row.tokens)
-            mask[r, : len(units[u].prefix)] = 1  # the pads of a shorter prefix are masked out
-            mask[r, prefix_width:] = 1
-            positions[r] = len(units[u].prefix) + torch.arange(width)
-        keep = width - min(len(row.tokens) - row.scored for _, row in rows)  # last columns holding a scored position
         logits = self.model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device) if prefix_width else None,
-            position_ids=positions.to(device),
-            cache=cache,
+            input_ids=row.ids.to(device),
+            attention_mask=row.mask.to(device),
+            position_ids=row.positions.to(device),
             use_cache=False,
-            logits_to_keep=keep,
-        ).logits
-        self.tokens_read += sum(len(u.prefix) for u in units) + sum(len(row.tokens) for _, row in rows)
-        scored = []
-        for r, (_, row) in enumerate(rows):
-            end = len(row.tokens) - width + keep  # column after this row's last real token, among the kept ones
-            log_probs = torch.log_softmax(logits[r, end - row.scored : end].float(), dim=-1)
-            targets = torch.tensor(row.targets, device=log_probs.device)
-            greedy = bool((log_probs.argmax(dim=-1) == targets).all())
-            scored.append((row.index, (float(log_probs.gather(1, targets[:, None]).sum()), greedy)))
+            logits_to_keep=row.scored.to(device),
+        ).logits[0]
+        self.tokens_read += row.ids.shape[1]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        targets = torch.tensor([t for request in row.requests for t in request.targets], device=log_probs.device)
+        token_ll = log_probs.gather(1, targets[:, None]).squeeze(1)
+        hits = log_probs.argmax(dim=-1) == targets
+        scored, start = [], 0
+        for request in row.requests:
+            end = start + request.scored
+            scored.append((request.index, (float(token_ll[start:end].sum()), bool(hits[start:end].all()))))
+            start = end
         return scored
