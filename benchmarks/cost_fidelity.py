@@ -45,7 +45,8 @@ import attrs
 import torch
 
 from puzzle_core.blocks import BlockSpec
-from puzzle_core.config import EvaluatorChoice, structure
+from puzzle_core.choices import EvaluatorChoice
+from puzzle_core.config import structure
 from puzzle_core.interfaces import EvalContext
 from puzzle_core.parents import load_parent
 from puzzle_core.registry import get_registries

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from puzzle_core.report import percent_interval
 from puzzle_core.rundir import atomic_path, atomic_write
 
 
@@ -26,42 +27,37 @@ def _number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}".rstrip("0").rstrip(".")
 
 
-def _accuracy_metric(results: Mapping) -> str | None:
-    for arm in results["arms"]:
-        if arm.get("accuracy_metrics"):
-            return arm["accuracy_metrics"][0]
-    return None
-
-
 def _assembled(arm: Mapping, name: str) -> float | None:
     return ((arm.get("metrics") or {}).get("assembled") or {}).get(name)
 
 
 def markdown_table(results: Mapping) -> str:
-    """One row per arm: speedups, KL to the parent before / after GKD (and vs the reference), accuracy."""
-    accuracy = _accuracy_metric(results)
+    """One row per arm: speedups, KL to the parent before / after GKD (and vs the reference), accuracy preserved."""
     ratios = (results.get("comparison") or {}).get("kl_to_parent_vs_reference", {})
+    accuracy = any((a.get("metrics") or {}).get("accuracy_preserved_before_gkd") for a in results["arms"])
     headers = ["arm", "solver", "predicted speedup", "measured speedup", "KL assembled", "KL after GKD",
                f"KL vs {results['reference']}"]
     if accuracy:
-        headers += [f"{accuracy} assembled", f"{accuracy} after GKD"]
+        headers += ["accuracy preserved assembled", "accuracy preserved after GKD", "chance-adjusted after GKD"]
     headers += ["params", "status"]
     rows = []
     for arm in results["arms"]:
         metrics = arm.get("metrics") or {}
         child = arm.get("child") or {}
+        trained = bool(metrics.get("after_gkd"))
         row = [
             arm["name"],
             child.get("solver", "–"),
             _number(metrics.get("predicted_speedup")),
             _number(metrics.get("measured_speedup")),
             _number(_assembled(arm, "kl_to_parent")),
-            _number(final_metric(arm, "kl_to_parent")) if metrics.get("after_gkd") else "–",
+            _number(final_metric(arm, "kl_to_parent")) if trained else "–",
             f"{ratios[arm['name']]:.2f}x" if ratios.get(arm["name"]) else "–",
         ]
         if accuracy:
-            after = _number(final_metric(arm, accuracy)) if metrics.get("after_gkd") else "–"
-            row += [_number(_assembled(arm, accuracy)), after]
+            row += [percent_interval(metrics.get("accuracy_preserved_before_gkd")),
+                    percent_interval(metrics.get("accuracy_preserved")) if trained else "–",
+                    percent_interval(metrics.get("accuracy_preserved_chance_adjusted")) if trained else "–"]
         row += [_number(metrics.get("params")), arm["status"] + (f" ({arm['note']})" if arm.get("note") else "")]
         rows.append(row)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -76,10 +72,12 @@ def parent_line(results: Mapping) -> str:
     if parent is None:
         return ""
     evaluation = parent.get("eval", {})
-    accuracy = _accuracy_metric(results)
     parts = [f"{_number(parent.get('params'))} params", f"{_number(parent.get('throughput_tok_s'))} tok/s measured"]
-    if accuracy and accuracy in evaluation:
-        parts.append(f"{accuracy} {_number(evaluation[accuracy])}")
+    tasks = parent.get("accuracy") or {}
+    if tasks:
+        accuracies = ", ".join(f"{task} {100 * entry['accuracy']['value']:.1f}" for task, entry in tasks.items())
+        parts.append(f"accuracy % ({len(tasks)} tasks, {min(e['items'] for e in tasks.values())}+ items each): "
+                     f"{accuracies}")
     if "test_lm_loss" in evaluation:
         parts.append(f"test LM loss {_number(evaluation['test_lm_loss'])}")
     return "Parent: " + ", ".join(parts) + "."
@@ -108,7 +106,8 @@ def write_markdown(results: Mapping, path: Path) -> None:
 
 
 def write_plot(results: Mapping, path: Path) -> None:
-    """KL to the parent per arm (assembled and after GKD, log scale) beside predicted and measured speedups."""
+    """Per arm: KL to the parent (assembled and after GKD, log scale), accuracy preserved with its 95% interval
+    (when measured), and predicted and measured speedups."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,25 +117,35 @@ def write_plot(results: Mapping, path: Path) -> None:
     arms = [a for a in results["arms"] if a.get("metrics")]
     names = [a["name"] for a in arms]
     x = np.arange(len(arms))
-    figure, (quality, speed) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(arms) + 4), 4.2))
-    for offset, (label, values) in zip(
-        (-0.2, 0.2),
-        [
-            ("assembled", [_assembled(a, "kl_to_parent") for a in arms]),
-            ("after GKD", [final_metric(a, "kl_to_parent") if a["metrics"].get("after_gkd") else None for a in arms]),
-        ],
-    ):
+    measured = any(a["metrics"].get("accuracy_preserved_before_gkd") for a in arms)
+    figure, axes = plt.subplots(1, 3 if measured else 2, figsize=(max(8, 1.6 * len(arms) + 4) * (1.4 if measured else 1), 4.2))
+    quality, speed = axes[0], axes[-1]
+    phases = [("assembled", "_before_gkd", lambda a: True), ("after GKD", "", lambda a: bool(a["metrics"].get("after_gkd")))]
+    for offset, (label, suffix, ran) in zip((-0.2, 0.2), phases):
+        values = [(_assembled(a, "kl_to_parent") if suffix else final_metric(a, "kl_to_parent")) if ran(a) else None
+                  for a in arms]
         quality.bar(x + offset, [v if v else np.nan for v in values], width=0.4, label=label)
+        if measured:
+            found = [a["metrics"].get("accuracy_preserved" + suffix) if ran(a) else None for a in arms]
+            value = np.array([100 * f["value"] if f and f["value"] is not None else np.nan for f in found])
+            low = np.array([100 * f["low"] if f and f["low"] is not None else np.nan for f in found])
+            high = np.array([100 * f["high"] if f and f["high"] is not None else np.nan for f in found])
+            axes[1].bar(x + offset, value, width=0.4, label=label,
+                        yerr=np.nan_to_num([value - low, high - value]), capsize=3)
     quality.set_yscale("log")
     quality.set_ylabel("KL(parent || child) per token, test split")
     quality.set_title("quality (lower is better)")
+    if measured:
+        axes[1].axhline(100.0, color="grey", linewidth=0.8)
+        axes[1].set_ylabel("accuracy preserved, % (mean over tasks, 95% CI)")
+        axes[1].set_title("accuracy (higher is better)")
     speeds = [("predicted", "predicted_speedup"), ("measured", "measured_speedup")]
     for offset, (label, key) in zip((-0.2, 0.2), speeds):
         speed.bar(x + offset, [a["metrics"].get(key) or np.nan for a in arms], width=0.4, label=label)
     speed.axhline(1.0, color="grey", linewidth=0.8)
     speed.set_ylabel("speedup over the parent")
     speed.set_title("speed")
-    for axis in (quality, speed):
+    for axis in axes:
         axis.set_xticks(x, names, rotation=30, ha="right")
         axis.legend(fontsize=8)
     figure.suptitle(f"{results['ablation']} ({results['environment']['budget']} budget)")

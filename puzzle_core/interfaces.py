@@ -376,6 +376,7 @@ class EvalContext:
     threads: int = 2
     seed: int = 0
     cache_dir: Path = attrs.Factory(lambda: cache_root() / "eval")  # scratch files evaluators may reuse
+    items_dir: Path | None = None  # where this model's per-item scores go (write_task_items); None: nowhere
 
     def require_parent(self, evaluator: str) -> LoadedModel:
         """The parent, or an error naming ``evaluator`` that needs it."""

@@ -62,7 +62,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("assemble", (), "puzzle_core.stages.assemble", "building and exporting the children"),
     Stage("gkd", ("gkd",), "puzzle_core.stages.gkd", "global knowledge distillation"),
     Stage("evaluate", ("evaluation",), "puzzle_core.stages.evaluate", "evaluating parent and children",
-          caches=("eval/models/parent.json",)),
+          caches=("eval/models/parent.json", "eval/items/parent")),
     Stage("report", (), "puzzle_core.stages.report", "report and plots"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)

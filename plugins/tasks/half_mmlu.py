@@ -1,6 +1,6 @@
 """``half_mmlu``: replace-1-block accuracy on the scoring half of a multiple-choice task set.
 
-MMLU's subjects are split in two (:func:`puzzle_core.tasks.split_subjects`, deterministic
+MMLU's subjects are split in two (:func:`puzzle_plugins.tasks.mmlu.split_subjects`, deterministic
 in the seed); blocks are scored on questions of the ``score`` half only, so children can
 be evaluated on the untouched ``eval`` half. Each answer text is scored as a
 continuation of the question (lm-eval's continuation style); the prediction is the
@@ -19,8 +19,8 @@ from typing import Literal
 import attrs
 import torch
 
-from puzzle_core.api import ModelOutputs, Scorer, ScorerPlugin, ScoringBatch, ScoringData, hookimpl
-from puzzle_core.tasks import ChoiceScores, Question, choice_requests, load_mmlu, sample_per_subject, split_subjects
+from puzzle_core.api import ModelOutputs, Scorer, ScoringBatch, ScoringData
+from puzzle_plugins.tasks.mmlu import ChoiceScores, Question, choice_requests, load_mmlu, sample_per_subject, split_subjects
 
 
 @attrs.frozen
@@ -125,15 +125,3 @@ class HalfTaskAccuracy(Scorer):
 
     def info(self) -> dict:
         return {"split": self.split().to_json(), "limit": self.options.limit}
-
-
-@hookimpl
-def puzzle_scorers():
-    return [
-        ScorerPlugin(
-            name="half_mmlu",
-            implementation=HalfTaskAccuracy,
-            options=HalfTaskOptions,
-            description="accuracy on the scoring half of MMLU's subjects (answer-text log-likelihood), block replaced alone",
-        )
-    ]
