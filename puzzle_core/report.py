@@ -271,7 +271,7 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-MARKERS = {"mip": "o", "greedy": "s", "max_params": "^"}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # one per solver, in the order the children name them
 
 
 def _pareto(points: list[tuple[float, float]], lower_is_better: bool) -> list[tuple[float, float]]:
@@ -319,6 +319,7 @@ def plot_frontier(summary: Mapping, path: Path) -> Path:
                        preserved("accuracy_preserved"), False, 100.0))
     figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels) + 2.4, 4.4), squeeze=False)
     handles = [Line2D([], [], marker="*", color="black", markersize=13, linestyle="none", label="parent")]
+    solvers = list(dict.fromkeys(child["solver"] for child in summary["children"]))
     for axis, (label, before_of, after_of, lower, parent_value) in zip(axes[0], panels):
         points = [(base, parent_value)]
         axis.scatter([base], [parent_value], marker="*", s=220, color="black", zorder=5)
@@ -326,7 +327,7 @@ def plot_frontier(summary: Mapping, path: Path) -> Path:
             x = x_of(child)
             if x is None:
                 continue
-            color, marker = f"C{number % 10}", MARKERS.get(child["solver"], "D")
+            color, marker = f"C{number % 10}", MARKERS[solvers.index(child["solver"]) % len(MARKERS)]
             before = before_of(child)
             after = after_of(child) if child["gkd"] else None
             for found, filled in ((before, False), (after, True)):
