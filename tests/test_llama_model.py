@@ -173,9 +173,9 @@ def test_wrong_block_count_and_wrong_sublayer_weights_are_user_errors(tiny):
 # ---------------------------------------------------------------- initialisation
 
 
-def _calibration(parent, family, layer, part, tokens=48):
+def _calibration(parent, family, layer, part, tokens=48, seed=3):
     runner = family.layer_runner(parent.model)
-    ids = token_batch(batch=2, length=tokens // 2, seed=3)
+    ids = token_batch(batch=2, length=tokens // 2, seed=seed)
     with torch.no_grad():
         hidden = runner.embed(ids)
         context = runner.context(hidden)
@@ -219,6 +219,129 @@ def test_ffn_init_keeps_the_most_active_channels(tiny):
         assert error(module) < error(by_weights)  # activations are measured on the very tokens scored here
         full = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=128), calibration)
         torch.testing.assert_close(full(hidden, context), delta, atol=1e-6, rtol=0)
+
+
+def _eight_head_parent(pairs):
+    """A 2-layer parent with 8 query heads and 4 KV heads (of 16 dimensions) whose K/V heads ``pairs`` are equal."""
+    from transformers import LlamaForCausalLM
+
+    from puzzle_core.interfaces import LoadedModel
+    from puzzle_plugins.llama.aliases import byte_tokenizer, tiny_llama_config
+    from tests.tiny import llama_family
+
+    family, tokenizer = llama_family(), byte_tokenizer()
+    config = tiny_llama_config(len(tokenizer))
+    config.num_attention_heads, config.num_key_value_heads, config.num_hidden_layers = 8, 4, 2
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        model = LlamaForCausalLM(config).eval()
+    attention = model.model.layers[1].self_attn
+    with torch.no_grad():
+        for name in ("k_proj", "v_proj"):
+            weight = getattr(attention, name).weight.view(4, 16, 64)
+            for source, copy in pairs:
+                weight[copy] = weight[source]
+    return family, LoadedModel(model, tokenizer, family.shape(config.to_dict()), source="eight heads")
+
+
+def _attention_error(module, hidden, context, delta):
+    with torch.no_grad():
+        return float(((module(hidden, context) - delta) ** 2).sum() / (delta**2).sum())
+
+
+def test_similar_kv_merges_alike_heads_that_are_not_neighbours():
+    """KV heads 0 = 2 and 1 = 3: similarity grouping pairs them (moving the query heads along), so the merged
+    attention reproduces the parent exactly; consecutive groups (0, 1), (2, 3) cannot."""
+    family, parent = _eight_head_parent([(0, 2), (1, 3)])
+    calibration, hidden, context, delta = _calibration(parent, family, 1, "attention", tokens=96)
+    spec = AttentionSpec(n_heads_in_group=4)  # 2 KV heads
+    errors = {method: _attention_error(family.init_sublayer(parent, 1, spec, calibration, f"attention={method}"),
+                                       hidden, context, delta) for method in ("mean_kv", "similar_kv", "fitted_kv")}
+    assert errors["similar_kv"] < 1e-10 and errors["fitted_kv"] < 1e-8
+    assert errors["mean_kv"] > 0.1
+
+
+def test_fitted_kv_absorbs_per_frequency_key_factors_into_the_queries(tiny):
+    """KV head 1's keys are head 0's times a complex factor per rotary frequency (values equal): exact after
+    fitting, whatever the positions; averaging the weights is not. Deterministic; mean_kv without calibration."""
+    family, parent = tiny
+    attention = parent.model.model.layers[1].self_attn
+    original = {name: getattr(attention, name).weight.detach().clone() for name in ("q_proj", "k_proj", "v_proj")}
+    generator = torch.Generator().manual_seed(0)
+    factor = torch.complex(torch.randn(8, generator=generator), torch.randn(8, generator=generator))
+    with torch.no_grad():
+        attention.q_proj.weight.mul_(8.0)  # random weights give near-uniform attention; make the keys matter
+        keys = attention.k_proj.weight.view(2, 16, 64)
+        rotated = torch.complex(keys[0, :8], keys[0, 8:]) * factor[:, None]
+        keys[1, :8], keys[1, 8:] = rotated.real, rotated.imag
+        attention.v_proj.weight.view(2, 16, 64)[1] = attention.v_proj.weight.view(2, 16, 64)[0]
+    try:
+        calibration, hidden, context, delta = _calibration(parent, family, 1, "attention", tokens=96)
+        spec = AttentionSpec(n_heads_in_group=4)
+        fitted = family.init_sublayer(parent, 1, spec, calibration, "attention=fitted_kv")
+        again = family.init_sublayer(parent, 1, spec, calibration, "attention=fitted_kv")
+        mean = family.init_sublayer(parent, 1, spec, calibration, "attention=mean_kv")
+        assert all(torch.equal(a, b) for a, b in zip(fitted.state_dict().values(), again.state_dict().values()))
+        assert _attention_error(fitted, hidden, context, delta) < 1e-8
+        assert _attention_error(mean, hidden, context, delta) > 1e-3
+        uncalibrated = family.init_sublayer(parent, 1, spec, None, "attention=fitted_kv")
+        expected = attention.k_proj.weight.detach().reshape(2, 16, 64).mean(0)
+        torch.testing.assert_close(uncalibrated.self_attn.k_proj.weight.detach(), expected)
+    finally:
+        with torch.no_grad():
+            for name, weight in original.items():
+                getattr(attention, name).weight.copy_(weight)
+
+
+def test_fitted_kv_beats_mean_and_random_heads_on_held_out_tokens(tiny):
+    family, parent = tiny
+    calibration, *_ = _calibration(parent, family, 2, "attention", tokens=96)
+    _, hidden, context, delta = _calibration(parent, family, 2, "attention", tokens=96, seed=11)
+    spec = AttentionSpec(n_heads_in_group=4)
+    fitted, mean = (family.init_sublayer(parent, 2, spec, calibration, f"attention={m}") for m in ("fitted_kv", "mean_kv"))
+    random = family.init_sublayer(parent, 2, spec, calibration, "attention=mean_kv")
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        for name in ("k_proj", "v_proj"):
+            weight = getattr(random.self_attn, name).weight
+            weight.copy_(torch.randn_like(weight) * weight.std())
+    errors = [_attention_error(m, hidden, context, delta) for m in (fitted, mean, random)]
+    assert errors[0] < errors[1] < errors[2]
+
+
+def test_channel_contribution_weighs_activations_by_the_down_projection(tiny):
+    """Channels that fire but whose down-projection column is ~0 add nothing: contribution drops them."""
+    from puzzle_plugins.llama.init import channel_importance
+
+    family, parent = tiny
+    layer = parent.model.model.layers[2]
+    calibration, hidden, context, delta = _calibration(parent, family, 2, "ffn")
+    active = channel_importance(layer.mlp, layer.post_attention_layernorm, calibration, "activations")
+    loud = active.topk(32).indices
+    original = layer.mlp.down_proj.weight.detach().clone()
+    with torch.no_grad():
+        layer.mlp.down_proj.weight[:, loud] *= 1e-3
+    try:
+        calibration, hidden, context, delta = _calibration(parent, family, 2, "ffn")
+        spec = FFNSpec(intermediate_size=32)
+        contribution = family.init_sublayer(parent, 2, spec, calibration, "ffn=contribution")
+        again = family.init_sublayer(parent, 2, spec, calibration, "ffn=contribution")
+        activations = family.init_sublayer(parent, 2, spec, calibration, "ffn=activations")
+        assert torch.equal(contribution.mlp.down_proj.weight, again.mlp.down_proj.weight)
+        kept = set(channel_importance(layer.mlp, layer.post_attention_layernorm, calibration,
+                                      "contribution").topk(32).indices.tolist())
+        assert not kept & set(loud.tolist())
+        random = family.init_sublayer(parent, 2, spec, calibration, "ffn=activations")
+        keep = torch.randperm(128, generator=torch.Generator().manual_seed(0))[:32].sort().values
+        with torch.no_grad():
+            random.mlp.gate_proj.weight.copy_(layer.mlp.gate_proj.weight[keep])
+            random.mlp.up_proj.weight.copy_(layer.mlp.up_proj.weight[keep])
+            random.mlp.down_proj.weight.copy_(layer.mlp.down_proj.weight[:, keep])
+        errors = [_attention_error(m, hidden, context, delta) for m in (contribution, random, activations)]
+        assert errors[0] < errors[1] and errors[0] < errors[2]
+    finally:
+        with torch.no_grad():
+            layer.mlp.down_proj.weight.copy_(original)
 
 
 @pytest.mark.parametrize("part,spec", [("attention", AttentionSpec(replace_with_linear=True)),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import attrs
 
-ATTENTION_METHODS = ("mean_kv", "first_kv")
-FFN_METHODS = ("activations", "weight_norm")
+ATTENTION_METHODS = ("mean_kv", "first_kv", "similar_kv", "fitted_kv")
+FFN_METHODS = ("activations", "contribution", "weight_norm")
 LINEAR_METHODS = ("lstsq", "zeros")
 
 
