@@ -15,7 +15,14 @@ The parts:
   ``Scenario``, ``SearchProblem``, ``Solution``, ``StageContext``, ``ProcessRole``...);
 - the errors a plugin raises (``UserError`` for anything the user can fix);
 - helpers: atomic writes, the user cache, torch threads and devices, the dtype
-  vocabulary, the roofline cost model of a spec sheet, search helpers.
+  vocabulary, the roofline cost model of a spec sheet, search helpers, the standard
+  variant space of a decoder layer.
+
+Importing this module stays cheap (no torch): every ``puzzle`` command imports every
+plugin. Two sub-modules import torch and are imported only where needed:
+:mod:`puzzle_core.api.decoder` (what a model family builds on: the heterogeneous child,
+sub-block initialisation, running and exporting children) and
+:mod:`puzzle_core.api.testing` (the conformance checks of a model family).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import pluggy
 from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec, SubBlockSpec, VariantSpace
 from puzzle_core.cache import cache_root
 from puzzle_core.data import CorpusSplit, CorpusText, Document, TokenizedCorpus, assign_splits, chunk_documents
+from puzzle_core.decoder.variants import DecoderVariantOptions, DecoderVariants, InitMethods
 from puzzle_core.devices import resolve_device, torch_threads
 from puzzle_core.dtypes import DTYPE_BYTES, Dtype, ModelDtype, ScenarioDtype, torch_dtype
 from puzzle_core.errors import ConfigError, PluginError, UnknownNameError, UserError
@@ -203,6 +211,9 @@ __all__ = [
     "check_diversity_count",
     "readable",
     "throughput",
+    "DecoderVariants",
+    "DecoderVariantOptions",
+    "InitMethods",
     "chunk_documents",
     "assign_splits",
     "GPUSpec",
