@@ -207,6 +207,7 @@ def check_family(family: ModelFamily, parent: LoadedModel, folder: Path | None =
         with tempfile.TemporaryDirectory(prefix="puzzle-check-") as scratch:
             return check_family(family, parent, Path(scratch), isolated, atol, family_name)
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     ids, mask = probe_batch(parent)
     with torch.no_grad():
         parent_logits = parent.model(ids, attention_mask=mask).logits

@@ -107,9 +107,11 @@ def test_it_uses_only_public_names_of_the_api_and_copies_no_core_code():
         assert len(copied) <= 3, f"{path.name} repeats lines of puzzle's own code: {copied}"
 
 
-def test_it_is_small():
-    lines = {path.name: len(path.read_text().splitlines()) for path in SOURCES}
+def test_it_is_small_and_its_readme_says_how_small():
+    lines = {f"puzzle_qwen2/{path.name}": len(path.read_text().splitlines()) for path in SOURCES}
     assert sum(lines.values()) < 200, lines
+    stated = dict(re.findall(r"^\| `(puzzle_qwen2/\w+\.py)` \| (\d+) \|", (PACKAGE / "README.md").read_text(), re.M))
+    assert {name: int(count) for name, count in stated.items()} == lines
 
 
 # ---------------------------------------------------------------- faithful children
@@ -228,3 +230,27 @@ def test_the_whole_pipeline_runs_on_a_tiny_qwen2(qwen2_folder, tmp_path):
     assert json.loads((final / "config.json").read_text())["puzzle_architecture"] == "qwen2"
     evaluated = json.loads((run / "eval" / "results.json").read_text())["models"]
     assert "parent" in evaluated and len(evaluated) > 1
+
+
+def test_a_child_code_without_the_bias_override_fails_the_checks_with_the_reason(parent, tmp_path):
+    """What CONTRIBUTING's step 3 says happens when modeling_qwen2_nas.py leaves make_attention out."""
+    from puzzle_core.api.decoder import ChildCode
+    from puzzle_core.api.testing import check_family
+    from puzzle_qwen2.family import Qwen2Family
+
+    source = (PACKAGE / "puzzle_qwen2" / "modeling_qwen2_nas.py").read_text()
+    override = source[source.index("    @classmethod"):source.index("class Qwen2NASForCausalLM")]
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "modeling_qwen2_nas.py").write_text(source.replace(override, "\n\n"))
+    (tmp_path / "code" / "configuration_qwen2_nas.py").write_text(
+        (PACKAGE / "puzzle_qwen2" / "configuration_qwen2_nas.py").read_text())
+
+    class WithoutBiases(Qwen2Family):
+        code = ChildCode(tmp_path / "code", "configuration_qwen2_nas.Qwen2NASConfig",
+                         "modeling_qwen2_nas.Qwen2NASForCausalLM")
+
+    report = check_family(WithoutBiases(), parent, tmp_path / "check", isolated=False)
+    assert all(child.cells["build"].passed is False for child in report.children)
+    assert ("all-parent / build: ValueError: the child's attention in layer 0 (attn_g2) lacks the parent's "
+            "self_attn.k_proj.bias, self_attn.q_proj.bias, self_attn.v_proj.bias; the child code must build the "
+            "parent's modules (biases, norms)") in report.failures()

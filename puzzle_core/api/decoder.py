@@ -12,7 +12,7 @@ the factory its architecture record names), not at registration.
   ``block_configs.py`` (``BlockConfig``: ``block_configs`` entries read by attribute as
   vLLM does; ``BlockConfigs``, the config mixin) and ``heterogeneous_decoder.py``
   (``HeterogeneousModel`` / ``HeterogeneousForCausalLM``: per-layer sub-blocks, dense KV-cache
-  indexing with no-op layers; ``GroupedQueryAttention``, ``GatedMLP``). See docs/api.md.
+  indexing with no-op layers; ``GroupedQueryAttention``, ``GatedMLP``), documented with the API.
 - Sub-block initialisation from the parent: :func:`init_sublayer` and its parts
   (:func:`merge_kv_heads`, :func:`channel_importance`, :func:`important_channels`,
   :func:`keep_channels`, :func:`fit_linear`), chosen by an :class:`~puzzle_core.api.InitMethods`.

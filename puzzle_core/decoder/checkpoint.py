@@ -45,6 +45,18 @@ def tensor_mismatches(expected: Mapping[str, torch.Tensor], given: Mapping[str, 
     return problems
 
 
+def differences(child: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], whose: str,
+                shapes: bool = True) -> str:
+    """How ``child``'s tensors differ from ``source``'s (``whose`` names them: ``"the parent's"``); empty if they fit."""
+    lacks, extra = sorted(set(source) - set(child)), sorted(set(child) - set(source))
+    phrases = [f"lacks {whose} {', '.join(lacks)}" if lacks else "",
+               f"has {', '.join(extra)}, which {whose} has not" if extra else ""]
+    if shapes:
+        phrases += [f"has {k} of {tuple(child[k].shape)} where {whose} is {tuple(source[k].shape)}"
+                    for k in sorted(set(child) & set(source)) if tuple(child[k].shape) != tuple(source[k].shape)]
+    return "; ".join(p for p in phrases if p)
+
+
 def summary(problems: list[str], limit: int = 5) -> str:
     """The first ``limit`` problems joined, and how many more there are."""
     return "; ".join(problems[:limit]) + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")

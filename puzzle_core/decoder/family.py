@@ -20,7 +20,7 @@ from torch import nn
 
 from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec, SubBlockSpec
 from puzzle_core.decoder import specs
-from puzzle_core.decoder.checkpoint import read_safetensors, summary, tensor_mismatches
+from puzzle_core.decoder.checkpoint import differences, read_safetensors, summary, tensor_mismatches
 from puzzle_core.decoder.child_code.block_configs import BlockConfig
 from puzzle_core.decoder.code import ChildCode
 from puzzle_core.decoder.init import init_sublayer
@@ -189,12 +189,9 @@ class DecoderFamily(ModelFamily):
 
     def init_sublayer(self, parent: LoadedModel, layer: int, spec: SubBlockSpec, calibration: Calibration | None,
                       method: str = "default") -> nn.Module:
+        """The sub-block of ``spec`` built by :meth:`empty_sublayer` and filled from the parent's by the shared
+        initialisation (:func:`~puzzle_core.api.decoder.init_sublayer`); also what :meth:`build_child` uses."""
         methods = InitMethods.parse(method)
-        config = self.child_config(parent.model.config, parent.shape.blocks)
-        return self._init_sublayer(parent, layer, spec, config, calibration, methods)
-
-    def _init_sublayer(self, parent: LoadedModel, layer: int, spec: SubBlockSpec, config,
-                       calibration: Calibration | None, methods: InitMethods) -> nn.Module:
         block = parent.shape.blocks[layer]
         part: Part = "attention" if isinstance(spec, AttentionSpec) else "ffn"
         source = block.attention if part == "attention" else block.ffn
@@ -205,6 +202,7 @@ class DecoderFamily(ModelFamily):
             )
         parent_sublayer = layer_sublayer(parent.model.model.layers[layer], part)
         reference = next(parent.model.parameters())
+        config = self.child_config(parent.model.config, parent.shape.blocks)
         child = self.empty_sublayer(config, spec).to(dtype=reference.dtype, device=reference.device)
         return init_sublayer(parent_sublayer, child, spec, calibration, methods)
 
@@ -230,13 +228,19 @@ class DecoderFamily(ModelFamily):
                 elif spec == parent_spec:
                     weights = layer_sublayer(parent_model.model.layers[index], part).state_dict()
                 else:
-                    weights = self._init_sublayer(parent, index, spec, config, None, InitMethods()).state_dict()
+                    weights = self.init_sublayer(parent, index, spec, None).state_dict()
                 expected = layer_sublayer(child.model.layers[index], part).state_dict()
                 problems = tensor_mismatches(expected, weights)
-                if problems:
+                if problems and (index, part) in sublayers:
                     raise UserError(
                         f"The {part} weights given for layer {index} do not fit variant {spec.id}: {summary(problems)}. "
                         f"Rebuild the block library for this parent, or pick the variant they were trained for."
+                    )
+                if problems:
+                    whose = "the parent's" if spec == parent_spec else "the initialised sub-block's"
+                    raise ValueError(
+                        f"the child's {part} in layer {index} ({spec.id}) {differences(expected, weights, whose)}; "
+                        f"the child code must build the parent's modules (biases, norms)"
                     )
                 state.update({f"model.layers.{index}.{key}": value for key, value in weights.items()})
         child.load_state_dict(state, strict=True)

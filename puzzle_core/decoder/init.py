@@ -35,13 +35,22 @@ import torch
 from torch import nn
 
 from puzzle_core.blocks import AttentionSpec, FFNSpec, SubBlockSpec
+from puzzle_core.decoder.checkpoint import differences
 from puzzle_core.decoder.runner import AttentionSublayer, FFNSublayer
 from puzzle_core.decoder.variants import InitMethods
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Calibration
 
 
+def _check_same_tensors(parent: nn.Module, child: nn.Module, what: str) -> None:
+    """A variant keeps the parent's tensors (biases included), only fewer heads or channels: the same names."""
+    found = differences(child.state_dict(), parent.state_dict(), "the parent's", shapes=False)
+    if found:
+        raise ValueError(f"the child's {what} {found}; the child code must build the parent's modules (biases, norms)")
+
+
 def _copy_norm(parent: nn.Module, child: nn.Module) -> None:
+    _check_same_tensors(parent, child, "norm")
     child.load_state_dict(parent.state_dict())
 
 
@@ -54,6 +63,7 @@ def init_attention(parent: AttentionSublayer, child: AttentionSublayer, calibrat
     if hasattr(module, "linear_attn"):
         fit_linear(module.linear_attn, norm, calibration, methods)
         return
+    _check_same_tensors(source, module, "attention")
     module.q_proj.load_state_dict(source.q_proj.state_dict())
     module.o_proj.load_state_dict(source.o_proj.state_dict())
     head_dim = module.head_dim
@@ -227,6 +237,7 @@ def init_ffn(parent: FFNSublayer, child: FFNSublayer, calibration: Calibration |
     if hasattr(module, "linear_mlp"):
         fit_linear(module.linear_mlp, norm, calibration, methods)
         return
+    _check_same_tensors(source, module, "FFN")
     keep = important_channels(source, norm, module.gate_proj.out_features, calibration, methods.ffn)
     keep_channels(source, module, keep)
 
