@@ -1,11 +1,13 @@
 """Benchmark: blockwise local distillation (BLD) on the SmolLM2-135M parent.
 
+``--part build`` (default; writes ``results/bld.json``):
+
 1. **Full build** (the integration run): ``puzzle run --stage library`` builds the whole
    decoupled library (all 30 layers, every default variant) with a small token budget,
    in a child process whose peak RSS is read back (``RUSAGE_CHILDREN``). It is compared
    with the parent's fp32 size plus one layer's activation shard, after subtracting the
    RSS of an interpreter that has imported the same libraries but loaded no model. The
-   per-job RSS high-water marks (reset at each job) are compared across layers: flat
+   per-pass RSS high-water marks (reset at each pass) are compared across layers: flat
    means memory does not grow with the number of layers.
 2. **Throughput**: for sampled units, BLD's training loop (reading shards, bf16 -> fp32,
    context, loss, AdamW, cosine schedule, finiteness checks) against a bare loop over the
@@ -17,10 +19,26 @@
    shared by hard links so only the jobs differ) with ``local`` (1 thread) and
    ``torchrun`` (2 processes x 1 thread); wall-clock speedup.
 
-    .venv/bin/python benchmarks/bld.py [--tokens 4096] [--heldout-tokens 1024] [--threads 1]
-                                       [--run-root runs/bench-bld] [--skip-build] [--skip-speedup]
+``--part stage`` (writes ``results/bld_stage.json``): the demo's library stage
+(``configs/demo.yaml``, 30 layers x 3 trained variants = 90 units) at each of
+``--stage-tokens`` tokens per block, once per *arm* (``--arms``: one unit per job as
+before the one-pass trainer, one pass per layer, bf16 autocast, two torchrun processes of
+one thread). The activations are captured once per budget and executor kind (timed on
+their own) and hard-linked into every arm, so an arm's time is its BLD alone. Per arm:
+wall and CPU seconds of the stage, and per unit its own training tokens per CPU second.
 
-Writes ``benchmarks/results/bld.json`` and prints a table.
+``--part sweep`` (writes ``results/bld_sweep.json``): held-out normalised MSE of a few
+layers' variants (``--sweep-layers``, ``--sweep-units``) after BLD, against tokens per
+block (``--sweep-tokens``), learning rate (``--sweep-lrs``), init method
+(``--sweep-inits``) and bf16 autocast; one pass per layer and setting on activations
+captured once (only the swept layers are stored), so settings differ in nothing else.
+
+    .venv/bin/python benchmarks/bld.py [--part build] [--tokens 4096] [--threads 1] [--skip-build] [--skip-speedup]
+    .venv/bin/python benchmarks/bld.py --part stage [--stage-tokens 8192,32768,65536] [--arms ...]
+    .venv/bin/python benchmarks/bld.py --part sweep [--sweep-layers 3,10,17,24] [--sweep-tokens ...]
+
+Prints a table per part. Timings on a shared machine are noisy: every result records the
+load average, and CPU seconds are given next to wall seconds.
 """
 
 from __future__ import annotations
@@ -36,22 +54,44 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import torch
 import yaml
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from puzzle_core.bld import BLDTrainer, Unit, job_seed, unit_cost, unit_inputs
-from puzzle_core.config import structure
+from puzzle_core.bld import BLDTrainer, Unit, UnitPass, job_seed, unit_cost, unit_inputs
+from puzzle_core.activations import ActivationStore
+from puzzle_core.config import structure, unstructure
 from puzzle_core.interfaces import Job
 from puzzle_core.pipeline import RunContext
-from puzzle_core.rundir import RunDir, atomic_write_json
+from puzzle_core.rundir import RunDir, atomic_path, atomic_write_json, link_missing
 from puzzle_core.schema import PuzzleConfig
 from puzzle_plugins.torchrun_executor import balanced_shares
 
 RESULTS = Path(__file__).parent / "results" / "bld.json"
+STAGE_RESULTS = Path(__file__).parent / "results" / "bld_stage.json"
+SWEEP_RESULTS = Path(__file__).parent / "results" / "bld_sweep.json"
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# library overlays compared by --part stage
+TORCHRUN = {"name": "torchrun", "nproc": 2, "threads": 1}
+ARMS = {
+    "one_unit": {"units_per_pass": 1},  # a job per unit, as before the one-pass trainer
+    "one_pass": {},
+    "one_pass_bf16": {"bf16": True},
+    "one_unit_torchrun": {"units_per_pass": 1, "executor": TORCHRUN},
+    "one_pass_torchrun": {"executor": TORCHRUN},
+    "one_pass_bf16_torchrun": {"bf16": True, "executor": TORCHRUN},
+}
+RESULT_KEYS = {"stage": {"captures": ("tokens", "executor"), "arms": ("tokens", "arm")},
+               "sweep": {"rows": ("sweep", "layer", "unit", "setting")}}  # what identifies a row, for merging
+NOTHING_TO_TRAIN = {"name": "llama", "ffn_fractions": [], "include_gqa": False, "include_linear": False,
+                    "include_no_op": False}  # a library stage that only captures activations
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("build", "stage", "sweep"), default="build")
     parser.add_argument("--parent", default="smollm2-135m")
     parser.add_argument("--corpus", default="demo")
     parser.add_argument("--tokens", type=int, default=4096, help="training tokens per block")
@@ -66,8 +106,37 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--run-root", type=Path, default=Path("runs/bench-bld"))
     parser.add_argument("--skip-build", action="store_true", help="reuse the full build in --run-root")
     parser.add_argument("--skip-speedup", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    return parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="results file (default: per part)")
+    stage = parser.add_argument_group("--part stage")
+    stage.add_argument("--config", type=Path, default=DEMO, help="base config whose library stage is timed")
+    stage.add_argument("--stage-tokens", type=_ints, default=[8192, 32768, 65536])
+    stage.add_argument("--arms", type=lambda text: text.split(","), default=list(ARMS),
+                       help=f"comma-separated, of {', '.join(ARMS)}")
+    sweep = parser.add_argument_group("--part sweep")
+    sweep.add_argument("--sweeps", type=lambda text: text.split(","), default=["tokens", "lr", "init", "precision"],
+                       help="which sweeps to run (their rows replace earlier ones in the results file)")
+    sweep.add_argument("--tag", default="", help="appended to the sweep names (another base setting's rows)")
+    sweep.add_argument("--sweep-layers", type=_ints, default=[3, 10, 17, 24])
+    sweep.add_argument("--sweep-units", default="attn_g9,ffn_768,ffn_384")
+    sweep.add_argument("--sweep-tokens", type=_ints, default=[8192, 32768, 65536, 131072])
+    sweep.add_argument("--sweep-lrs", type=lambda text: [float(v) for v in text.split(",")],
+                       default=[3e-4, 1e-3, 3e-3, 1e-2])
+    sweep.add_argument("--sweep-lr-tokens", type=int, default=32768, help="tokens per block of the lr sweep")
+    sweep.add_argument("--sweep-inits", default="attention=mean_kv,attention=fitted_kv,attention=first_kv,"
+                       "ffn=activations,ffn=contribution,ffn=weight_norm",
+                       help="init methods compared (each sets one part's method)")
+    sweep.add_argument("--sweep-init-tokens", type=_ints, default=[8192, 65536], help="tokens per block, init sweep")
+    sweep.add_argument("--sweep-heldout-tokens", type=int, default=4096)
+    sweep.add_argument("--lr-base", type=float, default=1e-3, help="lr of the sweeps that do not vary it")
+    sweep.add_argument("--init-base", default="default", help="init method of the sweeps that do not vary it")
+    args = parser.parse_args()
+    if args.out is None:
+        args.out = {"build": RESULTS, "stage": STAGE_RESULTS, "sweep": SWEEP_RESULTS}[args.part]
+    return args
+
+
+def _ints(text: str) -> list[int]:
+    return [int(value) for value in text.split(",")]
 
 
 def run_config(args, executor, threads: int, variants: dict | None = None) -> dict:
@@ -94,10 +163,13 @@ def run_stage(config: dict, run_dir: Path) -> dict:
     command = [sys.executable, "-m", "puzzle_core.cli", "run", str(path), "--stage", "library"]
     command += ["--run-dir", str(run_dir), "--resume"]
     env = {**os.environ, "OMP_NUM_THREADS": str(config["threads"])}
+    before, load = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True)
-    return {"wall_s": time.perf_counter() - started,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall_s": wall, "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+            "peak_rss_mib": after.ru_maxrss / 1024, "load_average_before": load, "load_average_after": os.getloadavg()}
 
 
 def baseline_rss_mib() -> float:
@@ -176,7 +248,7 @@ def throughput(args, ctx: RunContext, store_trainer: BLDTrainer) -> list[dict]:
         bld, full, fwd_bwd = [], [], []
         for _ in range(args.repeats):
             shutil.rmtree(scratch.root, ignore_errors=True)
-            trainer.run(Job(unit.id, 1.0, unit))
+            trainer.run(Job(unit.id, 1.0, UnitPass(unit.layer, (unit,))))
             record = json.loads(trainer.record_path(unit).read_text())
             bld.append(record["tokens"] / record["train_cpu_s"])
             full.append(bare_tokens_per_cpu_s(trainer, unit, steps, optimizer_step=True))
@@ -215,9 +287,264 @@ def speedup(args, trainer: BLDTrainer) -> dict:
             "cpu_speedup": local_cpu / max(ranks)}
 
 
+# ---------------------------------------------------------------------------- --part sweep
+
+
+def capture_layers(store: ActivationStore, runner, layers: list[int]) -> None:
+    """Like :meth:`ActivationStore.capture`, but only ``layers`` are written (the sweep trains nothing else)."""
+    dtype = torch.bfloat16 if store.settings.dtype == "bfloat16" else torch.float32
+    for shard in tqdm(store.shards, desc="capturing swept layers", unit="shard"):
+        if all(store.layer_file(layer, shard).is_file() for layer in layers):
+            continue
+        with torch.inference_mode():
+            hidden = runner.embed(shard.input_ids)
+            context = runner.context(hidden)
+            for layer in range(max(layers) + 1):
+                attn_out = runner.sublayer(layer, "attention")(hidden, context)
+                ffn_out = runner.sublayer(layer, "ffn")(hidden + attn_out, context)
+                if layer in layers:
+                    tensors = {"hidden": hidden, "attn_out": attn_out, "ffn_out": ffn_out}
+                    with atomic_path(store.layer_file(layer, shard)) as tmp:
+                        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp))
+                hidden = hidden + attn_out + ffn_out
+
+
+def sweep_settings(args) -> list[dict]:
+    """Every (sweep, setting) trained: tokens, lr, init method and bf16 autocast, one changed at a time."""
+    units = args.sweep_units.split(",")
+    base = {"tokens": args.sweep_lr_tokens, "lr": args.lr_base, "init": args.init_base, "bf16": False, "units": units}
+    settings = [{**base, "sweep": "tokens", "setting": tokens, "tokens": tokens} for tokens in args.sweep_tokens]
+    settings += [{**base, "sweep": "lr", "setting": lr, "lr": lr} for lr in args.sweep_lrs]
+    for tokens in args.sweep_init_tokens:
+        for method in args.sweep_inits.split(","):
+            part = method.partition("=")[0]
+            chosen = [u for u in units if u.startswith("attn") == (part == "attention")]
+            settings.append({**base, "sweep": "init", "setting": f"{method} @{tokens}", "init": method,
+                             "units": chosen, "tokens": tokens})
+    settings.append({**base, "sweep": "precision", "setting": "bf16", "bf16": True, "tokens": max(args.sweep_tokens)})
+    chosen = [setting for setting in settings if setting["sweep"] in args.sweeps]
+    return [{**setting, "sweep": f"{setting['sweep']}{args.tag}"} for setting in chosen]
+
+
+def sweep_part(args) -> dict:
+    """Held-out normalised MSE after BLD of the swept layers' units, one setting changed at a time."""
+    import copy
+
+    from puzzle_core.activations import ActivationStore, CaptureSettings
+    from puzzle_core.bld import TrainSettings
+    from puzzle_core.api import InitMethods
+
+    config = structure(run_config(args, {"name": "local"}, args.threads), PuzzleConfig)
+    config = attrs.evolve(config, library=attrs.evolve(
+        config.library, tokens=max(args.sweep_tokens), heldout_tokens=args.sweep_heldout_tokens,
+        shard_tokens=8192, calibration_tokens=1024, batch_size=8))
+    ctx = RunContext(config, RunDir(args.run_root / "sweep"))
+    store = ActivationStore(ctx.run_dir, CaptureSettings.from_config(config), ctx.parent.shape.num_layers)
+    store.plan(ctx.corpus)
+    torch.set_num_threads(max(1, args.threads))
+    capture_layers(store, ctx.family.layer_runner(ctx.parent.model), args.sweep_layers)
+    torch.set_num_threads(1)
+    loss = ctx.create(config.library.loss)
+    train_shards, heldout = store.split_shards("train"), store.split_shards("heldout")
+    rows = []
+    for setting in sweep_settings(args):
+        view = copy.copy(store)  # the first shards of the stream: budgets are nested
+        view.shards = train_shards[: max(1, setting["tokens"] // store.settings.shard_tokens)] + heldout
+        init = "default" if setting["init"] == "default" else str(InitMethods.parse(setting["init"]))
+        settings = TrainSettings(activations=store.settings.key, mode="decoupled",
+                                 loss=unstructure(config.library.loss), lr=setting["lr"], weight_decay=0.0,
+                                 warmup_fraction=0.05, batch_size=8, calibration_tokens=1024, init_method=init, seed=0,
+                                 bf16=setting["bf16"])
+        scratch = RunDir(args.run_root / "sweep-scratch")
+        trainer = BLDTrainer(scratch, ctx.family, ctx.parent, view, settings, loss, torch.device("cpu"))
+        for layer in args.sweep_layers:
+            units = tuple(Unit(layer, attention=u) if u.startswith("attn") else Unit(layer, ffn=u)
+                          for u in setting["units"])
+            shutil.rmtree(scratch.root, ignore_errors=True)
+            trainer.run(Job(f"sweep/{layer}", 1.0, UnitPass(layer, units)))
+            for unit in units:
+                record = json.loads(trainer.record_path(unit).read_text())
+                rows.append({"sweep": setting["sweep"], "setting": setting["setting"], "layer": layer,
+                             "unit": unit.name, "tokens": record["tokens"], "lr": setting["lr"], "init": init, "bf16": setting["bf16"],
+                             "heldout_before": record["heldout_loss_before"],
+                             "heldout_after": record["heldout_loss_after"], "train_cpu_s": record["train_cpu_s"],
+                             "tokens_per_cpu_s": record["tokens"] / record["train_cpu_s"]})
+        print(f"{setting['sweep']} {setting['setting']}: done", flush=True)
+        save_rows(args, {"heldout_tokens": store.tokens("heldout"), "rows": rows})
+    shutil.rmtree(args.run_root / "sweep-scratch", ignore_errors=True)
+    return save_rows(args, {"heldout_tokens": store.tokens("heldout"), "rows": rows})
+
+
+def print_sweep(results: dict) -> None:
+    rows = results["rows"]
+    units = sorted({(r["layer"], r["unit"]) for r in rows})
+    for sweep in dict.fromkeys(r["sweep"] for r in rows):
+        chosen = [r for r in rows if r["sweep"] == sweep]
+        if not chosen:
+            continue
+        if sweep.startswith("precision"):  # next to the float32 run of the same budget (from the tokens sweep)
+            tokens_sweep = sweep.replace("precision", "tokens")
+            chosen = [{**r, "setting": "fp32"} for r in rows if r["sweep"] == tokens_sweep and not r["bf16"]
+                      and r["tokens"] == chosen[0]["tokens"]] + chosen
+        settings = list(dict.fromkeys(r["setting"] for r in chosen))
+        print(f"\nheld-out normalised MSE after BLD, by {sweep} ({results['heldout_tokens']} held-out tokens)")
+        print(f"{'layer/unit':<18}{'init':>9}" + "".join(f"{str(s):>22}" for s in settings))
+        for layer, unit in units:
+            cells = {r["setting"]: r for r in chosen if (r["layer"], r["unit"]) == (layer, unit)}
+            if not cells:
+                continue
+            before = next(iter(cells.values()))["heldout_before"]
+            line = "".join(f"{cells[s]['heldout_after']:>22.4f}" if s in cells else f"{'':>22}" for s in settings)
+            if sweep.startswith("init"):  # the init methods differ before training too
+                line = "".join(f"{cells[s]['heldout_before']:>11.4f}->{cells[s]['heldout_after']:<9.4f}"
+                               if s in cells else f"{'':>22}" for s in settings)
+            print(f"{layer:>3} {unit:<14}{before:>9.4f}{line}")
+    plot_sweep(results, SWEEP_RESULTS.with_suffix(".png"))
+
+
+def plot_sweep(results: dict, path: Path) -> None:
+    """Held-out NMSE vs tokens per block and vs lr, one line per (layer, unit)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    tags = sorted({r["sweep"][len("tokens"):] for r in rows if r["sweep"].startswith("tokens")})
+    for axis, sweep, label in ((axes[0], "tokens", "training tokens per block"), (axes[1], "lr", "learning rate")):
+        for (layer, unit), color in zip(sorted({(r["layer"], r["unit"]) for r in rows}), plt.cm.tab20.colors):
+            for tag, style in zip(tags, ("-", "--", ":")):
+                points = sorted((r["setting"], r["heldout_after"]) for r in rows
+                                if r["sweep"] == sweep + tag and (r["layer"], r["unit"]) == (layer, unit))
+                if points:
+                    axis.plot(*zip(*points), style, marker="o", color=color,
+                              label=f"layer {layer} {unit}{' ' + tag if tag else ''}")
+        axis.set(xscale="log", yscale="log", xlabel=label, ylabel="held-out normalised MSE after BLD")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"Wrote {path}")
+
+
+# ---------------------------------------------------------------------------- --part stage
+
+
+def demo_config(args, tokens: int, overlay: dict) -> dict:
+    config = yaml.safe_load(args.config.read_text())
+    config["library"] = {**config["library"], "tokens": tokens, **overlay}
+    return config
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def unit_rates(records: list[dict]) -> dict[str, dict]:
+    """Per variant: its own training tokens per CPU second over the layers (median, min, max)."""
+    rates: dict[str, list[float]] = {}
+    for record in records:
+        name = "+".join(part for part in (record["attention"], record["ffn"]) if part)
+        rates.setdefault(name, []).append(record["tokens"] / record["train_cpu_s"])
+    return {name: {"median": _median(v), "min": min(v), "max": max(v)} for name, v in sorted(rates.items())}
+
+
+def where_time_goes(records: list[dict], measured: dict) -> dict:
+    """CPU seconds of the stage split: unit training steps, unit init + held-out evaluation + saving,
+    data shared by a pass (reading, calibration slice), and the rest (start-up, parent load, index)."""
+    passes = {(r["layer"], r["pass_wall_s"], r["pass_cpu_s"]) for r in records}  # one entry per pass
+    train = sum(r["train_cpu_s"] for r in records)
+    own = sum(r["cpu_s"] for r in records)
+    in_passes = sum(cpu for _, _, cpu in passes)
+    return {"train_steps": train, "init_eval_save": own - train, "shared_data": in_passes - own,
+            "outside_passes": measured["cpu_s"] - in_passes}
+
+
+def stage_part(args) -> dict:
+    root = args.run_root / "stage"
+    rows, captures = [], []
+    for tokens in args.stage_tokens:
+        captured: dict[str, Path] = {}
+        for arm in args.arms:
+            overlay = ARMS[arm]
+            executor = overlay.get("executor", {"name": "local"})
+            if executor["name"] not in captured:  # the activations, captured once by this executor kind
+                capture_dir = root / str(tokens) / f"capture-{executor['name']}"
+                shutil.rmtree(capture_dir, ignore_errors=True)
+                measured = run_stage(demo_config(args, tokens, {"executor": executor, "variants": NOTHING_TO_TRAIN}),
+                                     capture_dir)
+                captures.append({"tokens": tokens, "executor": executor["name"], **measured})
+                save_rows(args, {"captures": captures, "arms": rows})
+                captured[executor["name"]] = capture_dir / "activations"
+                print(f"capture {tokens} tokens ({executor['name']}): {measured['wall_s']:.0f} s wall, "
+                      f"{measured['cpu_s']:.0f} s CPU", flush=True)
+            run_dir = root / str(tokens) / arm
+            shutil.rmtree(run_dir, ignore_errors=True)
+            link_missing(captured[executor["name"]], run_dir / "activations")
+            measured = run_stage(demo_config(args, tokens, overlay), run_dir)
+            records = index_records(run_dir)
+            row = {"tokens": tokens, "arm": arm, "overlay": overlay, "units": len(records), **measured,
+                   "cpu_split_s": where_time_goes(records, measured), "unit_tokens_per_cpu_s": unit_rates(records),
+                   "heldout_loss_after_mean": sum(r["heldout_loss_after"] for r in records) / len(records)}
+            rows.append(row)
+            save_rows(args, {"captures": captures, "arms": rows})
+            print(f"{tokens:>7} {arm:<24} {row['wall_s']:>7.0f} s wall {row['cpu_s']:>7.0f} s CPU  "
+                  f"load {row['load_average_before'][0]:.1f}", flush=True)
+    return save_rows(args, {"captures": captures, "arms": rows})
+
+
+def merge_rows(previous: dict, new: dict, keys: dict[str, tuple[str, ...]]) -> dict:
+    """``new``'s rows added to ``previous``'s, replacing rows with the same key (a rerun arm replaces its row)."""
+    merged = {k: v for k, v in {**previous, **new}.items() if k not in ("machine", "settings")}
+    for name, key in keys.items():
+        fresh = {tuple(row[k] for k in key) for row in new[name]}
+        kept = [row for row in previous.get(name, []) if tuple(row[k] for k in key) not in fresh]
+        merged[name] = sorted(kept + new[name], key=lambda row: tuple(str(row[k]).zfill(12) for k in key))
+    return merged
+
+
+def save_rows(args, results: dict) -> dict:
+    """Merge ``results`` into ``args.out``, keeping rows of earlier invocations not rerun; returns the whole."""
+    if args.out.is_file():
+        results = merge_rows(json.loads(args.out.read_text()), results, RESULT_KEYS[args.part])
+    results = {"machine": environment(), "settings": {k: v for k, v in vars(args).items() if not isinstance(v, Path)},
+               **results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, results)
+    return results
+
+
+def print_stage(results: dict) -> None:
+    print(f"\n{'tokens':>7} {'arm':<24}{'wall s':>8}{'CPU s':>8}{'load':>6}  {'train':>6}{'init+ev':>8}{'data':>6}"
+          f"{'other':>6}   own training tokens / CPU s (median over layers)")
+    for row in results["arms"]:
+        split = row["cpu_split_s"]
+        rates = "  ".join(f"{name} {rate['median']:.0f}" for name, rate in row["unit_tokens_per_cpu_s"].items())
+        print(f"{row['tokens']:>7} {row['arm']:<24}{row['wall_s']:>8.0f}{row['cpu_s']:>8.0f}"
+              f"{row['load_average_before'][0]:>6.1f}  {split['train_steps']:>6.0f}{split['init_eval_save']:>8.0f}"
+              f"{split['shared_data']:>6.0f}{split['outside_passes']:>6.0f}   {rates}")
+    for capture in results["captures"]:
+        print(f"capture of {capture['tokens']} tokens per block ({capture['executor']}): {capture['wall_s']:.0f} s "
+              f"wall, {capture['cpu_s']:.0f} s CPU, load {capture['load_average_before'][0]:.1f}")
+
+
+def environment() -> dict:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "load_average": os.getloadavg()}
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
+    if args.part in ("stage", "sweep"):
+        results = stage_part(args) if args.part == "stage" else sweep_part(args)
+        print_stage(results) if args.part == "stage" else print_sweep(results)
+        print(f"\nWrote {args.out}")
+        return
     config = structure(run_config(args, {"name": "local"}, args.threads), PuzzleConfig)
     ctx = RunContext(config, RunDir(args.run_root / "full"))
     parent_bytes = sum(p.numel() * p.element_size() for p in ctx.parent.model.parameters())
@@ -230,8 +557,7 @@ def main() -> None:
     rows = throughput(args, ctx, trainer)
     spread = None if args.skip_speedup else speedup(args, trainer)
 
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                           "load_average": os.getloadavg()},
+    results = {"machine": environment(),
                "settings": {k: v for k, v in vars(args).items() if not isinstance(v, Path)},
                "full_build": build, "throughput": rows, "torchrun_vs_local": spread}
     args.out.parent.mkdir(parents=True, exist_ok=True)

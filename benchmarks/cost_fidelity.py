@@ -1,14 +1,18 @@
 """Benchmark: how well the cost models predict real speedups.
 
-Part 1, ``measured`` on this machine. Several DeciLM children of the SmolLM2-135M parent
-with different block mixes are chosen so that the ``measured`` model predicts about
-1.3x, 1.6x and 2x end-to-end speedups (prediction = fixed costs + the sum of the
-blocks' costs). Each child is then assembled with the family's ``build_child`` and run
-end to end with ``generate`` (greedy, the scenario's batch, prompt and output lengths).
-The blocks are measured in the same run, right before. Target: predicted within 5% of
-measured. Both sides use the same clock and statistic: by default the process's CPU time
-with one thread and the fastest of several runs, which on a busy shared machine leaves
-out time taken by other processes (wall-clock speedups of the same runs are reported too).
+Part 1, ``measured`` on this machine, in the scenario of ``--config`` (the demo's: 4
+prompts of 128 tokens, 32 generated tokens, fp32, 2 threads). DeciLM children of the
+SmolLM2-135M parent are built from the demo's block space so that the ``measured`` cost
+model predicts about 1.25x, 1.5x, 1.75x and 2x (prediction = fixed costs + the sum of the
+blocks' costs; the blocks are timed in this run, ``--cost-runs`` independent times to
+show how much the prediction itself moves). Each child is then measured end to end by
+the ``throughput`` evaluator the demo uses: ``generate`` paired with the parent round by
+round, speedup = median of per-round ratios with its quartiles and range;
+``--measurements`` independent measurements per child (interleaved over the children)
+show how well one measurement repeats. Target: predicted within 5% of measured, and one
+child's measurements within +-3% of each other. Cost model and evaluator time the same
+thing (``generate``), with the same threads, clock and statistic (median of paired
+rounds).
 
 Part 2, the analytic roofline models (``h100``, ``rtx4090``), from configs alone:
 per-layer runtimes of Llama-3.1-70B- and -8B-shaped parents, and the predicted speedup
@@ -20,8 +24,9 @@ tensor-parallel GPU count) and 1274 tokens/s for the parent on one GPU. Nemotron
 ``block_configs`` are reconstructed (see :func:`nemotron_51b_config`) unless
 ``--nemotron-config`` points at the published ``config.json``.
 
-    .venv/bin/python benchmarks/cost_fidelity.py [--threads 1] [--batch 8] [--prefill 32] [--decode 16]
-        [--layers 8] [--repeats 7] [--runs 7] [--statistic min] [--skip-measured] [--nemotron-config PATH]
+    .venv/bin/python benchmarks/cost_fidelity.py [--config configs/demo.yaml] [--threads N] [--clock wall]
+        [--layers 8] [--repeats 5] [--rounds 7] [--cost-runs 2] [--measurements 2] [--skip-measured]
+        [--nemotron-config PATH]
 
 Writes ``benchmarks/results/cost_fidelity.json``.
 """
@@ -40,23 +45,25 @@ import attrs
 import torch
 
 from puzzle_core.blocks import BlockSpec
+from puzzle_core.config import EvaluatorChoice, structure
+from puzzle_core.interfaces import EvalContext
 from puzzle_core.parents import load_parent
 from puzzle_core.registry import get_registries
-from puzzle_core.rundir import atomic_write_json
-from puzzle_core.schema import ParentSection, Scenario
-from puzzle_plugins.measured_cost import CLOCKS, STATISTICS, MeasuredCostModel, MeasuredOptions, torch_threads
 from puzzle_core.roofline import GPUSpec, RooflineCostModel
+from puzzle_core.rundir import atomic_write_json
+from puzzle_core.schema import Scenario, load_config
+from puzzle_core.timing import CLOCKS
+from puzzle_plugins.measured_cost import MeasuredCostModel, MeasuredOptions
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "cost_fidelity.json"
 GIB = 1024
 
-# Recipes for children: the block a replaced layer gets, cycling over the list.
-RECIPES = {
-    "narrow": ["attn_g9+ffn_768"],
-    "mixed": ["attn_g9+ffn_384", "attn_linear+ffn_768"],
-    "skip": ["attn_noop+ffn_384", "attn_noop+ffn_noop", "attn_linear+ffn_384"],
-}
-TARGETS = (("narrow", 1.3), ("mixed", 1.6), ("skip", 2.0))
+# Replaced layers get these blocks in turn (the demo's space: attention 3 / 1 KV heads or none, FFN 1536 / 768 /
+# 384 or none), spread over the depth until the predicted speedup is closest to each target.
+RECIPE = ["attn_g9+ffn_768", "attn_noop+ffn_384", "attn_g3+ffn_noop", "attn_noop+ffn_noop", "attn_g9+ffn_384",
+          "attn_noop+ffn_1536"]
+TARGETS = (1.25, 1.5, 1.75, 2.0)
 
 LLAMA_31_70B = {
     "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
@@ -73,19 +80,18 @@ PAPER = {"child_tokens_per_s": 6472, "parent_tokens_per_s_best_tp": 2975, "paren
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parent", default="smollm2-135m")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is steadiest on a shared machine)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prefill", type=int, default=32)
-    parser.add_argument("--decode", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=8, help="copies of a block per timed model")
-    parser.add_argument("--repeats", type=int, default=7, help="timings per block measurement")
-    parser.add_argument("--runs", type=int, default=7, help="end-to-end runs per model")
-    parser.add_argument("--statistic", choices=sorted(STATISTICS), default="min",
-                        help="of the repeats and runs: 'min' (steadiest on a busy machine) or 'median'")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="process",
-                        help="'process' (CPU time; steady on a shared machine with --threads 1) or 'wall'")
-    parser.add_argument("--use-cache", action="store_true", help="reuse cached block costs instead of measuring now")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
+                        help="its parent and scenario are used")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the scenario's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="'wall' (the truth on an idle machine) or 'process' (CPU time; steadier when shared)")
+    defaults = attrs.fields(MeasuredOptions)
+    parser.add_argument("--layers", type=int, default=defaults.layers.default, help="copies of a block per timed model")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats.default, help="timed rounds per block")
+    parser.add_argument("--rounds", type=int, help="timed rounds per end-to-end measurement (default: the "
+                        "throughput evaluator's)")
+    parser.add_argument("--cost-runs", type=int, default=2, help="independent measurements of every block")
+    parser.add_argument("--measurements", type=int, default=2, help="independent end-to-end measurements per child")
     parser.add_argument("--skip-measured", action="store_true", help="only the analytic part")
     parser.add_argument("--nemotron-config", type=Path, help="the published config.json of Nemotron-51B")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch considered for throughput")
@@ -116,81 +122,70 @@ def choose_child(parent_blocks, recipe: list[str], target: float, runtime) -> li
     return best
 
 
-def time_generate(models: dict, scenario: Scenario, runs: int) -> dict[str, dict[str, list[float]]]:
-    """Milliseconds of ``generate`` per model and clock; the models take turns in every run (plus a warm-up)."""
-    generator = torch.Generator().manual_seed(0)
-    vocab = min(m.config.vocab_size for m in models.values())
-    ids = torch.randint(0, vocab, (scenario.batch_size, scenario.prefill_len), generator=generator)
-    mask = torch.ones_like(ids)
-    times = {name: {clock: [] for clock in CLOCKS} for name in models}
-    with torch.inference_mode(), torch_threads(scenario.threads):
-        for run in range(runs + 1):
-            for name, model in models.items():
-                started = {clock: now() for clock, now in CLOCKS.items()}
-                out = model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=scenario.decode_len,
-                    min_new_tokens=scenario.decode_len, do_sample=False, pad_token_id=0,
-                )
-                ended = {clock: now() for clock, now in CLOCKS.items()}
-                assert out.shape[1] == scenario.prefill_len + scenario.decode_len
-                for clock in CLOCKS:
-                    if run:
-                        times[name][clock].append((ended[clock] - started[clock]) * 1e3)
-    return times
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "relative_range": (max(values) - min(values)) / statistics.median(values)}
 
 
 def measured_part(args, registries) -> dict:
-    family, parent = load_parent(ParentSection(source=args.parent), registries)
+    config = load_config(args.config)
+    family, parent = load_parent(config.parent, registries)
     shape = parent.shape
-    scenario = Scenario(batch_size=args.batch, prefill_len=args.prefill, decode_len=args.decode, dtype="fp32",
-                        kv_dtype="fp32", device="cpu", threads=args.threads)
-    options = MeasuredOptions(layers=args.layers, repeats=args.repeats, clock=args.clock, statistic=args.statistic,
-                              cache=args.use_cache)
-    model = MeasuredCostModel(options)
-    print(f"measured costs ({scenario}; {options})...", flush=True)
+    scenario = config.scenario if args.threads is None else attrs.evolve(config.scenario, threads=args.threads)
+    options = MeasuredOptions(layers=args.layers, repeats=args.repeats, clock=args.clock, cache=False)
+    offered = list(dict.fromkeys([*shape.blocks, *(BlockSpec.parse(b) for b in RECIPE)]))
+    print(f"measured costs ({scenario}; {options}), {args.cost_runs} run(s)...", flush=True)
     started = time.perf_counter()
-    fixed = model.fixed_costs(shape, scenario, family)
-    offered = [*shape.blocks, *(BlockSpec.parse(b) for recipe in RECIPES.values() for b in recipe)]
-    costs = {b.id: model.block_costs(shape, b, scenario, family) for b in dict.fromkeys(offered)}
+    cost_runs = []
+    for _ in range(args.cost_runs):
+        model = MeasuredCostModel(options)
+        cost_runs.append((model.fixed_costs(shape, scenario, family),
+                          {b.id: model.block_costs(shape, b, scenario, family) for b in offered}))
     costing_s = time.perf_counter() - started
-    for block_id, cost in {"fixed": fixed, **costs}.items():
-        print(f"  {block_id:24s} {cost['runtime_ms']:9.2f} ms", flush=True)
-    children = {"parent": list(shape.blocks)}
-    for recipe, target in TARGETS:
-        children[f"{recipe}~{target}x"] = choose_child(
-            shape.blocks, RECIPES[recipe], target, lambda blocks: predicted_ms(fixed, costs, blocks)
-        )
-    models = {name: parent.model if name == "parent" else family.build_child(parent, blocks).model
-              for name, blocks in children.items()}
-    print(f"running {len(models)} models end to end ({args.runs} runs each + 1 warm-up)...", flush=True)
-    started = time.perf_counter()
-    times = time_generate(models, scenario, args.runs)
-    e2e_s = time.perf_counter() - started
-    summary = STATISTICS[args.statistic]
+    fixed, costs = cost_runs[0]
+    for block in offered:
+        print(f"  {block.id:24s} " + " ".join(f"{run[block.id]['runtime_ms']:8.2f}" for _, run in cost_runs) + " ms",
+              flush=True)
+    print(f"  {'fixed':24s} " + " ".join(f"{f['runtime_ms']:8.2f}" for f, _ in cost_runs) + " ms", flush=True)
+    children = {f"~{target}x": choose_child(shape.blocks, RECIPE, target,
+                                            lambda blocks: predicted_ms(fixed, costs, blocks)) for target in TARGETS}
 
-    def measured_ms(name: str, clock: str = args.clock) -> float:
-        return summary(times[name][clock])
+    throughput_options = {"name": "throughput", "clock": args.clock, **({"repeats": args.rounds} if args.rounds else {})}
+    evaluator = structure(throughput_options, EvaluatorChoice).create(registries)
+    context = EvalContext(parent=parent, scenario=scenario, threads=scenario.threads, seed=config.seed)
+    models = {name: family.build_child(parent, blocks) for name, blocks in children.items()}
+    print(f"measuring {len(models)} children end to end against the parent, {args.measurements} time(s) each...",
+          flush=True)
+    started = time.perf_counter()
+    measurements: dict[str, list[dict]] = {name: [] for name in models}
+    for _ in range(args.measurements):
+        for name, child in models.items():
+            measurements[name].append(evaluator.evaluate(child, context))
+    e2e_s = time.perf_counter() - started
 
     rows = []
     for name, blocks in children.items():
+        predicted = [predicted_ms(f, c, shape.blocks) / predicted_ms(f, c, blocks) for f, c in cost_runs]
+        measured = [m["measured_speedup"] for m in measurements[name]]
         row = {
             "child": name,
             "blocks": {b.id: sum(1 for x in blocks if x == b) for b in dict.fromkeys(blocks)},
             "predicted_ms": predicted_ms(fixed, costs, blocks),
-            "measured_ms": measured_ms(name),
-            "runs_ms": times[name],
-            "predicted_speedup": predicted_ms(fixed, costs, children["parent"]) / predicted_ms(fixed, costs, blocks),
-            "measured_speedup": measured_ms("parent") / measured_ms(name),
-            "measured_speedup_wall": measured_ms("parent", "wall") / measured_ms(name, "wall"),
+            "predicted_speedup": predicted[0],
+            "predicted_speedups": predicted,
+            "measured_speedup": statistics.median(measured),
+            "measurements": measurements[name],
+            "measured_spread": spread(measured),
         }
         row["speedup_error"] = row["predicted_speedup"] / row["measured_speedup"] - 1
         rows.append(row)
     return {
-        "parent": args.parent,
+        "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
+        "parent": config.parent.source,
         "scenario": attrs.asdict(scenario),
         "options": attrs.asdict(options),
-        "fixed": fixed,
-        "block_costs": costs,
+        "throughput_options": attrs.asdict(evaluator.options),
+        "cost_runs": [{"fixed": f, "block_costs": c} for f, c in cost_runs],
         "children": rows,
         "costing_seconds": costing_s,
         "end_to_end_seconds": e2e_s,
@@ -198,16 +193,21 @@ def measured_part(args, registries) -> dict:
 
 
 def print_measured(part: dict) -> None:
-    options = part["options"]
+    e2e = part["throughput_options"]
     print()
-    print(f"measured cost model vs end-to-end generate ({options['clock']} clock, {options['statistic']} of the runs; "
-          f"'wall x': wall-clock speedup of the same runs)")
-    print(f"{'child':14s} {'pred ms':>9s} {'meas ms':>9s} {'pred x':>7s} {'meas x':>7s} {'error':>7s} {'wall x':>7s}  blocks")
+    print(f"measured cost model vs the throughput evaluator ({part['options']['clock']} clock, "
+          f"{part['scenario']['threads']} thread(s); measured = median of {e2e['repeats']} paired rounds; "
+          f"IQR and range of the first measurement)")
+    print(f"{'child':7s} {'pred x':>14s} {'meas x':>7s} {'IQR':>13s} {'range':>13s} {'repeats':>15s} {'error':>7s}  blocks")
     for row in part["children"]:
+        first = row["measurements"][0]
         mix = ", ".join(f"{n}x {b}" for b, n in row["blocks"].items())
-        print(f"{row['child']:14s} {row['predicted_ms']:9.1f} {row['measured_ms']:9.1f} "
-              f"{row['predicted_speedup']:6.2f}x {row['measured_speedup']:6.2f}x {row['speedup_error']:+7.1%} "
-              f"{row['measured_speedup_wall']:6.2f}x  {mix}")
+        predicted = "/".join(f"{x:.2f}" for x in row["predicted_speedups"])
+        repeats = "/".join(f"{m['measured_speedup']:.3f}" for m in row["measurements"])
+        print(f"{row['child']:7s} {predicted:>14s} {row['measured_speedup']:6.2f}x "
+              f"{first['measured_speedup_q1']:5.2f}-{first['measured_speedup_q3']:5.2f}x "
+              f"{first['measured_speedup_min']:5.2f}-{first['measured_speedup_max']:5.2f}x "
+              f"{repeats:>15s} {row['speedup_error']:+7.1%}  {mix}")
 
 
 # ---------------------------------------------------------------- part 2: analytic models

@@ -31,7 +31,7 @@ HEADER = """# `puzzle_core.api` reference
 
 Everything a puzzle plugin may import, and nothing else: the names below are
 `puzzle_core.api.__all__` and, further down, the `__all__` of its two sub-modules that
-import torch (`puzzle_core.api.decoder`, what model families build on, and
+import transformers (`puzzle_core.api.decoder`, what model families build on, and
 `puzzle_core.api.testing`, their conformance checks), then the child code every
 `DecoderFamily` writes next to its children's weights. Every other module of
 `puzzle_core` is private and may change between releases; `make test` checks with
@@ -148,12 +148,23 @@ def members(cls: type) -> list[str]:
     return lines
 
 
+def _declared_type(cls: type, field: attrs.Attribute) -> object:
+    """A field's annotation as written (``ScenarioDtype``), not as resolved when something called
+    ``attrs.resolve_types`` on the class (``Literal``): the page must not depend on what was imported before."""
+    for klass in cls.__mro__:
+        annotations = klass.__dict__.get("__annotations__", {})
+        if field.name in annotations:
+            return annotations[field.name]
+    return field.type
+
+
 def fields(cls: type) -> list[str]:
     lines = []
     for field in attrs.fields(cls):
         if not field.init:
             continue
-        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", repr(field.type))
+        declared = _declared_type(cls, field)
+        kind = declared if isinstance(declared, str) else getattr(declared, "__name__", repr(declared))
         if field.default is attrs.NOTHING:
             default = ""
         elif isinstance(field.default, attrs.Factory):

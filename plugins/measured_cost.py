@@ -2,18 +2,18 @@
 
 A block's cost is what it adds to a real generation workload, measured with the model
 family's own code: the family builds a random model with ``layers`` copies of the block
-(``random_model(shape.with_blocks([block] * layers))``) and one with no layers at all;
-both run the scenario's workload interleaved (so load on a shared machine hits both
-alike), and the block's cost is the paired difference divided by ``layers``. The
-zero-layer model's own times are the fixed costs (embedding, final norm, LM head,
-per-forward bookkeeping).
-
-The workload is what ``generate`` does: a prefill over ``prefill_len`` tokens (logits of
-the last position only) and single-token decode steps against a KV cache. Only
-``decode_points`` steps, spread from the first to the last, are timed (after the cache is
-filled to the right length); the others are interpolated, which is exact while a step's
-time is linear in the cache length. Each timing is the median (``statistic: min``: the
-fastest) of ``repeats`` after ``warmup`` runs, with ``scenario.threads`` CPU threads.
+(``random_model(shape.with_blocks([block] * layers))``) and one with no layers at all.
+Both run the scenario exactly as the ``throughput`` evaluator runs a child: Hugging Face
+``generate`` (greedy, KV cache, exactly ``decode_len`` new tokens for a batch of
+``batch_size`` prompts of ``prefill_len`` tokens), with ``scenario.threads`` CPU
+threads. The two models take turns (``warmup`` untimed rounds, then ``repeats`` timed
+ones, the order reversing every round) so that load or clock drift on a shared machine
+hits both alike; a block's cost is the median over rounds of the paired difference,
+divided by ``layers``. The zero-layer model's own median time is the fixed cost
+(embedding, final norm, LM head, and ``generate``'s per-step bookkeeping, which the
+end-to-end measurement pays too). Prefill is the first forward call inside the same
+``generate`` (timed by hooks); decode is the rest. ``statistic: min`` differences the
+fastest run of each model instead.
 
 ``clock: wall`` (default) times wall-clock time, the truth on a dedicated machine.
 ``clock: process`` times this process's CPU time instead: with ``threads: 1`` it equals
@@ -29,14 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
-import os
-import platform
 import statistics
-import time
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Literal, Sequence
 
 import attrs
 
@@ -44,18 +40,28 @@ from puzzle_core.api import (
     BlockSpec,
     CostModel,
     CostModelPlugin,
+    GenerateTiming,
     ModelFamily,
     ModelShape,
+    Scenario,
+    TimedGenerate,
     UserError,
     atomic_write_json,
+    cache_root,
+    device_description,
     ffn_size,
     hookimpl,
+    interleaved,
     kv_heads,
     parameter_count,
+    resolve_device,
+    scenario_prompt,
+    summarise,
+    torch_threads,
 )
 
 MIB = 2**20
-METHOD_VERSION = 1  # bump when the measurement changes meaning, to retire old cache entries
+METHOD_VERSION = 2  # bump when the measurement changes meaning, to retire old cache entries
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -68,209 +74,17 @@ def _positive(_instance, attribute, value):
 class MeasuredOptions:
     """How blocks are timed."""
 
-    layers: int = attrs.field(default=4, validator=_positive)  # copies of a block per timed model
-    warmup: int = attrs.field(default=1, validator=attrs.validators.ge(0))
-    repeats: int = attrs.field(default=5, validator=_positive)
-    decode_points: int = attrs.field(default=3, validator=_positive)  # decode steps timed per model
+    layers: int = attrs.field(default=8, validator=_positive)  # copies of a block per timed model
+    warmup: int = attrs.field(default=1, validator=attrs.validators.ge(0))  # untimed rounds first
+    repeats: int = attrs.field(default=5, validator=_positive)  # timed rounds (each runs both models once)
     clock: Literal["wall", "process"] = "wall"  # 'process': CPU time of this process (see the module docstring)
-    statistic: Literal["median", "min"] = "median"  # of the repeats; 'min' is steadier on a busy machine
+    # 'median': of the per-round paired differences; 'min': the fastest run of each model, differenced
+    statistic: Literal["median", "min"] = "median"
     cache: bool = True
     cache_dir: str | None = None  # None: $PUZZLE_CACHE/costs, else ~/.cache/puzzle/costs
 
 
-# ---------------------------------------------------------------- devices and threads
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; a missing CUDA is a UserError."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"scenario.device is '{name}' but this machine has no CUDA device. Use 'cpu' or 'auto'.")
-    return name
-
-
-def device_description(device: str, threads: int) -> str:
-    """What the timings were taken on (part of the cache key)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda})"
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {threads} thread(s)"
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run with a fixed number of intra-op CPU threads, restoring the previous number."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-# ---------------------------------------------------------------- the workload
-
-
-@attrs.frozen
-class WorkloadTiming:
-    """One model's times for a scenario, and what it holds in memory."""
-
-    prefill_ms: float
-    decode_ms: float  # all decode steps together
-    num_params: int
-    weight_bytes: int
-    kv_bytes_per_position: float  # KV cache bytes per cached position (all sequences)
-
-
-class _Generation:
-    """One model stepping through the scenario like ``generate`` (greedy, KV cache, last logits)."""
-
-    def __init__(self, model, tokens, prompt_len: int):
-        self.model = model
-        self.tokens = tokens  # (batch, prompt + generated) ids: the prompt, then what is fed while decoding
-        self.prompt_len = prompt_len
-        parameters = inspect.signature(model.forward).parameters
-        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-        self.cache = None
-        self.length = 0  # positions fed so far (the cache may hold none: no attention layers)
-        self.next_tokens = None
-
-    def forward(self, tokens):
-        import torch
-
-        batch, new = tokens.shape
-        mask = torch.ones(batch, self.length + new, dtype=torch.long, device=tokens.device)
-        output = self.model(tokens, attention_mask=mask, cache=self.cache, use_cache=True, **self.extra)
-        self.cache = output.cache
-        self.length += new
-        self.next_tokens = output.logits[:, -1:].argmax(-1)
-
-    def prefill(self):
-        self.cache, self.length = None, 0
-        self.forward(self.tokens[:, : self.prompt_len])
-
-    def extend_to(self, length: int):
-        """Feed tokens (in one chunk) until ``length`` positions are cached."""
-        if length > self.length:
-            self.forward(self.tokens[:, self.length : length])
-
-    def crop_to(self, length: int):
-        if self.length > length:
-            if self.cache is not None and self.cache.get_seq_length() > 0:
-                self.cache.crop(length - self.length)
-            self.length = length
-
-    def decode_step(self):
-        self.forward(self.next_tokens)
-
-    def cache_bytes(self) -> int:
-        total = 0
-        for layer in getattr(self.cache, "layers", ()):
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if tensor is not None and hasattr(tensor, "nbytes"):
-                    total += tensor.nbytes
-        return total
-
-
-def _synchronize(device: str):
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize(torch.device(device))
-
-
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
-
-
-def timed_ms(action, device: str = "cpu", clock: str = "wall") -> float:
-    """Milliseconds ``action`` takes on ``clock``, with the device's queue drained before and after."""
-    now = CLOCKS[clock]
-    _synchronize(device)
-    started = now()
-    action()
-    _synchronize(device)
-    return (now() - started) * 1e3
-
-
-def decode_steps_timed(decode_len: int, points: int) -> list[int]:
-    """Which decode steps (1 .. decode_len - 1) are timed: evenly spread, ends included."""
-    steps = decode_len - 1
-    if steps <= 0:
-        return []
-    count = min(points, steps)
-    if count == 1:
-        return [(steps + 1) // 2]
-    return sorted({round(1 + i * (steps - 1) / (count - 1)) for i in range(count)})
-
-
-STATISTICS = {"median": statistics.median, "min": min}
-
-
-def time_workloads(models: Sequence[Any], scenario, device: str, warmup: int, repeats: int, decode_points: int,
-                   clock: str = "wall", statistic: str = "median", seed: int = 0) -> list[WorkloadTiming]:
-    """Time the scenario's workload on each model, interleaving the models in every repeat."""
-    import torch
-
-    summary = STATISTICS[statistic]
-    generator = torch.Generator().manual_seed(seed)
-    vocab = min(int(m.get_input_embeddings().num_embeddings) for m in models)
-    shape = (scenario.batch_size, scenario.prefill_len + scenario.decode_len)
-    tokens = torch.randint(0, vocab, shape, generator=generator).to(device)
-    runs = [_Generation(model, tokens, scenario.prefill_len) for model in models]
-    prefill: list[list[float]] = [[] for _ in runs]
-    decode: list[list[float]] = [[] for _ in runs]
-    with torch.inference_mode():
-        for round_ in range(warmup + repeats):
-            for index, run in enumerate(runs):
-                elapsed = timed_ms(run.prefill, device, clock)
-                if round_ >= warmup:
-                    prefill[index].append(elapsed)
-        kv_per_position = [run.cache_bytes() / (scenario.batch_size * scenario.prefill_len) for run in runs]
-        points = decode_steps_timed(scenario.decode_len, decode_points)
-        for step in points:
-            before = scenario.prefill_len + step - 1  # cached positions when step `step` runs
-            for run in runs:
-                run.extend_to(before)
-            times: list[list[float]] = [[] for _ in runs]
-            for round_ in range(warmup + repeats):
-                for index, run in enumerate(runs):
-                    run.crop_to(before)
-                    elapsed = timed_ms(run.decode_step, device, clock)
-                    if round_ >= warmup:
-                        times[index].append(elapsed)
-            for index in range(len(runs)):
-                decode[index].append(summary(times[index]))
-    steps = scenario.decode_len - 1
-    return [
-        WorkloadTiming(
-            prefill_ms=summary(prefill[i]),
-            decode_ms=statistics.fmean(decode[i]) * steps if points else 0.0,
-            num_params=parameter_count(models[i]),
-            weight_bytes=sum(p.numel() * p.element_size() for p in models[i].parameters()),
-            kv_bytes_per_position=kv_per_position[i],
-        )
-        for i in range(len(runs))
-    ]
-
-
 # ---------------------------------------------------------------- the cost model
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("PUZZLE_CACHE") or Path.home() / ".cache" / "puzzle"
-    return Path(root).expanduser() / "costs"
 
 
 def _stats(prefill_ms: float, decode_ms: float, num_params: float, memory_bytes: float, kv_bytes: float,
@@ -292,12 +106,12 @@ class MeasuredCostModel(CostModel):
 
     def __init__(self, options: MeasuredOptions | None = None):
         self.options = options or MeasuredOptions()
-        self.cache_dir = Path(self.options.cache_dir).expanduser() if self.options.cache_dir else default_cache_dir()
+        self.cache_dir = Path(self.options.cache_dir).expanduser() if self.options.cache_dir else cache_root() / "costs"
         self.measured = 0  # blocks actually timed by this instance (the rest came from the cache)
 
     # ---- cache
 
-    def cache_key(self, what: str, shape: ModelShape, scenario, device: str) -> dict:
+    def cache_key(self, what: str, shape: ModelShape, scenario: Scenario, device: str) -> dict:
         import torch
         import transformers
 
@@ -341,44 +155,73 @@ class MeasuredCostModel(CostModel):
             )
         return model.to(device)
 
-    def _setup(self, scenario, family: ModelFamily | None) -> str:
-        if family is None:
-            raise UserError("The 'measured' cost model builds blocks with the parent's model family; none was given.")
+    def check_scenario(self, scenario: Scenario) -> list[str]:
+        problems = []
         if scenario.dtype not in TORCH_DTYPES:
-            raise UserError(
+            problems.append(
                 f"The 'measured' cost model runs real kernels and has none for dtype '{scenario.dtype}' here. "
                 f"Set scenario.dtype to one of {', '.join(TORCH_DTYPES)}, or use an analytic model (h100, rtx4090)."
             )
-        if scenario.kv_dtype != scenario.dtype:
-            raise UserError(
+        elif scenario.kv_dtype != scenario.dtype:
+            problems.append(
                 f"The 'measured' cost model keeps the KV cache in the model's dtype, so scenario.kv_dtype "
                 f"('{scenario.kv_dtype}') must equal scenario.dtype ('{scenario.dtype}'). Set kv_dtype: {scenario.dtype}."
             )
-        device = resolve_device(scenario.device)
+        if self.options.clock == "process" and scenario.device.startswith("cuda"):
+            problems.append("The 'process' clock counts CPU time and cannot time GPU kernels; use clock: wall on CUDA.")
+        return problems
+
+    def _setup(self, scenario: Scenario, family: ModelFamily | None) -> str:
+        if family is None:
+            raise UserError("The 'measured' cost model builds blocks with the parent's model family; none was given.")
+        problems = self.check_scenario(scenario)
+        if problems:
+            raise UserError(" ".join(problems))
+        device = str(resolve_device(scenario.device, what="scenario.device"))
         if self.options.clock == "process" and device != "cpu":
             raise UserError("The 'process' clock counts CPU time and cannot time GPU kernels; use clock: wall on CUDA.")
         return device
 
-    def _time(self, models, scenario, device) -> list[WorkloadTiming]:
-        o = self.options
-        with torch_threads(scenario.threads):
-            return time_workloads(models, scenario, device, o.warmup, o.repeats, o.decode_points, o.clock, o.statistic)
+    def _time(self, models, scenario, device: str) -> tuple[list[list[GenerateTiming]], list[float]]:
+        """Each model's timed rounds of ``generate`` (the models interleaved), and its KV bytes per position."""
+        import torch
 
-    def block_costs(self, shape: ModelShape, block: BlockSpec, scenario, family: ModelFamily | None) -> dict:
+        o = self.options
+        vocab = min(int(m.get_input_embeddings().num_embeddings) for m in models)
+        prompt = scenario_prompt(vocab, scenario, device)
+        runs = [TimedGenerate(m, prompt, scenario.decode_len, device, o.clock) for m in models]
+        with torch_threads(scenario.threads), torch.inference_mode():
+            timings = interleaved(runs, o.repeats, o.warmup)
+        return timings, [run.kv_bytes_per_position for run in runs]
+
+    def _summary(self, timings: Sequence[GenerateTiming], part: str) -> float:
+        return summarise([getattr(t, part) for t in timings], self.options.statistic)
+
+    def _paired(self, empty: Sequence[GenerateTiming], full: Sequence[GenerateTiming], part: str) -> float:
+        """What the ``layers`` copies add to ``part`` (total_ms or prefill_ms), per copy."""
+        k = self.options.layers
+        if self.options.statistic == "min":
+            return (self._summary(full, part) - self._summary(empty, part)) / k
+        return statistics.median((getattr(f, part) - getattr(e, part)) / k for e, f in zip(empty, full))
+
+    def block_costs(self, shape: ModelShape, block: BlockSpec, scenario: Scenario, family: ModelFamily | None) -> dict:
         device = self._setup(scenario, family)
         kv = kv_heads(shape, block.attention)
 
         def measure() -> dict:
             k = self.options.layers
-            base, stacked = (self._models(family, shape, blocks, scenario, device) for blocks in ([], [block] * k))
-            empty, full = self._time([base, stacked], scenario, device)
+            models = [self._models(family, shape, blocks, scenario, device) for blocks in ([], [block] * k)]
+            (empty, full), kv_per_position = self._time(models, scenario, device)
             positions = scenario.batch_size * (scenario.prefill_len + scenario.decode_len)
-            kv_bytes = (full.kv_bytes_per_position - empty.kv_bytes_per_position) * positions / k
+            kv_bytes = (kv_per_position[1] - kv_per_position[0]) * positions / k
+            runtime = max(0.0, self._paired(empty, full, "total_ms"))
+            prefill = min(runtime, max(0.0, self._paired(empty, full, "prefill_ms")))
+            weight_bytes = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in models]
             return _stats(
-                max(0.0, (full.prefill_ms - empty.prefill_ms) / k),
-                max(0.0, (full.decode_ms - empty.decode_ms) / k),
-                (full.num_params - empty.num_params) / k,
-                (full.weight_bytes - empty.weight_bytes) / k + kv_bytes,
+                prefill,
+                runtime - prefill,
+                (parameter_count(models[1]) - parameter_count(models[0])) / k,
+                (weight_bytes[1] - weight_bytes[0]) / k + kv_bytes,
                 kv_bytes,
                 kv,
                 ffn_size(block.ffn),
@@ -388,20 +231,23 @@ class MeasuredCostModel(CostModel):
             return _stats(0.0, 0.0, 0, 0, 0, 0, 0)  # nothing runs but a function call
         return self._cached(self.cache_key(block.id, shape, scenario, device), measure)
 
-    def fixed_costs(self, shape: ModelShape, scenario, family: ModelFamily | None) -> dict:
+    def fixed_costs(self, shape: ModelShape, scenario: Scenario, family: ModelFamily | None) -> dict:
         device = self._setup(scenario, family)
 
         def measure() -> dict:
-            (empty,) = self._time([self._models(family, shape, [], scenario, device)], scenario, device)
-            return _stats(empty.prefill_ms, empty.decode_ms, empty.num_params, empty.weight_bytes, 0, 0, 0)
+            model = self._models(family, shape, [], scenario, device)
+            (empty,), _ = self._time([model], scenario, device)
+            runtime, prefill = self._summary(empty, "total_ms"), self._summary(empty, "prefill_ms")
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            return _stats(prefill, runtime - prefill, parameter_count(model), weight_bytes, 0, 0, 0)
 
         return self._cached(self.cache_key("fixed", shape, scenario, device), measure)
 
-    def memory_capacity_mib(self, scenario) -> float:
+    def memory_capacity_mib(self, scenario: Scenario) -> float:
         import psutil
         import torch
 
-        device = resolve_device(scenario.device)
+        device = str(resolve_device(scenario.device, what="scenario.device"))
         if device.startswith("cuda"):
             return torch.cuda.get_device_properties(torch.device(device)).total_memory / MIB
         return psutil.virtual_memory().total / MIB

@@ -140,7 +140,7 @@ def solve_mip(problem: SearchProblem, options: MipOptions, solver: str) -> list[
         if status in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
             choice = [int(row[np.argmax([var.x for var in variables])]) for row, variables in zip(indices, x)]
             gap = relative_gap(model.objective_value, model.objective_bound)
-            kind: Status = "optimal" if status == mip.OptimizationStatus.OPTIMAL else "time_limit"
+            kind: SolutionStatus = "optimal" if status == mip.OptimizationStatus.OPTIMAL else "time_limit"
             if kind == "time_limit":
                 warnings.warn(
                     f"{solver} stopped at its time limit of {options.time_limit:g}s with a proven gap of {gap:.2e} "

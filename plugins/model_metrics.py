@@ -11,10 +11,8 @@ measured and predicted speedups compare directly.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -24,8 +22,13 @@ from puzzle_core.api import (
     Evaluator,
     EvaluatorPlugin,
     LoadedModel,
+    Spread,
+    TimedGenerate,
     UserError,
     hookimpl,
+    interleaved,
+    scenario_prompt,
+    summarise,
     throughput,
     torch_threads,
 )
@@ -84,83 +87,87 @@ class KLToParent(Evaluator):
 
 @attrs.frozen
 class ThroughputOptions:
-    warmup: int = attrs.field(default=1, validator=attrs.validators.ge(0))
-    repeats: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    warmup: int = attrs.field(default=1, validator=attrs.validators.ge(0))  # untimed rounds first
+    repeats: int = attrs.field(default=7, validator=attrs.validators.ge(1))  # timed rounds (model and parent once each)
     threads: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # 0: the scenario's threads
-    statistic: Literal["median", "min"] = "median"  # min: robust on a machine other work keeps busy
+    statistic: Literal["median", "min"] = "median"  # of the model's own times, for throughput_tok_s and latency_s
+    clock: Literal["wall", "process"] = "wall"  # 'process': this process's CPU time (CPU only)
 
 
 class Throughput(Evaluator):
-    """End-to-end time of the scenario (median or min of repeats); ``throughput_tok_s`` = batch x decode_len / time."""
+    """The scenario end to end with ``generate``, timed in rounds that alternate the model with the parent.
+
+    ``measured_speedup`` is the median over rounds of parent time / model time, each
+    round's two runs back to back (their order alternating), so load and clock drift on
+    the machine cancel in the ratio; its quartiles, range and number of rounds are
+    reported as ``measured_speedup_q1/_q3/_min/_max/_rounds``. ``throughput_tok_s`` =
+    batch x decode_len / the model's own time (median, or the fastest with
+    ``statistic: min``); ``parent_throughput_tok_s`` the same for the parent, measured
+    alongside. Evaluating the parent pairs it with itself: its speedup spread is the
+    measurement's noise. Without a parent in the context only the model is timed.
+    """
+
+    architecture_only = True  # fixed-length greedy decoding: the time does not depend on the weights
 
     def __init__(self, options: ThroughputOptions):
         self.options = options
+        self._converted: tuple[Any, Any] | None = None  # (parent module, its copy in the scenario's dtype)
+
+    @staticmethod
+    def _on(module, device: torch.device, dtype: torch.dtype):
+        """``module`` on the scenario's device and dtype (a copy when it is not: the caller's model stays as it is)."""
+        if _device_of(module) == device and next(module.parameters()).dtype == dtype:
+            return module
+        return copy.deepcopy(module).to(device=device, dtype=dtype)
+
+    def _parent(self, context: EvalContext, device: torch.device, dtype: torch.dtype):
+        if context.parent is None:
+            return None
+        module = context.parent.model
+        if self._converted is None or self._converted[0] is not module:
+            self._converted = (module, self._on(module, device, dtype))
+        return self._converted[1]
 
     def evaluate(self, model: LoadedModel, context: EvalContext) -> dict[str, float]:
         scenario = context.scenario
+        options = self.options
         device = _scenario_device(scenario.device)
         dtype = _scenario_dtype(scenario.dtype)
-        subject = model.model
-        if _device_of(subject) != device or next(subject.parameters()).dtype != dtype:
-            subject = copy.deepcopy(subject).to(device=device, dtype=dtype)  # the caller's model stays as it is
-        if not hasattr(subject, "generate"):
+        if not hasattr(model.model, "generate"):
             raise UserError(f"The model from '{model.source}' has no generate(); throughput needs one with a KV cache.")
-        generator = torch.Generator().manual_seed(context.seed)
-        vocab = model.shape.vocab_size
-        prompt = torch.randint(0, vocab, (scenario.batch_size, scenario.prefill_len), generator=generator).to(device)
-        settings = _generation_config(scenario.decode_len, model.tokenizer)
-        training = subject.training
-        subject.eval()
+        subject = self._on(model.model, device, dtype)
+        parent = self._parent(context, device, dtype)
+        prompt = scenario_prompt(model.shape.vocab_size, scenario, str(device), context.seed)
+        models = [subject] if parent is None else [subject, parent]
+        runs = [TimedGenerate(m, prompt, scenario.decode_len, str(device), options.clock, model.tokenizer)
+                for m in models]
+        modes = {id(m): (m, m.training) for m in models}.values()
+        for module, _ in modes:
+            module.eval()
         try:
-            with torch_threads(self.options.threads or scenario.threads), torch.no_grad():
-                for _ in range(self.options.warmup):
-                    self._generate(subject, prompt, settings)
-                latencies = [self._timed(lambda: self._generate(subject, prompt, settings), device)
-                             for _ in range(self.options.repeats)]
-                prefills = [self._timed(lambda: subject(input_ids=prompt, use_cache=True), device)
-                            for _ in range(self.options.repeats)]
+            with torch_threads(options.threads or scenario.threads), torch.inference_mode():
+                timings = interleaved(runs, options.repeats, options.warmup)
         finally:
-            subject.train(training)
-        reduce = statistics.median if self.options.statistic == "median" else min
-        latency = reduce(latencies)
-        return {
-            "throughput_tok_s": throughput(1000.0 * latency, attrs.asdict(scenario)),
-            "latency_s": latency,
-            "prefill_s": reduce(prefills),
+            for module, training in modes:
+                module.train(training)
+        latency_ms = summarise([t.total_ms for t in timings[0]], options.statistic)
+        metrics = {
+            "throughput_tok_s": throughput(latency_ms, attrs.asdict(scenario)),
+            "latency_s": latency_ms / 1e3,
+            "prefill_s": summarise([t.prefill_ms for t in timings[0]], options.statistic) / 1e3,
         }
-
-    @staticmethod
-    def _generate(model, prompt: torch.Tensor, settings) -> None:
-        output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=settings)
-        made = output.shape[1] - prompt.shape[1]
-        if made != settings.max_new_tokens:
-            raise RuntimeError(f"generate() made {made} tokens instead of {settings.max_new_tokens}")
-
-    @staticmethod
-    def _timed(call, device: torch.device) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - started
-
-
-def _generation_config(decode_len: int, tokenizer):
-    """Greedy decoding of exactly ``decode_len`` tokens (no end-of-text stop), with a KV cache."""
-    from transformers import GenerationConfig
-
-    pad = getattr(tokenizer, "pad_token_id", None)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return GenerationConfig(
-        do_sample=False,
-        max_new_tokens=decode_len,
-        min_new_tokens=decode_len,
-        use_cache=True,
-        pad_token_id=pad if pad is not None else eos if eos is not None else 0,
-        eos_token_id=eos,
-    )
+        if parent is not None:
+            ratios = Spread.of([p.total_ms / m.total_ms for m, p in zip(*timings)])
+            metrics.update({
+                "measured_speedup": ratios.median,
+                "measured_speedup_q1": ratios.q1,
+                "measured_speedup_q3": ratios.q3,
+                "measured_speedup_min": ratios.low,
+                "measured_speedup_max": ratios.high,
+                "measured_speedup_rounds": ratios.count,
+                "parent_throughput_tok_s": throughput(summarise([t.total_ms for t in timings[1]], options.statistic), attrs.asdict(scenario)),
+            })
+        return metrics
 
 
 def _scenario_device(name: str) -> torch.device:
@@ -192,6 +199,7 @@ def puzzle_evaluators() -> list[EvaluatorPlugin]:
             name="throughput",
             implementation=Throughput,
             options=ThroughputOptions,
-            description="measured scenario throughput (prefill + greedy decode with KV cache), median of repeats",
+            description="measured scenario throughput (generate: prefill + greedy decode with KV cache) and the "
+            "speedup over the parent, paired round by round",
         ),
     ]

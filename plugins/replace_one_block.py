@@ -2,14 +2,15 @@
 
 Each compares the otherwise-parent model with one block replaced against the parent,
 per real token, on the same cached validation batches (one forward per block serves
-all three). Lower is better for all of them.
+all three, and ``kl`` and ``lm_loss`` share one streamed pass over the LM head, see
+:mod:`puzzle_core.scoring`). Lower is better for all of them.
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
-from puzzle_core.api import ModelOutputs, Scorer, ScorerPlugin, ScoringBatch, hookimpl
+from puzzle_core.api import ModelOutputs, Scorer, ScorerPlugin, ScoringBatch, hookimpl, kl_per_token, label_log_probs
 
 
 class KLDivergence(Scorer):
@@ -18,8 +19,7 @@ class KLDivergence(Scorer):
     needs_parent_log_probs = True
 
     def batch_score(self, child: ModelOutputs, parent: ModelOutputs, batch: ScoringBatch) -> tuple[float, float]:
-        # sum_v p (log p - log q), written out: ~40% faster than F.kl_div on a 49k vocabulary, same terms
-        per_token = (parent.log_probs.exp() * (parent.log_probs - child.log_probs)).sum(-1)
+        per_token = kl_per_token(child, parent)
         return float(per_token[batch.mask].sum()), float(batch.mask.sum())
 
 
@@ -28,8 +28,7 @@ class NextTokenLoss(Scorer):
 
     def batch_score(self, child: ModelOutputs, parent: ModelOutputs, batch: ScoringBatch) -> tuple[float, float]:
         labels = batch.labels
-        loss = F.nll_loss(child.log_probs.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        return float(loss), float((labels != -100).sum())
+        return float(-label_log_probs(child, labels).sum()), float((labels != -100).sum())
 
 
 class HiddenCosineDistance(Scorer):

@@ -1,19 +1,25 @@
 """Blockwise local distillation (BLD): train every alternative sub-block to imitate the parent's.
 
-A *unit* is what one job trains: one attention or FFN variant of a layer (decoupled BLD)
-or an (attention, FFN) pair trained together (coupled BLD). Its input is the parent's
-residual stream entering it and its target what the parent's own sub-block(s) add to
-that stream, both read from the captured activations (:mod:`puzzle_core.activations`).
-Parent and no-op sub-blocks need no training; they are listed in the index but have no
-weights.
+A *unit* is what one training run produces: one attention or FFN variant of a layer
+(decoupled BLD) or an (attention, FFN) pair trained together (coupled BLD). Its input is
+the parent's residual stream entering it and its target what the parent's own
+sub-block(s) add to that stream, both read from the captured activations
+(:mod:`puzzle_core.activations`). Parent and no-op sub-blocks need no training; they are
+listed in the index but have no weights.
 
-Every job starts from the parent (the family's ``init_sublayer``, calibrated on the
-first training activations), trains with AdamW and a warmup + cosine schedule over the
-library's token budget, with a seed derived from the run seed and the job's id alone,
-so the result does not depend on which process runs it or when. It then writes
+A job is a *pass* over one layer's activations that trains several of its units side by
+side (all of them by default, ``library.units_per_pass``): each batch is read from disk
+and moved to the device once and every unit takes its optimizer step on it, so the
+layer's data costs one read however many variants it has. Every unit starts from the
+parent (the family's ``init_sublayer``, calibrated on the first training activations),
+trains with AdamW and a warmup + cosine schedule over the library's token budget, from a
+seed derived from the run seed and the unit's id, on batches in an order derived from
+the run seed and the layer: its result does not depend on which process runs it, when,
+or which units share its pass. Each unit then writes
 ``library/blocks/layer_<i>/<unit>.safetensors`` and, last, a JSON :class:`BlockRecord`
-holding the weights' sha256: a job whose record matches its weights and its settings is
-finished and never run again; a damaged weights file is reported and trained again.
+holding the weights' sha256: a unit whose record matches its weights and its settings is
+finished and never trained again (a resumed pass trains only the rest); a damaged
+weights file is reported and trained again.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import math
 import resource
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -275,14 +282,16 @@ class BlockRecord:
     heldout_loss_before: float | None
     heldout_loss_after: float | None
     loss_curve: list[float]  # mean training loss over equal stretches of the run
-    wall_s: float  # the whole job: init, held-out evaluations, training, saving
-    cpu_s: float  # CPU time of this process during the whole job (all its threads)
-    train_s: float  # the training loop alone (data loading included)
-    train_cpu_s: float  # CPU time of this process during the training loop (all its threads)
+    wall_s: float  # this unit's own work: init, held-out evaluations, training steps, saving
+    cpu_s: float  # CPU time of this process during that work (all its threads)
+    train_s: float  # its training steps alone (forward, loss, backward, optimizer)
+    train_cpu_s: float  # CPU time of this process during its training steps (all its threads)
     train_tokens_per_s: float
-    peak_memory_mib: float | None  # CPU: the process's peak RSS during the job; CUDA: peak allocated
+    peak_memory_mib: float | None  # CPU: the process's peak RSS during the pass; CUDA: peak allocated
     device: str
     threads: int
+    pass_wall_s: float = 0.0  # the whole pass this unit shared (all its units, data loading included)
+    pass_cpu_s: float = 0.0
 
 
 @attrs.frozen
@@ -299,6 +308,7 @@ class TrainSettings:
     calibration_tokens: int
     init_method: str
     seed: int
+    bf16: bool = False  # bfloat16 autocast for the forward passes
 
     def hash_for(self, unit: Unit) -> str:
         return stable_hash({"settings": unstructure(self), "unit": unstructure(unit)})
@@ -388,8 +398,93 @@ def peak_memory_mib(device: torch.device) -> float | None:
 # ---------------------------------------------------------------------------- training
 
 
+@attrs.frozen
+class UnitPass:
+    """Units of one layer trained side by side in one pass over its activations (one job)."""
+
+    layer: int
+    units: tuple[Unit, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{layer_key(self.layer)}/{'|'.join(unit.name for unit in self.units)}"
+
+
+def plan_passes(plan: LibraryPlan, units_per_pass: int = 0) -> list[UnitPass]:
+    """The plan's units grouped into passes: all of a layer's units (``0``), or at most ``units_per_pass``."""
+    passes = []
+    for index, layer in enumerate(plan.layers):
+        size = units_per_pass or len(layer.units) or 1
+        passes += [UnitPass(index, layer.units[i : i + size]) for i in range(0, len(layer.units), size)]
+    return passes
+
+
+class _Clock:
+    """Wall and CPU seconds spent inside ``with clock:`` blocks, summed."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        self._started = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *_exc):
+        self.wall += time.perf_counter() - self._started[0]
+        self.cpu += time.process_time() - self._started[1]
+
+
+class _UnitTraining:
+    """One unit inside a pass: its module, optimizer, schedule, losses and clocks."""
+
+    def __init__(self, trainer: "BLDTrainer", unit: Unit, calibration, total: int, warmup: int):
+        self.unit = unit
+        self.seed = job_seed(trainer.settings.seed, unit.id)
+        self.clock, self.train_clock = _Clock(), _Clock()
+        self.losses: list[float] = []
+        self.tokens = 0
+        with self.clock:
+            torch.manual_seed(self.seed)
+            self.module = trainer.build(unit, calibration).to(trainer.device)
+            parameters = [p for p in self.module.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(
+                parameters, lr=trainer.settings.lr, weight_decay=trainer.settings.weight_decay
+            )
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda step: lr_factor(step, total, warmup)
+            )
+
+    def step(self, trainer: "BLDTrainer", inputs: torch.Tensor, target: torch.Tensor, context, total: int) -> None:
+        with self.clock, self.train_clock:
+            with trainer.autocast():
+                output = self.module(inputs, context)
+            loss = trainer.loss(output, target)  # losses compute in float32
+            value = loss.item()
+            if not math.isfinite(value):
+                raise DivergedError(
+                    f"BLD job {self.unit.id} diverged: its loss is {value} at step {len(self.losses) + 1} of "
+                    f"{total} (lr {self.scheduler.get_last_lr()[0]:.3g}). Lower library.lr, or check the parent's "
+                    f"activations in {trainer.store.root}."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.losses.append(value)
+            self.tokens += inputs.shape[0] * inputs.shape[1]
+
+
 class BLDTrainer:
-    """Trains and stores the units of a library plan; :meth:`run` is the executor's work function."""
+    """Trains and stores the units of a library plan; :meth:`run` is the executor's work function.
+
+    A job is a :class:`UnitPass`: the pass reads each batch of its layer's activations
+    once, moves it to the device once, and steps every unit on it. A unit's result
+    depends only on the run seed, its id and the settings, never on which other units
+    share its pass: each starts from its own seed, the batch order is the layer's (its
+    seed comes from the layer alone), and no computation mixes units. So a pass can be
+    cut anywhere (``library.units_per_pass``), resumed with fewer units, or split across
+    workers, and every block comes out bit-identical.
+    """
 
     def __init__(
         self,
@@ -424,6 +519,12 @@ class BLDTrainer:
         self.capture_missing = capture_missing
         self._contexts: dict[tuple, Any] = {}
 
+    def autocast(self):
+        """bfloat16 autocast for the sub-blocks' forward passes when ``settings.bf16`` (weights stay float32)."""
+        if not self.settings.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     # ---- files
 
     def weights_path(self, unit: Unit) -> Path:
@@ -432,9 +533,13 @@ class BLDTrainer:
     def record_path(self, unit: Unit) -> Path:
         return self.weights_path(unit).with_suffix(".json")
 
-    def jobs(self, plan: LibraryPlan, seq_len: int) -> list[Job]:
+    def jobs(self, plan: LibraryPlan, seq_len: int, units_per_pass: int = 0) -> list[Job]:
+        """One job per :class:`UnitPass`; its cost is the sum of its units' training FLOPs."""
         tokens = self.store.tokens("train")
-        return [Job(unit.id, unit_cost(self.parent.shape, unit, seq_len, tokens), unit) for unit in plan.units]
+        return [
+            Job(group.id, sum(unit_cost(self.parent.shape, u, seq_len, tokens) for u in group.units), group)
+            for group in plan_passes(plan, units_per_pass)
+        ]
 
     def finished(self, unit: Unit) -> BlockRecord | None:
         """The unit's record if it finished with these settings and its weights are intact."""
@@ -458,57 +563,60 @@ class BLDTrainer:
             return None
         return record
 
-    # ---- one job
+    # ---- one pass
 
     def run(self, job: Job) -> None:
-        unit: Unit = job.payload
-        if self.finished(unit) is not None:
+        """Train the units of ``job.payload`` (a :class:`UnitPass`) that have not finished yet."""
+        group: UnitPass = job.payload
+        units = [unit for unit in group.units if self.finished(unit) is None]
+        if not units:
             return
         if self.capture_missing is not None:
             self.capture_missing()
-        seed = job_seed(self.settings.seed, unit.id)
-        torch.manual_seed(seed)
+        layer, settings = group.layer, self.settings
         _reset_peak_memory(self.device)
-        started, cpu_started = time.perf_counter(), time.process_time()
-        module = self.build(unit).to(self.device)
-        parameters = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
-        total = self.store.steps("train", self.settings.batch_size)
-        warmup = max(1, round(self.settings.warmup_fraction * total)) if self.settings.warmup_fraction > 0 else 0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
-        heldout_before = self.evaluate(module, unit)
-        module.train()
-        losses: list[float] = []
-        tokens = 0
-        generator = torch.Generator().manual_seed(seed)
-        bar = tqdm(
-            total=total, desc=unit.id, unit="step", leave=False, dynamic_ncols=True, disable=not self.progress
-        )
-        train_started, train_cpu_started = time.perf_counter(), time.process_time()
-        for batch in self.store.batches(unit.layer, "train", self.settings.batch_size, generator):
-            inputs, target = unit_inputs(unit, batch, self.device)
-            loss = self.loss(module(inputs, self.context(inputs)), target)
-            value = loss.item()
-            if not math.isfinite(value):
-                bar.close()
+        pass_clock = _Clock()
+        with pass_clock:
+            total = self.store.steps("train", settings.batch_size)
+            warmup = max(1, round(settings.warmup_fraction * total)) if settings.warmup_fraction > 0 else 0
+            calibration = self.store.calibration(layer, settings.calibration_tokens)
+            runs = [_UnitTraining(self, unit, calibration, total, warmup) for unit in units]
+            del calibration
+            heldout_before = self.evaluate(runs)
+            for run in runs:
+                run.module.train()
+            generator = torch.Generator().manual_seed(job_seed(settings.seed, layer_key(layer)))
+            label = group.id if len(units) == len(group.units) else f"{layer_key(layer)} ({len(units)} units)"
+            bar = tqdm(total=total, desc=label, unit="step", leave=False, dynamic_ncols=True,
+                       disable=not self.progress)
+            with bar:
+                for batch in self.store.batches(layer, "train", settings.batch_size, generator):
+                    batch = {name: tensor.to(self.device) for name, tensor in batch.items()}  # once for every unit
+                    pairs: dict[tuple[Part, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+                    for run in runs:
+                        parts = run.unit.parts
+                        if parts not in pairs:
+                            pairs[parts] = unit_inputs(run.unit, batch, self.device)
+                        inputs, target = pairs[parts]
+                        run.step(self, inputs, target, self.context(inputs), total)
+                    bar.update()
+                    if bar.n % 10 == 0:
+                        bar.set_postfix(loss=" ".join(f"{run.losses[-1]:.3g}" for run in runs), refresh=False)
+            heldout_after = self.evaluate(runs)
+        for run, after in zip(runs, heldout_after):
+            if after is not None and not math.isfinite(after):
                 raise DivergedError(
-                    f"BLD job {unit.id} diverged: its loss is {value} at step {len(losses) + 1} of {total} "
-                    f"(lr {scheduler.get_last_lr()[0]:.3g}). Lower library.lr, or check the parent's activations in "
-                    f"{self.store.root}."
+                    f"BLD job {run.unit.id} diverged: its held-out loss is {after} after {len(run.losses)} steps. "
+                    f"Lower library.lr, or check the parent's activations in {self.store.root}."
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(value)
-            tokens += inputs.shape[0] * inputs.shape[1]
-            bar.update()
-            if len(losses) % 10 == 0:
-                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-        train_seconds, train_cpu = time.perf_counter() - train_started, time.process_time() - train_cpu_started
-        bar.close()
-        heldout_after = self.evaluate(module, unit)
-        self.save(unit, module)
+        peak = peak_memory_mib(self.device)
+        for run, before, after in zip(runs, heldout_before, heldout_after):
+            with run.clock:
+                self.save(run.unit, run.module)
+            self._write_record(run, before, after, peak, pass_clock)
+
+    def _write_record(self, run: _UnitTraining, before, after, peak, pass_clock: _Clock) -> None:
+        unit, losses = run.unit, run.losses
         tail = losses[-max(1, len(losses) // 10) :]
         record = BlockRecord(
             job=unit.id,
@@ -518,29 +626,36 @@ class BLDTrainer:
             weights=str(self.weights_path(unit).relative_to(self.run_dir.root)),
             sha256=sha256_file(self.weights_path(unit)),
             settings_hash=self.settings.hash_for(unit),
-            seed=seed,
+            seed=run.seed,
             steps=len(losses),
-            tokens=tokens,
+            tokens=run.tokens,
             train_loss_initial=losses[0],
             train_loss_final=sum(tail) / len(tail),
             train_loss_min=min(losses),
-            heldout_loss_before=heldout_before,
-            heldout_loss_after=heldout_after,
+            heldout_loss_before=before,
+            heldout_loss_after=after,
             loss_curve=summarize_curve(losses),
-            wall_s=time.perf_counter() - started,
-            cpu_s=time.process_time() - cpu_started,
-            train_s=train_seconds,
-            train_cpu_s=train_cpu,
-            train_tokens_per_s=tokens / train_seconds if train_seconds > 0 else 0.0,
-            peak_memory_mib=peak_memory_mib(self.device),
+            wall_s=run.clock.wall,
+            cpu_s=run.clock.cpu,
+            train_s=run.train_clock.wall,
+            train_cpu_s=run.train_clock.cpu,
+            train_tokens_per_s=run.tokens / run.train_clock.wall if run.train_clock.wall > 0 else 0.0,
+            peak_memory_mib=peak,
             device=str(self.device),
             threads=torch.get_num_threads(),
+            pass_wall_s=pass_clock.wall,
+            pass_cpu_s=pass_clock.cpu,
         )
         atomic_write_json(self.record_path(unit), CONVERTER.unstructure(record))
 
-    def build(self, unit: Unit) -> nn.Module:
-        """The unit's module, initialised from the parent with a calibration slice of the activations."""
-        calibration = self.store.calibration(unit.layer, self.settings.calibration_tokens)
+    def build(self, unit: Unit, calibration: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """The unit's module, initialised from the parent with a calibration slice of the activations.
+
+        ``calibration`` is the layer's calibration tensors (:meth:`ActivationStore.calibration`),
+        read from the store when not given.
+        """
+        if calibration is None:
+            calibration = self.store.calibration(unit.layer, self.settings.calibration_tokens)
         modules = {}
         for part in unit.parts:
             if calibration is None:
@@ -566,16 +681,23 @@ class BLDTrainer:
         return self._contexts[key]
 
     @torch.no_grad()
-    def evaluate(self, module: nn.Module, unit: Unit) -> float | None:
-        """The loss on the held-out activations, token-weighted over batches (None without any)."""
-        module.eval()
-        total, weight = 0.0, 0
-        for batch in self.store.batches(unit.layer, "heldout", self.settings.batch_size):
-            inputs, target = unit_inputs(unit, batch, self.device)
-            count = inputs.shape[0] * inputs.shape[1]
-            total += self.loss(module(inputs, self.context(inputs)), target).item() * count
+    def evaluate(self, runs: Sequence[_UnitTraining]) -> list[float | None]:
+        """Each unit's loss on the held-out activations (full precision), token-weighted over batches.
+
+        One pass over the held-out batches serves every unit; ``None`` without held-out data.
+        """
+        for run in runs:
+            run.module.eval()
+        totals, weight = [0.0] * len(runs), 0
+        for batch in self.store.batches(runs[0].unit.layer, "heldout", self.settings.batch_size):
+            batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+            count = batch["hidden"].shape[0] * batch["hidden"].shape[1]
+            for index, run in enumerate(runs):
+                with run.clock:
+                    inputs, target = unit_inputs(run.unit, batch, self.device)
+                    totals[index] += self.loss(run.module(inputs, self.context(inputs)), target).item() * count
             weight += count
-        return total / weight if weight else None
+        return [total / weight if weight else None for total in totals]
 
     def save(self, unit: Unit, module: nn.Module) -> None:
         if isinstance(module, CoupledBlock):

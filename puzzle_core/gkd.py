@@ -137,10 +137,10 @@ def join_process_group(local_rank: int = 0) -> None:
 
 @attrs.frozen
 class ForwardOutput:
-    """Every layer's output (the residual stream after it) and the logits."""
+    """Every layer's output (the residual stream after it; only the last layer's unless kept) and the logits."""
 
     hidden: list[torch.Tensor]
-    logits: torch.Tensor
+    logits: torch.Tensor | None
 
 
 class LayerwiseForward(nn.Module):
@@ -156,7 +156,9 @@ class LayerwiseForward(nn.Module):
         self.model = model
         self.__dict__["runner"] = family.layer_runner(model)  # not a submodule: it only points into model
 
-    def forward(self, input_ids: torch.Tensor, keep_hidden: bool = True) -> ForwardOutput:
+    def forward(self, input_ids: torch.Tensor, keep_hidden: bool = True, logits: bool = True) -> ForwardOutput:
+        """Every layer's output when ``keep_hidden`` (else the last one's); the logits (the LM head's work) only
+        when ``logits``."""
         runner = self.runner
         hidden = runner.embed(input_ids)
         context = runner.context(hidden)
@@ -165,7 +167,11 @@ class LayerwiseForward(nn.Module):
             hidden = runner.layer(index, hidden, context)
             if keep_hidden:
                 outputs.append(hidden)
-        return ForwardOutput(hidden=outputs, logits=runner.head(hidden))
+        return ForwardOutput(hidden=outputs or [hidden], logits=self.head(hidden) if logits else None)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of the last layer's output."""
+        return self.runner.head(hidden)
 
 
 class DistillationObjective:
@@ -182,6 +188,7 @@ class DistillationObjective:
         if len(set(names)) != len(names):
             raise UserError(f"gkd.losses names a loss more than once ({names}); merge their weights into one term.")
         self.needs_hidden = any(loss.target == "hidden" for _, _, loss in self.terms)
+        self.needs_logits = any(loss.target == "logits" for _, _, loss in self.terms)
 
     @classmethod
     def from_config(cls, section: GKDSection, registries) -> "DistillationObjective":
@@ -201,12 +208,20 @@ class DistillationObjective:
         return total, parts
 
 
-def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> tuple[float, int]:
-    """Summed KL(teacher || student) over next-token distributions, and the token count."""
-    teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
-    student = torch.log_softmax(student_logits.float(), dim=-1)
-    kl = (teacher.exp() * (teacher - student)).sum()
-    return float(kl), teacher.numel() // teacher.shape[-1]
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, chunk: int = 8) -> tuple[float, int]:
+    """Summed KL(teacher || student) over next-token distributions, and the token count.
+
+    ``chunk`` positions at a time, so no full-vocabulary float32 copy of either is made
+    (and the temporaries stay in cache).
+    """
+    vocab = teacher_logits.shape[-1]
+    teacher_logits, student_logits = teacher_logits.reshape(-1, vocab), student_logits.reshape(-1, vocab)
+    total = 0.0
+    for start in range(0, teacher_logits.shape[0], chunk):
+        teacher = torch.log_softmax(teacher_logits[start : start + chunk].float(), dim=-1)
+        student = torch.log_softmax(student_logits[start : start + chunk].float(), dim=-1)
+        total += float((teacher.exp() * (teacher - student)).sum(dtype=torch.float64))
+    return total, teacher_logits.shape[0]
 
 
 # ---------------------------------------------------------------- schedule
@@ -225,33 +240,80 @@ def learning_rate(step: int, total_steps: int, section: GKDSection) -> float:
 # ---------------------------------------------------------------- student
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Every ``nn.Linear`` except the LM head: what LoRA adapts (custom linear blocks included)."""
+def linear_module_names(model: nn.Module, within: Sequence[nn.Module] | None = None) -> list[str]:
+    """Every ``nn.Linear`` except the LM head (custom linear blocks included), or only those inside ``within``."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside = None if within is None else {id(m) for module in within for m in module.modules()}
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head and not name.endswith("lm_head")
+        if isinstance(module, nn.Linear)
+        and module is not head
+        and not name.endswith("lm_head")
+        and (inside is None or id(module) in inside)
     ]
 
 
+def trainable_sublayers(
+    family: ModelFamily, student: LoadedModel, parent: LoadedModel, section: GKDSection
+) -> list[nn.Module] | None:
+    """The sub-block modules ``gkd.trainable`` picks (``None``: every parameter trains).
+
+    ``layers``: every layer's sub-blocks, so the embeddings, final norm and LM head stay
+    the parent's (and their gradients are never computed). ``changed``: the sub-blocks
+    whose variant differs from the parent's, plus (``trainable_neighbors`` > 0) every
+    sub-block of the layers within that many layers of a changed one; layers before the
+    first of them run without backward at all.
+    """
+    if section.trainable == "all":
+        return None
+    runner = family.layer_runner(student.model)
+    child_blocks, parent_blocks = student.shape.blocks, parent.shape.blocks
+    if section.trainable == "layers":
+        picked = {(i, part) for i in range(runner.num_layers) for part in ("attention", "ffn")}
+    else:
+        changed = {
+            (i, part)
+            for i, (child, original) in enumerate(zip(child_blocks, parent_blocks))
+            for part in ("attention", "ffn")
+            if getattr(child, part).id != getattr(original, part).id
+        }
+        if not changed:
+            raise UserError(
+                "gkd.trainable is 'changed', but the child has the parent's every sub-block: nothing would train. "
+                "Use gkd.trainable: layers (or all)."
+            )
+        reach = section.trainable_neighbors
+        near = {j for i, _ in changed for j in range(i - reach, i + reach + 1)} if reach else set()
+        picked = changed | {(j, part) for j in near if 0 <= j < runner.num_layers for part in ("attention", "ffn")}
+    return [runner.sublayer(i, part) for i, part in sorted(picked)]
+
+
 class Student:
-    """The child being trained: every parameter, or LoRA adapters on its linear layers.
+    """The child being trained: all of its parameters or those of ``modules``, or LoRA adapters on their linear layers.
 
     peft injects the adapters into ``model`` in place, so ``model`` is what is run and
     checkpointed either way; :meth:`finish` merges the adapters back into the weights.
     """
 
-    def __init__(self, model: nn.Module, section: GKDSection):
+    def __init__(self, model: nn.Module, section: GKDSection, modules: Sequence[nn.Module] | None = None):
         self.model = model
         self.peft = None
         if section.lora_rank <= 0:
             for parameter in model.parameters():
-                parameter.requires_grad_(True)
+                parameter.requires_grad_(modules is None)
+            for module in modules or ():
+                for parameter in module.parameters():
+                    parameter.requires_grad_(True)
+            if not any(p.requires_grad for p in model.parameters()):
+                raise UserError(
+                    f"gkd.trainable '{section.trainable}' leaves the child no parameter to train (its chosen "
+                    f"sub-blocks are all no-ops). Use gkd.trainable: layers or all."
+                )
             return
         from peft import LoraConfig, get_peft_model
 
-        targets = linear_module_names(model)
+        targets = linear_module_names(model, modules)
         if not targets:
             raise UserError("gkd.lora_rank is set but the child has no linear layers to adapt; set gkd.lora_rank: 0.")
         config = LoraConfig(
@@ -423,16 +485,27 @@ def _micro_batches(run: DistillRun, section: GKDSection, skip: int) -> Iterator[
             yield batch
 
 
-def validation_kl(student: LayerwiseForward, teacher: LayerwiseForward, batches, device, autocast) -> float:
-    """Mean per-token KL(teacher || student) over ``batches``, each rank taking every ``size``-th batch."""
+def validation_kl(student: LayerwiseForward, teacher: LayerwiseForward, batches, device, autocast,
+                  teacher_cache: dict[int, torch.Tensor] | None = None) -> float:
+    """Mean per-token KL(teacher || student) over ``batches``, each rank taking every ``size``-th batch.
+
+    With a ``teacher_cache`` (a dict kept between calls on the same batches) the teacher's
+    last hidden states are stored on first use, so later validations run only its LM head.
+    """
     rank, size = world()
     kl_sum, count = 0.0, 0
     was_training = student.training
     student.eval()
     with torch.no_grad(), autocast():
-        for batch in batches[rank::size]:
-            ids = batch.to(device)
-            kl, n = token_kl(teacher(ids, keep_hidden=False).logits, student(ids, keep_hidden=False).logits)
+        for index in range(rank, len(batches), size):
+            ids = batches[index].to(device)
+            if teacher_cache is None or index not in teacher_cache:
+                final = teacher(ids, keep_hidden=False, logits=False).hidden[-1]
+                if teacher_cache is not None:
+                    teacher_cache[index] = final
+            else:
+                final = teacher_cache[index]
+            kl, n = token_kl(teacher.head(final), student(ids, keep_hidden=False).logits)
             kl_sum, count = kl_sum + kl, count + n
     student.train(was_training)
     kl_sum, count = _all_sum([kl_sum, count], device)
@@ -466,7 +539,8 @@ class _Training:
                 f"{self.tokens_per_step} tokens). Raise gkd.tokens or lower gkd.batch_size."
             )
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if section.bf16 else nullcontext
-        self.student = Student(student.model.to(self.device), section)
+        self.student = Student(student.model.to(self.device), section,
+                               trainable_sublayers(family, student, teacher, section))
         self.student.model.train()
         self.forward = LayerwiseForward(self.student.model, family)
         self.teacher = LayerwiseForward(teacher.model.to(self.device), family).eval()
@@ -482,10 +556,11 @@ class _Training:
         self.validation = list(run.corpus.batches(
             "validation", run.seq_len, section.batch_size, min(section.validation_tokens, available), run.seed
         ))
+        self.teacher_cache: dict[int, torch.Tensor] = {}  # the teacher's last hidden states on self.validation
 
     def validate(self, forward: LayerwiseForward) -> float:
         """Mean per-token KL(parent || child) on the validation batches, shared among the ranks."""
-        return validation_kl(forward, self.teacher, self.validation, self.device, self.autocast)
+        return validation_kl(forward, self.teacher, self.validation, self.device, self.autocast, self.teacher_cache)
 
     def step(self, step: int, micro: Iterator[torch.Tensor]) -> TrainPoint | None:
         """One optimizer step over ``grad_accum`` micro-batches per rank; ``None`` when the data ran out."""
@@ -503,9 +578,10 @@ class _Training:
             last = k == section.grad_accum - 1
             with nullcontext() if last or not _distributed() else self.trained.no_sync():
                 with torch.no_grad(), self.autocast():
-                    target = self.teacher(ids, keep_hidden=objective.needs_hidden)
+                    target = self.teacher(ids, keep_hidden=objective.needs_hidden, logits=objective.needs_logits)
                 with self.autocast():
-                    loss, parts = objective(self.trained(ids, keep_hidden=objective.needs_hidden), target, ids)
+                    output = self.trained(ids, keep_hidden=objective.needs_hidden, logits=objective.needs_logits)
+                    loss, parts = objective(output, target, ids)
                 (loss / section.grad_accum).backward()
             for name, value in (("loss", loss), *parts.items()):
                 sums[name] += float(value.detach())

@@ -81,6 +81,9 @@ class GuardedRunner(LayerRunner):
     def head(self, hidden):
         return guarded(self.entry, self.runner.head, "LayerRunner.head()", hidden)
 
+    def head_projection(self):
+        return guarded(self.entry, self.runner.head_projection, "LayerRunner.head_projection()")
+
     def layer(self, index, hidden, context):
         return guarded(self.entry, self.runner.layer, f"layer {index} of its model", index, hidden, context)
 

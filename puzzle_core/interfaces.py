@@ -108,6 +108,14 @@ class LayerRunner(ABC):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: hidden states -> logits."""
 
+    def head_projection(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor] | None:
+        """``(pre, weight)`` with ``head(h) == pre(h) @ weight.T``, or ``None`` when the head is not of that form.
+
+        With it, scoring streams the vocabulary in slices that stay in cache instead of
+        materialising a ``tokens x vocab`` logits tensor.
+        """
+        return None
+
     def layer(self, index: int, hidden: torch.Tensor, context: LayerContext) -> torch.Tensor:
         """One whole layer."""
         hidden = hidden + self.sublayer(index, "attention")(hidden, context)
@@ -400,6 +408,10 @@ class EvalContext:
 
 class Evaluator(ABC):
     """Implementation of an :class:`~puzzle_core.records.EvaluatorPlugin` record."""
+
+    # True when the numbers depend on the architecture alone, not the weights (e.g. timing
+    # fixed-length decoding): a child after GKD then reuses its assembled twin's numbers.
+    architecture_only: bool = False
 
     @abstractmethod
     def evaluate(self, model: LoadedModel, context: EvalContext) -> dict[str, float]:

@@ -65,6 +65,10 @@ class LibrarySection:
     a subspace: ``subspace`` (per layer, the block or sub-block ids to combine) or
     ``subspace_solutions`` (a decoupled search's ``solutions/index.json`` or one solution
     file: the variants its solutions chose, per layer).
+
+    A job trains up to ``units_per_pass`` of a layer's units (0: all) in one pass over its
+    activations; the blocks are the same for any value, only the work per job changes
+    (1 spreads a layer's variants over workers, e.g. when there are more workers than layers).
     """
 
     variants: BlockVariantsChoice | None = None  # None: the architecture's default provider
@@ -77,6 +81,8 @@ class LibrarySection:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_fraction: float = attrs.field(default=0.05, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
+    bf16: bool = False  # bfloat16 autocast for the sub-blocks' forward passes (weights and optimizer stay float32)
+    units_per_pass: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # per job; 0: all of a layer's
     activation_dtype: ModelDtype = "bf16"
     shard_tokens: int = attrs.field(default=8192, validator=attrs.validators.ge(1))  # tokens per activation file
     keep_activations: bool = True  # False: delete activations/ once every block is trained
@@ -191,6 +197,10 @@ class GKDSection:
     weight_decay: float = attrs.field(default=0.0, validator=at_least(0.0))
     max_grad_norm: float = attrs.field(default=1.0, validator=at_least(0.0))  # 0: no clipping
     bf16: bool = False  # bfloat16 autocast for the forward passes
+    # What trains: 'all' parameters; 'layers' (embeddings, final norm and LM head frozen); 'changed': the
+    # sub-blocks that differ from the parent's, plus every sub-block of the layers within `trainable_neighbors`
+    trainable: Literal["all", "layers", "changed"] = "all"
+    trainable_neighbors: int = attrs.field(default=1, validator=at_least(0))
     device: str = attrs.field(default="auto", validator=device_name)  # 'auto': the local rank's GPU if any, else CPU
     lora_rank: int = attrs.field(default=0, validator=at_least(0))  # 0: full fine-tuning; >0: LoRA, merged at the end
     lora_alpha: float | None = None  # None: 2 * lora_rank

@@ -9,8 +9,8 @@ from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import ModelShape
 from puzzle_core.schema import Scenario
-from puzzle_plugins.measured_cost import MeasuredCostModel, MeasuredOptions, decode_steps_timed
 from puzzle_core.roofline import block_params, fixed_params, kv_cache_bytes
+from puzzle_plugins.measured_cost import MeasuredCostModel, MeasuredOptions
 
 SHAPE = ModelShape(
     "llama", 2, 64, 4, 2, 16, 128, 256, True,
@@ -31,7 +31,7 @@ def family(registries):
 
 @pytest.fixture
 def measured(tmp_path):
-    return MeasuredCostModel(MeasuredOptions(layers=2, warmup=1, repeats=3, decode_points=2, cache_dir=str(tmp_path)))
+    return MeasuredCostModel(MeasuredOptions(layers=2, warmup=1, repeats=3, cache_dir=str(tmp_path)))
 
 
 def test_second_call_hits_the_disk_cache(measured, family, tmp_path):
@@ -78,7 +78,7 @@ def test_a_much_smaller_block_is_measured_faster(family):
     shape = ModelShape("llama", 1, 256, 8, 8, 32, 2048, 256, True,
                        (BlockSpec(AttentionSpec(n_heads_in_group=1), FFNSpec(intermediate_size=2048)),))
     workload = scenario(batch_size=4, prefill_len=64, decode_len=3)
-    model = MeasuredCostModel(MeasuredOptions(layers=2, repeats=5, decode_points=1, cache=False))
+    model = MeasuredCostModel(MeasuredOptions(layers=2, repeats=5, cache=False))
     big = model.block_costs(shape, shape.blocks[0], workload, family)
     small = model.block_costs(shape, BlockSpec.parse("attn_g8+ffn_64"), workload, family)
     assert small["prefill_ms"] < big["prefill_ms"]
@@ -94,18 +94,55 @@ def test_inputs_it_cannot_measure_are_user_errors(measured, family):
         measured.fixed_costs(SHAPE, SCENARIO, None)
 
 
-def test_decode_steps_timed_spread_over_the_generation():
-    assert decode_steps_timed(1, 3) == []
-    assert decode_steps_timed(2, 3) == [1]
-    assert decode_steps_timed(128, 3) == [1, 64, 127]
-    assert decode_steps_timed(128, 1) == [64]
-    assert decode_steps_timed(4, 10) == [1, 2, 3]
-
-
 def test_process_clock_is_a_separate_measurement(tmp_path, family):
-    wall = MeasuredCostModel(MeasuredOptions(layers=1, repeats=1, decode_points=1, cache_dir=str(tmp_path)))
+    wall = MeasuredCostModel(MeasuredOptions(layers=1, repeats=1, cache_dir=str(tmp_path)))
     process = MeasuredCostModel(attrs.evolve(wall.options, clock="process"))
     fixed = process.fixed_costs(SHAPE, SCENARIO, family)
     assert fixed["prefill_ms"] > 0 and fixed["decode_ms"] > 0
     wall.fixed_costs(SHAPE, SCENARIO, family)
     assert wall.measured == 1 and len(list(tmp_path.glob("*.json"))) == 2
+
+
+class RoundClock:
+    """Fake time that passes only in forward calls: ``1 + 0.5 x layers`` units each, times the current
+    round's slowdown; the slowdown changes every ``round_calls`` calls (a machine whose load keeps changing)."""
+
+    SLOWDOWNS = (7.0, 1.0, 3.0, 1.5, 4.0, 2.0)  # the first round is the warm-up
+
+    def __init__(self, round_calls: int):
+        self.time, self.calls, self.round_calls = 0.0, 0, round_calls
+
+    def now(self) -> float:
+        return self.time
+
+    def charge(self, layers: int):
+        def hook(_module, _args, _output):
+            self.time += (1 + 0.5 * layers) * self.SLOWDOWNS[self.calls // self.round_calls]
+            self.calls += 1
+        return hook
+
+
+def test_block_cost_is_the_median_paired_difference_of_interleaved_generate_runs(family, monkeypatch):
+    import statistics
+
+    import puzzle_core.timing as timing
+
+    decode = SCENARIO.decode_len  # forward calls per generate(): the prefill and decode - 1 steps
+    clock = RoundClock(round_calls=2 * decode)
+    monkeypatch.setitem(timing.CLOCKS, "wall", clock.now)
+    build = family.random_model
+
+    def timed_model(shape, dtype="float32"):
+        model = build(shape, dtype)
+        model.register_forward_hook(clock.charge(shape.num_layers))
+        return model
+
+    monkeypatch.setattr(family, "random_model", timed_model)
+    model = MeasuredCostModel(MeasuredOptions(layers=4, warmup=1, repeats=5, cache=False))
+    costs = model.block_costs(SHAPE, BlockSpec.parse("attn_g4+ffn_64"), SCENARIO, family)
+    assert clock.calls == 6 * 2 * decode  # a warm-up round and 5 timed ones, both models in each
+    # per round: the 4-layer model's extra 0.5 x 4 units per call, over 4 layers; median over the timed rounds
+    per_call = statistics.median(0.5 * s for s in RoundClock.SLOWDOWNS[1:]) * 1e3
+    assert costs["runtime_ms"] == pytest.approx(per_call * decode)
+    assert costs["prefill_ms"] == pytest.approx(per_call)  # the first forward call of each generate()
+    assert costs["decode_ms"] == pytest.approx(per_call * (decode - 1))

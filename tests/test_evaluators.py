@@ -153,15 +153,72 @@ def test_throughput(workspace, context):
     assert metrics["throughput_tok_s"] > 0
     assert metrics["throughput_tok_s"] == pytest.approx(2 * 4 / metrics["latency_s"])
     assert 0 < metrics["prefill_s"] < metrics["latency_s"]
+    assert metrics["measured_speedup_rounds"] == 2  # the parent against itself: the measurement's own noise
+    assert metrics["measured_speedup_min"] <= metrics["measured_speedup"] <= metrics["measured_speedup_max"]
+    alone = evaluator("throughput", repeats=1).evaluate(workspace["parent"], attrs.evolve(context, parent=None))
+    assert "measured_speedup" not in alone and alone["throughput_tok_s"] > 0
     bf16 = attrs.evolve(context, scenario=attrs.evolve(context.scenario, dtype="bf16"))
     assert evaluator("throughput", warmup=0, repeats=2, statistic="min").evaluate(workspace["parent"], bf16)["throughput_tok_s"] > 0
     assert next(workspace["parent"].model.parameters()).dtype == torch.float32  # measured on a copy
 
 
+class FakeClock:
+    """Time that passes only while models run: ``cost`` units per forward call, times ``slowdown``,
+    which grows by 1.7x after every ``round_calls`` forward calls (a machine whose speed keeps changing)."""
+
+    def __init__(self, round_calls: int):
+        self.time = 0.0
+        self.slowdown = 1.0
+        self.round_calls = round_calls
+        self.calls: list[str] = []
+
+    def now(self) -> float:
+        return self.time
+
+    def charge(self, name: str, cost: float):
+        def hook(_module, _args, _output):
+            self.time += cost * self.slowdown
+            self.calls.append(name)
+            if len(self.calls) % self.round_calls == 0:
+                self.slowdown *= 1.7
+        return hook
+
+
+def test_throughput_pairs_the_model_with_the_parent_round_by_round(workspace, context, monkeypatch):
+    import puzzle_core.timing as timing
+
+    decode = context.scenario.decode_len  # forward calls per generate(): the prefill, then decode - 1 steps
+    clock = FakeClock(round_calls=2 * decode)
+    monkeypatch.setitem(timing.CLOCKS, "wall", clock.now)
+    parent = workspace["parent"]
+    child = copy.deepcopy(parent.model)
+    hooks = [parent.model.register_forward_hook(clock.charge("parent", 3.0)),
+             child.register_forward_hook(clock.charge("child", 2.0))]
+    try:
+        metrics = evaluator("throughput", warmup=1, repeats=5).evaluate(
+            LoadedModel(child, parent.tokenizer, parent.shape, "child"), context)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # a warm-up round, then 5 timed rounds; each runs both models, the order reversing every round
+    assert clock.calls[::decode] == ["child", "parent", "parent", "child"] * 3
+    # times grew 1.7x per round (14x in all); the per-round ratio did not move
+    assert metrics["measured_speedup"] == pytest.approx(1.5)
+    for end in ("q1", "q3", "min", "max"):
+        assert metrics[f"measured_speedup_{end}"] == pytest.approx(1.5)
+    assert metrics["measured_speedup_rounds"] == 5
+    # absolute numbers: the median round (the third timed one, slowdown 1.7^3)
+    assert metrics["latency_s"] == pytest.approx(2.0 * decode * 1.7**3)
+    assert metrics["prefill_s"] == pytest.approx(2.0 * 1.7**3)
+    assert metrics["parent_throughput_tok_s"] == pytest.approx(2 * decode / (3.0 * decode * 1.7**3))
+
+
 def test_evaluate_all_merges_and_rejects_clashes(workspace, context):
     kl = evaluator("kl_to_parent", tokens=128, seq_len=64)
     merged = evaluate_all(workspace["parent"], [("kl", kl), ("speed", evaluator("throughput", repeats=1))], context)
-    assert {"kl_to_parent", "test_lm_loss", "throughput_tok_s", "latency_s", "prefill_s"} == set(merged)
+    assert {"kl_to_parent", "test_lm_loss", "throughput_tok_s", "latency_s", "prefill_s", "parent_throughput_tok_s",
+            "measured_speedup", "measured_speedup_q1", "measured_speedup_q3", "measured_speedup_min",
+            "measured_speedup_max", "measured_speedup_rounds"} == set(merged)
     with pytest.raises(ValueError, match="both report 'kl_to_parent'"):
         evaluate_all(workspace["parent"], [("a", kl), ("b", kl)], context)
 

@@ -169,3 +169,20 @@ def test_the_conformance_kit_fails_a_family_with_a_phantom_bias_and_says_why(tmp
     assert fewer_kv.name == "fewer KV heads" and not fewer_kv.cells["build"].passed
     assert fewer_kv.cells["logits"].passed is None  # not run: it needs the build
     assert "all-parent / params: 182,080 parameters, expected 181,312" in report.table()
+
+
+def test_a_registered_family_keeps_its_runners_streamed_head():
+    """Scoring streams the LM head in vocabulary slices only when the runner says how: guarding must not hide it."""
+    import torch
+
+    from puzzle_core.guarded import create_family
+    from puzzle_core.registry import get_registries
+    from tests.tiny import tiny_parent
+
+    _, parent = tiny_parent()
+    family = create_family(get_registries().architectures.entry("llama"))
+    runner = family.layer_runner(parent.model)
+    pre, weight = runner.head_projection()
+    hidden = torch.randn(2, 3, parent.shape.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(pre(hidden) @ weight.T, runner.head(hidden))

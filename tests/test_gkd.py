@@ -132,6 +132,39 @@ def test_lora_wraps_custom_blocks_and_merges_back_to_plain_linear(setup, tmp_pat
     assert torch.equal(state["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # LoRA leaves it alone
 
 
+def test_trainable_changed_trains_only_changed_sub_blocks_and_neighbours(setup, tmp_path):
+    """Child: layer 0 and the attention of layer 3 are the parent's; layers 1-2 and layer 3's FFN differ."""
+    family, parent, corpus = setup
+    child = make_child(family, parent)
+
+    def trained(**options) -> set[str]:
+        student = make_child(family, parent)
+        Student(student.model, section(**options), gkd.trainable_sublayers(family, student, parent, section(**options)))
+        return {name.split(".")[2] + "." + name.split(".")[3] if name.startswith("model.layers") else name
+                for name, p in student.model.named_parameters() if p.requires_grad}
+
+    layers = trained(trainable="layers")
+    assert "model.embed_tokens.weight" not in layers and "lm_head.weight" not in layers
+    assert "model.norm.weight" not in layers and {"0.self_attn", "0.mlp", "3.self_attn"} <= layers
+    assert trained(trainable="changed", trainable_neighbors=0) == {
+        "1.input_layernorm", "1.self_attn", "1.post_attention_layernorm", "1.mlp", "2.input_layernorm", "2.self_attn"
+    }  # layer 3's FFN is a no-op: nothing to train there
+    assert trained(trainable="changed") == trained(trainable="layers")  # one neighbour each side reaches all four
+    with pytest.raises(UserError, match="nothing would train"):
+        same = family.build_child(parent, [BlockSpec.parse("attn_g2+ffn_128")] * 4)
+        gkd.trainable_sublayers(family, same, parent, section(trainable="changed"))
+
+    before = {k: v.clone() for k, v in child.model.state_dict().items()}
+    model, log, _ = train(family, parent, corpus, tmp_path, section(trainable="changed", trainable_neighbors=0),
+                          child=child)
+    assert log.validation[-1].kl < log.validation[0].kl
+    state = model.state_dict()
+    for name in before:
+        changed = not torch.equal(state[name], before[name])
+        assert changed == (name.startswith(("model.layers.1.", "model.layers.2.self_attn")) or
+                           name == "model.layers.2.input_layernorm.weight"), name
+
+
 class ExplodesAfter(DistillationLoss):
     """A logits loss that turns NaN after ``calls`` calls."""
 
@@ -240,3 +273,21 @@ def test_ddp_over_two_processes_matches_one_process_with_the_whole_batch(setup, 
     ddp_log = json.loads((tmp_path / "ddp_log.json").read_text())
     assert [p["step"] for p in ddp_log["validation"]] == [p.step for p in single_log.validation]
     assert ddp_log["validation"][-1]["kl"] == pytest.approx(single_log.validation[-1].kl, rel=1e-4)
+
+
+def test_validation_with_a_teacher_cache_runs_only_the_teachers_head_again(setup):
+    family, parent, corpus = setup
+    student = gkd.LayerwiseForward(make_child(family, parent).model, family)
+    teacher = gkd.LayerwiseForward(parent.model, family)
+    batches = list(corpus.batches("validation", SEQ_LEN, 4, 256, 0))
+    cache: dict = {}
+    calls = []
+    hook = parent.model.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        plain = gkd.validation_kl(student, teacher, batches, torch.device("cpu"), gkd.nullcontext)
+        first = gkd.validation_kl(student, teacher, batches, torch.device("cpu"), gkd.nullcontext, cache)
+        assert sorted(cache) == list(range(len(batches))) and len(calls) == 2 * len(batches)
+        again = gkd.validation_kl(student, teacher, batches, torch.device("cpu"), gkd.nullcontext, cache)
+    finally:
+        hook.remove()
+    assert first == plain == again and len(calls) == 2 * len(batches)  # the teacher's layers did not run again

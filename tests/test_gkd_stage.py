@@ -75,9 +75,27 @@ def test_gkd_evaluate_report_stages(ctx, monkeypatch):
     assert {str(p.relative_to(run_dir.root)) for p in gkd.run(ctx)} == relative
 
     ctx.stage = "evaluate"
+    from puzzle_plugins.model_metrics import Throughput
+
+    timed = []
+    measure = Throughput.evaluate
+
+    def spy(self, model, context):
+        timed.append(model.source)
+        return measure(self, model, context)
+
+    monkeypatch.setattr(Throughput, "evaluate", spy)
     evaluate.run(ctx)
     evaluations = evaluate.read_evaluations(run_dir)
     assert set(evaluations) == {"parent", "mip", "mip+gkd", "greedy", "greedy+gkd"}
+    # GKD changed weights, not the architecture: throughput is timed for the parent and the assembled children only
+    assert len(timed) == 3
+    for name in ("mip", "greedy"):
+        after, assembled = evaluations[name + "+gkd"], evaluations[name]
+        assert after.reused == {"throughput": name} and assembled.reused == {}
+        assert {k: after.metrics[k] for k in assembled.metrics if "throughput" in k or "speedup" in k} == {
+            k: v for k, v in assembled.metrics.items() if "throughput" in k or "speedup" in k}
+        assert after.metrics["kl_to_parent"] != assembled.metrics["kl_to_parent"]  # measured again
     assert evaluations["parent"].metrics["kl_to_parent"] == pytest.approx(0.0, abs=1e-6)
     assert evaluations["mip+gkd"].metrics["kl_to_parent"] < evaluations["mip"].metrics["kl_to_parent"]
     assert evaluations["mip+gkd"].path == "gkd/mip/final" and evaluations["mip"].phase == "assembled"
@@ -90,8 +108,7 @@ def test_gkd_evaluate_report_stages(ctx, monkeypatch):
     mip = summary["children"][0]
     assert mip["kl_to_parent"] == evaluations["mip+gkd"].metrics["kl_to_parent"]
     assert mip["kl_to_parent_before_gkd"] == evaluations["mip"].metrics["kl_to_parent"]
-    assert mip["measured_speedup"] == pytest.approx(
-        evaluations["mip+gkd"].metrics["throughput_tok_s"] / evaluations["parent"].metrics["throughput_tok_s"])
+    assert mip["measured_speedup"] == evaluations["mip"].metrics["measured_speedup"]
     assert summary["parent"]["params"] == sum(p.numel() for p in ctx.parent.model.parameters())
 
 

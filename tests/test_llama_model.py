@@ -46,7 +46,7 @@ def test_variants_parent_first_and_every_kind(registries, tiny):
     space = provider.variants(parent.shape, 0)
     assert [a.id for a in space.attention] == ["attn_g2", "attn_g4", "attn_linear", "attn_noop"]
     assert [f.id for f in space.ffn] == ["ffn_128", "ffn_96", "ffn_64", "ffn_32", "ffn_16", "ffn_linear", "ffn_noop"]
-    assert provider.init_method == "attention=mean_kv,ffn=activations,linear=lstsq"
+    assert provider.init_method == "attention=fitted_kv,ffn=fitted,linear=lstsq"
 
 
 def test_variant_options_gqa_rounding_and_subsets(registries):
@@ -211,14 +211,14 @@ def test_ffn_init_keeps_the_most_active_channels(tiny):
     layer = parent.model.model.layers[2]
     importance = channel_importance(layer.mlp, layer.post_attention_layernorm, calibration, "activations")
     keep = importance.topk(32).indices.sort().values
-    module = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=32), calibration)
+    module = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=32), calibration, "ffn=activations")
     torch.testing.assert_close(module.mlp.gate_proj.weight, layer.mlp.gate_proj.weight[keep])
     torch.testing.assert_close(module.mlp.down_proj.weight, layer.mlp.down_proj.weight[:, keep])
     by_weights = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=32), None)
     with torch.no_grad():
         error = lambda m: ((m(hidden, context) - delta) ** 2).sum() / (delta**2).sum()  # noqa: E731
         assert error(module) < error(by_weights)  # activations are measured on the very tokens scored here
-        full = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=128), calibration)
+        full = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=128), calibration, "ffn=activations")
         torch.testing.assert_close(full(hidden, context), delta, atol=1e-6, rtol=0)
 
 
@@ -299,7 +299,8 @@ def test_fitted_kv_beats_mean_and_random_heads_on_held_out_tokens(tiny):
     calibration, *_ = _calibration(parent, family, 2, "attention", tokens=96)
     _, hidden, context, delta = _calibration(parent, family, 2, "attention", tokens=96, seed=11)
     spec = AttentionSpec(n_heads_in_group=4)
-    fitted, mean = (family.init_sublayer(parent, 2, spec, calibration, f"attention={m}") for m in ("fitted_kv", "mean_kv"))
+    fitted, mean = (family.init_sublayer(parent, 2, spec, calibration, f"attention={method}")
+                    for method in ("fitted_kv", "mean_kv"))
     random = family.init_sublayer(parent, 2, spec, calibration, "attention=mean_kv")
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)
@@ -343,6 +344,35 @@ def test_channel_contribution_weighs_activations_by_the_down_projection(tiny):
     finally:
         with torch.no_grad():
             layer.mlp.down_proj.weight.copy_(original)
+
+
+def test_fitted_ffn_refits_the_down_projection_on_calibration_tokens(tiny):
+    """Channels 64-127 fire exactly like channels 0-63 and write 0.3x their columns: keeping 64 channels loses
+    that share of the output unless the kept columns are re-fitted (towards 1.3x)."""
+    family, parent = tiny
+    mlp = parent.model.model.layers[2].mlp
+    original = {name: getattr(mlp, name).weight.detach().clone() for name in ("gate_proj", "up_proj", "down_proj")}
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj"):
+            getattr(mlp, name).weight[64:] = getattr(mlp, name).weight[:64]
+        mlp.down_proj.weight[:, 64:] = 0.3 * mlp.down_proj.weight[:, :64]
+    try:
+        calibration, *_ = _calibration(parent, family, 2, "ffn", tokens=512)
+        _, hidden, context, delta = _calibration(parent, family, 2, "ffn", tokens=96, seed=11)
+        spec = FFNSpec(intermediate_size=64)
+        fitted, again, chosen = (family.init_sublayer(parent, 2, spec, calibration, f"ffn={method}")
+                                 for method in ("fitted", "fitted", "contribution"))
+        torch.testing.assert_close(fitted.mlp.gate_proj.weight, chosen.mlp.gate_proj.weight)  # the same channels
+        assert torch.equal(fitted.mlp.down_proj.weight, again.mlp.down_proj.weight)
+        errors = [_attention_error(m, hidden, context, delta) for m in (fitted, chosen)]
+        assert errors[0] < 0.5 * errors[1]
+        full = family.init_sublayer(parent, 2, FFNSpec(intermediate_size=128), calibration, "ffn=fitted")
+        with torch.no_grad():
+            torch.testing.assert_close(full(hidden, context), delta, atol=1e-6, rtol=1e-4)  # nothing to improve on
+    finally:
+        with torch.no_grad():
+            for name, weight in original.items():
+                getattr(mlp, name).weight.copy_(weight)
 
 
 @pytest.mark.parametrize("part,spec", [("attention", AttentionSpec(replace_with_linear=True)),

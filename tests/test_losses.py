@@ -90,3 +90,31 @@ def test_losses_give_gradients_to_student_only(registries):
 def test_shape_mismatch_is_an_error(registries):
     with pytest.raises(ValueError, match="shape"):
         make(registries, "normalized_mse")(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_chunked_kl_equals_the_full_computation_and_its_gradient(registries):
+    """Chunks of 3 positions (uneven: 14 rows) against autograd through one full log-softmax."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 50, generator=generator) * 3
+    teacher = torch.randn(2, 7, 50, generator=generator) * 3
+    for t in (1.0, 2.0):
+        student = logits.clone().requires_grad_(True)
+        loss = make(registries, "kl", temperature=t)
+        loss.chunk_tokens = 3
+        chunked = loss(student, teacher)
+        (chunked * 0.5).backward()
+        reference_student = logits.clone().requires_grad_(True)
+        log_s = F.log_softmax(reference_student / t, -1).reshape(-1, 50)
+        log_t = F.log_softmax(teacher / t, -1).reshape(-1, 50)
+        reference = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * t * t
+        (reference * 0.5).backward()
+        assert chunked.item() == pytest.approx(reference.item(), rel=1e-5)
+        torch.testing.assert_close(student.grad, reference_student.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_of_bf16_logits_gives_a_bf16_gradient(registries):
+    student = torch.randn(4, 9, 30).to(torch.bfloat16).requires_grad_(True)
+    value = make(registries, "kl")(student, torch.randn(4, 9, 30).to(torch.bfloat16))
+    value.backward()
+    assert value.dtype == torch.float32 and student.grad.dtype == torch.bfloat16
+    assert torch.isfinite(student.grad.float()).all()

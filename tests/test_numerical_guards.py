@@ -86,7 +86,7 @@ library:
   calibration_tokens: 64
   batch_size: 4
   shard_tokens: 256
-  loss: {name: nan_mse, after: 22}
+  loss: {name: nan_mse, after: 43}
 scoring:
   tokens: 64
 costs:
@@ -134,14 +134,15 @@ def blocks(run_dir: Path) -> dict[Path, int]:
 def test_a_nan_loss_stops_bld_keeps_finished_blocks_and_gkd_keeps_its_last_checkpoint(run, capsys, monkeypatch):
     config, run_dir = run
 
-    # BLD diverges in its 6th job
+    # BLD diverges in its second job (layer 1's pass: 7 held-out calls, then 7 units a step; call 44 is
+    # the second unit's loss at step 2)
     code, err = cli(capsys, monkeypatch, "run", config, "--run-dir", run_dir, "--stage", "library", armed=True)
     assert code == 2 and "Traceback" not in err
     message = err[err.index("Error: "):].strip()
     assert re.fullmatch(r"Error: BLD job layer_\d+/\S+ diverged: its loss is nan at step 2 of 2 \(lr [^)]+\)\. "
                         r"Lower library\.lr, or check the parent's activations in \S+\.", message), message
     kept = blocks(run_dir)
-    assert len(kept) == 2 * 5, "the five jobs before it wrote their weights and records"
+    assert len(kept) == 2 * 7, "the first pass wrote the weights and records of its seven units"
     layer, unit = message.split()[3].split("/")  # layer_<i>/<unit>
     assert not (run_dir / "library" / "blocks" / f"layer_{int(layer[6:]):03d}" / f"{unit}.safetensors").exists()
     assert not list(run_dir.rglob(TEMP_PREFIX + "*")) and "library" not in _manifest(run_dir)

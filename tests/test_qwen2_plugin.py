@@ -83,6 +83,14 @@ def test_the_package_is_installed_and_registers_its_family_and_variants(registri
     assert registries.block_variants.entry("qwen2").distribution == "puzzle-qwen2"
 
 
+def test_registering_it_imports_no_transformers():
+    """``puzzle`` commands import every plugin: the family, and transformers with it, wait for a run to build it."""
+    code = ("import sys, puzzle_qwen2; puzzle_qwen2.puzzle_architectures(); puzzle_qwen2.puzzle_block_variants(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('transformers', 'puzzle_qwen2.'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_it_uses_only_public_names_of_the_api_and_copies_no_core_code():
     from puzzle_core import api
     from puzzle_core.api import decoder

@@ -15,11 +15,11 @@ The parts:
   ``Scenario``, ``SearchProblem``, ``Solution``, ``StageContext``, ``ProcessRole``...);
 - the errors a plugin raises (``UserError`` for anything the user can fix);
 - helpers: atomic writes, the user cache, torch threads and devices, the dtype
-  vocabulary, the roofline cost model of a spec sheet, search helpers, the standard
-  variant space of a decoder layer.
+  vocabulary, the roofline cost model of a spec sheet, search helpers, timing of
+  ``generate`` workloads, the standard variant space of a decoder layer.
 
-Importing this module stays cheap (no torch): every ``puzzle`` command imports every
-plugin. Two sub-modules import torch and are imported only where needed:
+Every ``puzzle`` command imports every plugin, and with it this module. Two sub-modules
+import transformers and are imported only where a model is built:
 :mod:`puzzle_core.api.decoder` (what a model family builds on: the heterogeneous child,
 sub-block initialisation, running and exporting children) and
 :mod:`puzzle_core.api.testing` (the conformance checks of a model family).
@@ -85,6 +85,7 @@ from puzzle_core.registry import Entry, Registries, Registry, build_registries, 
 from puzzle_core.roofline import GPUSpec, RooflineCostModel, RooflineOptions, ffn_size, kv_heads, roofline_cost_model
 from puzzle_core.rundir import atomic_dir, atomic_path, atomic_write, atomic_write_json
 from puzzle_core.scenario import Scenario
+from puzzle_core.scoring import kl_per_token, label_log_probs
 from puzzle_core.search import (
     Constraint,
     InfeasibleError,
@@ -99,6 +100,17 @@ from puzzle_core.search import (
     throughput,
 )
 from puzzle_core.search import Status as SolutionStatus
+from puzzle_core.timing import (
+    GenerateTiming,
+    Spread,
+    TimedGenerate,
+    device_description,
+    generation_config,
+    interleaved,
+    scenario_prompt,
+    summarise,
+    timed_ms,
+)
 
 hookspec = pluggy.HookspecMarker("puzzle")
 """The marker for hook specifications a plugin adds in ``puzzle_addhooks``."""
@@ -211,10 +223,22 @@ __all__ = [
     "check_diversity_count",
     "readable",
     "throughput",
+    "kl_per_token",
+    "label_log_probs",
     "DecoderVariants",
     "DecoderVariantOptions",
     "InitMethods",
     "chunk_documents",
+    # timing workloads (cost models that measure, evaluators that time)
+    "TimedGenerate",
+    "GenerateTiming",
+    "Spread",
+    "interleaved",
+    "timed_ms",
+    "generation_config",
+    "scenario_prompt",
+    "device_description",
+    "summarise",
     "assign_splits",
     "GPUSpec",
     "RooflineOptions",

@@ -15,7 +15,7 @@ the factory its architecture record names), not at registration.
   indexing with no-op layers; ``GroupedQueryAttention``, ``GatedMLP``), documented with the API.
 - Sub-block initialisation from the parent: :func:`init_sublayer` and its parts
   (:func:`merge_kv_heads`, :func:`channel_importance`, :func:`important_channels`,
-  :func:`keep_channels`, :func:`fit_linear`), chosen by an :class:`~puzzle_core.api.InitMethods`.
+  :func:`keep_channels`, :func:`fit_down_projection`, :func:`fit_linear`), chosen by an :class:`~puzzle_core.api.InitMethods`.
 - Running a model one sub-block at a time: :class:`DecoderLayerRunner`, :class:`AttentionSublayer`,
   :class:`FFNSublayer`, :func:`layer_sublayer`.
 - ``block_configs`` entries: :func:`block_config`, :func:`block_spec`, :func:`block_specs`;
@@ -30,6 +30,7 @@ from puzzle_core.decoder.family import ARCHITECTURE_KEY, DecoderFamily
 from puzzle_core.decoder.init import (
     KVHeadLayout,
     channel_importance,
+    fit_down_projection,
     fit_linear,
     important_channels,
     init_attention,
@@ -53,6 +54,7 @@ __all__ = [
     "channel_importance",
     "important_channels",
     "keep_channels",
+    "fit_down_projection",
     "fit_linear",
     "DecoderLayerRunner",
     "DecoderContext",

@@ -105,3 +105,9 @@ class DecoderLayerRunner(LayerRunner):
 
     def head(self, hidden):
         return self.model.lm_head(self.base.norm(hidden))
+
+    def head_projection(self):
+        lm_head = self.model.lm_head
+        if type(lm_head) is not nn.Linear or lm_head.bias is not None:
+            return None  # e.g. wrapped by LoRA: only head() knows what it computes
+        return self.base.norm, lm_head.weight

@@ -9,7 +9,12 @@ add ``lm_eval`` for benchmark accuracy). Each model's numbers go to
      "models": {"parent":  {"role": "parent", "child": null, "phase": null, "path": null, "params": 134515008,
                             "metrics": {"kl_to_parent": 0.0, "throughput_tok_s": 812.0, ...}, "seconds": 9.1},
                 "mip":     {"role": "child", "child": "mip", "phase": "assembled", "path": "children/mip", ...},
-                "mip+gkd": {"role": "child", "child": "mip", "phase": "gkd", "path": "gkd/mip/final", ...}}}
+                "mip+gkd": {"role": "child", "child": "mip", "phase": "gkd", "path": "gkd/mip/final", ...,
+                            "reused": {"throughput": "mip"}}}}
+
+A child after GKD has its assembled twin's architecture, so evaluators that measure the
+architecture alone (``architecture_only``, e.g. ``throughput``) do not run again: the
+twin's numbers are copied, and ``reused`` says so.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class ModelEvaluation:
     metrics: dict[str, float]
     seconds: float  # loading + every evaluator
     fingerprint: str = ""
+    reused: dict[str, str] = attrs.Factory(dict)  # evaluator -> model whose numbers it copied (same architecture)
 
 
 @attrs.frozen
@@ -130,7 +136,11 @@ def run(ctx) -> list[Path]:
                 continue
         started = time.perf_counter()
         model = candidate.load()
-        metrics = evaluate_all(model, evaluators, context)
+        twin = results.get(candidate.child) if candidate.phase == "gkd" else None
+        reused = [(n, e) for n, e in evaluators if twin is not None and e.architecture_only]
+        metrics = evaluate_all(model, [pair for pair in evaluators if pair not in reused], context)
+        if reused:  # GKD changed the weights, not the architecture: the assembled child's numbers stand
+            metrics.update({k: v for k, v in twin.metrics.items() if k not in metrics})
         evaluation = ModelEvaluation(
             role=candidate.role,
             child=candidate.child,
@@ -140,6 +150,7 @@ def run(ctx) -> list[Path]:
             metrics=metrics,
             seconds=time.perf_counter() - started,
             fingerprint=fingerprint,
+            reused={name: candidate.child for name, _ in reused},
         )
         atomic_write_json(path, CONVERTER.unstructure(evaluation))
         results[candidate.key] = evaluation

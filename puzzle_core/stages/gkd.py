@@ -87,6 +87,7 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
             "upstream": ctx.hashes["assemble"],
             "child": child.name,
             "lora": [section.lora_rank, section.lora_alpha],
+            "trainable": [section.trainable, section.trainable_neighbors],
             "layout": [seq_len, section.batch_size, section.grad_accum, world()[1], ctx.config.seed],
         }
     )

@@ -1,7 +1,8 @@
 """Stage ``library``: capture the parent's activations, then train every block variant (BLD).
 
 Both steps are job lists run by the configured executor (``library.executor``), so they
-spread over torchrun processes (or a cluster plugin) the same way. Writes
+spread over torchrun processes (or a cluster plugin) the same way: one capture job per
+shard, one BLD job per pass over a layer's activations (its units trained side by side). Writes
 ``library/blocks/`` (weights and per-job records), ``library/index.json`` (blocks per
 layer, parent first, with every trained unit's record) and the merged
 ``library/library.json``.
@@ -46,6 +47,7 @@ def library_parts(ctx) -> tuple[ActivationStore, TrainSettings, Any]:
         calibration_tokens=section.calibration_tokens,
         init_method=ctx.variant_provider.init_method,
         seed=config.seed,
+        bf16=section.bf16,
     )
     return store, settings, ctx.registries.record(section.loss).create(section.loss.options)
 
@@ -75,7 +77,8 @@ def run(ctx) -> list[Path]:
     device = resolve_device(section.device, ctx.role.local_rank, "library.device")
     trainer = BLDTrainer(ctx.run_dir, ctx.family, ctx.parent, store, settings, loss, device, capture_missing,
                          progress=ctx.role.rank == 0)
-    executor.run(trainer.jobs(plan, store.settings.seq_len), trainer.run, "training blocks (BLD)", context=ctx)
+    jobs = trainer.jobs(plan, store.settings.seq_len, section.units_per_pass)
+    executor.run(jobs, trainer.run, "training blocks (BLD)", context=ctx)
     if not driver:
         return []
 

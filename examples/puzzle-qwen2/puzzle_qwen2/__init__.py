@@ -1,6 +1,6 @@
 """puzzle-qwen2: the Qwen2 architecture for puzzle, and its block variants.
 
-Registration stays cheap: the family (and with it torch) is imported only when a run
+Registration stays cheap: the family (and with it transformers) is imported only when a run
 or a ``puzzle model`` command builds it.
 """
 
