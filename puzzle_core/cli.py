@@ -2,14 +2,16 @@
 
 The core's sub-commands live next to the code they drive and are attached at the bottom
 of this module; plugins add more through ``puzzle_commands`` (``bench`` is one). Every
-:class:`~puzzle_core.errors.UserError` becomes a one-paragraph message on stderr and exit
-code 2, never a traceback.
+:class:`~puzzle_core.errors.UserError` and :class:`~puzzle_core.errors.PluginError` (a
+fault in a plugin's code, naming the plugin) becomes a one-paragraph message on stderr
+and exit code 2; ``PUZZLE_DEBUG=1`` prints the traceback before it.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 import warnings
 
 import click
@@ -58,11 +60,20 @@ class PuzzleGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
+            _traceback_if_debugging(exc)
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except PluginError as exc:
+            _traceback_if_debugging(exc)
             click.echo(f"Plugin error: {exc}", err=True)
             ctx.exit(2)
+
+
+def _traceback_if_debugging(exc: BaseException) -> None:
+    from puzzle_core.guarded import debugging
+
+    if debugging():
+        click.echo("".join(traceback.format_exception(exc)), err=True, nl=False)
 
 
 def _show_warnings_briefly() -> None:

@@ -35,7 +35,8 @@ hookspec = pluggy.HookspecMarker("puzzle")
 def puzzle_architectures() -> list[ArchitecturePlugin]:
     """Model families.
 
-    Example: ``return [ArchitecturePlugin(name="qwen2", implementation=Qwen2Architecture)]``.
+    Example: ``return [ArchitecturePlugin(name="qwen2", implementation=qwen2_family)]`` (the factory of
+    ``Qwen2Family`` in ``examples/puzzle-qwen2``; CONTRIBUTING.md walks through it).
     """
 
 
@@ -43,8 +44,8 @@ def puzzle_architectures() -> list[ArchitecturePlugin]:
 def puzzle_block_variants() -> list[BlockVariantsPlugin]:
     """Providers of alternative sub-blocks (reduced FFNs, fewer KV heads, no-ops...).
 
-    Example: ``return [BlockVariantsPlugin(name="llama", implementation=LlamaVariants,
-    options=LlamaVariantOptions)]``.
+    Example: ``return [BlockVariantsPlugin(name="llama", implementation=DecoderVariants,
+    options=DecoderVariantOptions)]``.
     """
 
 
@@ -52,7 +53,7 @@ def puzzle_block_variants() -> list[BlockVariantsPlugin]:
 def puzzle_scorers() -> list[ScorerPlugin]:
     """Replace-1-block quality scores, written to ``metrics.<name>`` in the library.
 
-    Example: ``return [ScorerPlugin(name="kl", implementation=KLScorer)]``.
+    Example: ``return [ScorerPlugin(name="kl", implementation=KLDivergence)]``.
     """
 
 
@@ -60,7 +61,7 @@ def puzzle_scorers() -> list[ScorerPlugin]:
 def puzzle_cost_models() -> list[CostModelPlugin]:
     """Per-block costs (runtime, memory, parameters) for an inference scenario.
 
-    Example: ``return [CostModelPlugin(name="a100", implementation=A100Roofline)]``.
+    Example: ``return [CostModelPlugin(name="measured", implementation=MeasuredCostModel, options=MeasuredOptions)]``.
     """
 
 
@@ -84,7 +85,7 @@ def puzzle_distillation_losses() -> list[DistillationLossPlugin]:
 def puzzle_evaluators() -> list[EvaluatorPlugin]:
     """Evaluations of a model (benchmarks, KL to the parent, throughput).
 
-    Example: ``return [EvaluatorPlugin(name="lm_eval", implementation=LmEval, options=LmEvalOptions)]``.
+    Example: ``return [EvaluatorPlugin(name="lm_eval", implementation=LmEvalEvaluator, options=LmEvalOptions)]``.
     """
 
 
@@ -92,7 +93,7 @@ def puzzle_evaluators() -> list[EvaluatorPlugin]:
 def puzzle_executors() -> list[ExecutorPlugin]:
     """Ways to run independent jobs (BLD blocks, scoring shards).
 
-    Example: ``return [ExecutorPlugin(name="slurm", implementation=SlurmExecutor, options=SlurmOptions)]``.
+    Example: ``return [ExecutorPlugin(name="torchrun", implementation=TorchrunExecutor, options=TorchrunOptions)]``.
     """
 
 
@@ -100,7 +101,7 @@ def puzzle_executors() -> list[ExecutorPlugin]:
 def puzzle_corpora() -> list[CorpusPlugin]:
     """Text sources for BLD, scoring and GKD, picked by ``data.corpus``.
 
-    Example: ``return [CorpusPlugin(name="wiki", implementation=WikiDump, options=WikiOptions)]``.
+    Example: ``return [CorpusPlugin(name="files", implementation=FilesCorpus, options=FilesOptions)]``.
     """
 
 
@@ -108,7 +109,7 @@ def puzzle_corpora() -> list[CorpusPlugin]:
 def puzzle_commands() -> list[CommandPlugin]:
     """Sub-commands of the ``puzzle`` command line.
 
-    Example: ``return [CommandPlugin(name="export-onnx", implementation=ExportOnnx)]``.
+    Example: ``return [CommandPlugin(name="bench", implementation=Bench)]``.
     """
 
 

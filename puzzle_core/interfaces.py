@@ -123,13 +123,26 @@ class LayerRunner(ABC):
 
 
 class ModelFamily(ABC):
-    """Implementation of an :class:`~puzzle_core.records.ArchitecturePlugin` record."""
+    """Implementation of an :class:`~puzzle_core.records.ArchitecturePlugin` record.
+
+    :meth:`aliases` is not inherited: a subclass of another family offers only the parents it
+    names itself, so it never re-offers (and clashes over) its base's.
+    """
 
     default_variants: str = ""  # name of the BlockVariantsPlugin record used when the config names none
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "aliases" not in vars(cls):
+            cls.aliases = ModelFamily.aliases
+
     @abstractmethod
     def detect(self, hf_config: HFConfig) -> bool:
-        """Whether a Hugging Face ``config.json`` belongs to this family."""
+        """Whether a Hugging Face ``config.json`` belongs to this family: a parent's, or a child it exported.
+
+        Two families claiming one model is an error unless the config names one
+        (``parent.architecture``), so a family claims only what it can load faithfully.
+        """
 
     @abstractmethod
     def shape(self, hf_config: HFConfig) -> ModelShape:
@@ -140,7 +153,10 @@ class ModelFamily(ABC):
         """Load a parent from a local folder or a GGUF file (remote code only when the user allows it)."""
 
     def aliases(self) -> Mapping[str, Callable[[], Path]]:
-        """Named parents this family offers: name -> function returning a local folder (made on first use)."""
+        """Named parents this family offers: name -> function returning a local folder (made on first use).
+
+        Not inherited by subclasses (see the class docstring).
+        """
         return {}
 
     @abstractmethod

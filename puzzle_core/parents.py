@@ -1,7 +1,10 @@
 """Resolving the configured parent: an alias, a Hugging Face folder or a GGUF file -> (family, model).
 
 Aliases come from the architecture plugins (:meth:`ModelFamily.aliases`); the family of
-a path is detected from its ``config.json`` (or GGUF header) unless the config names one.
+a path is detected from its ``config.json`` (or GGUF header) unless the config names one
+(``parent.architecture``). Two families offering the same alias or claiming the same
+model is an error naming both, unless the config names one. Families are guarded
+(:mod:`puzzle_core.guarded`): a fault in their code names them.
 Weights are read only from safetensors (or GGUF): a PyTorch pickle can run code when
 loaded, so a parent that has nothing else is refused before any loader sees it.
 """
@@ -13,17 +16,29 @@ from pathlib import Path
 from typing import Any
 
 from puzzle_core.errors import UserError
+from puzzle_core.guarded import GuardedFamily, create_family, describe, guarded
 from puzzle_core.interfaces import LoadedModel, ModelFamily
 
 
-def families(registries) -> dict[str, ModelFamily]:
-    """One instance of every registered architecture, by name."""
-    return {entry.name: entry.record.create() for entry in registries.architectures}
+def families(registries) -> dict[str, GuardedFamily]:
+    """One instance of every registered architecture, by name (guarded)."""
+    return {entry.name: create_family(entry) for entry in registries.architectures}
 
 
 def parent_aliases(registries) -> dict[str, str]:
     """Every alias any architecture offers, with the architecture that offers it."""
     return {alias: name for name, family in families(registries).items() for alias in family.aliases()}
+
+
+def _one(claims: list[GuardedFamily], what: str) -> GuardedFamily | None:
+    """The only family in ``claims``; several are an error naming each, and how to pick one."""
+    if len(claims) > 1:
+        named = " and ".join(describe(family.entry) for family in claims)
+        raise UserError(
+            f"{what} is claimed by {named}. Set parent.architecture (--architecture on the command line) to the one "
+            f"to use: {', '.join(family.entry.name for family in claims)}."
+        )
+    return claims[0] if claims else None
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -75,13 +90,16 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 def resolve_parent(section, registries) -> tuple[ModelFamily, Path]:
     """The family and the local path of ``section.source``."""
-    available = families(registries)
     choice = section.architecture
-    chosen = registries.record(choice).create(choice.options) if choice is not None else None
-    for name, family in ([(section.architecture.name, chosen)] if chosen else available.items()):
-        make = family.aliases().get(section.source)
-        if make is not None:
-            return family, Path(make())
+    if choice is not None:
+        candidates = {choice.name: create_family(registries.architectures.entry(choice.name), choice.options)}
+    else:
+        candidates = families(registries)
+    offering = _one([family for family in candidates.values() if section.source in family.aliases()],
+                    f"The parent alias '{section.source}'")
+    if offering is not None:
+        make = offering.aliases()[section.source]
+        return offering, Path(guarded(offering.entry, make, f"making the parent '{section.source}'"))
     path = Path(section.source).expanduser()
     if not path.exists():
         aliases = ", ".join(sorted(parent_aliases(registries))) or "(none installed)"
@@ -90,14 +108,15 @@ def resolve_parent(section, registries) -> tuple[ModelFamily, Path]:
             f"otherwise give a local Hugging Face model folder or a .gguf file."
         )
     config = source_config(path)
-    if chosen is not None:
-        return chosen, path
-    for family in available.values():
-        if family.detect(config):
-            return family, path
+    if choice is not None:
+        return candidates[choice.name], path
+    detected = _one([family for family in candidates.values() if family.detect(config)],
+                    f"{path} (model_type {config.get('model_type')!r})")
+    if detected is not None:
+        return detected, path
     raise UserError(
         f"No installed architecture recognises {path} (model_type {config.get('model_type')!r}). Installed "
-        f"architectures: {', '.join(available) or '(none)'}. Install a plugin for it, or set parent.architecture "
+        f"architectures: {', '.join(candidates) or '(none)'}. Install a plugin for it, or set parent.architecture "
         f"if one of these fits."
     )
 

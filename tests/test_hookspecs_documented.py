@@ -49,6 +49,20 @@ def test_hook_docstring_has_an_example(hook):
 
 
 @pytest.mark.parametrize("hook", HOOKS)
+def test_hook_example_names_things_that_exist(hook):
+    """Every class or function an example names is defined in puzzle, its plugins or the example packages."""
+    doc = inspect.getdoc(getattr(hookspecs, hook)) or ""
+    named = set(re.findall(r"(?:implementation|options)=(\w+)", doc))
+    defined = set()
+    for folder in ("puzzle_core", "plugins", "examples"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+                    defined.add(node.name)
+    assert named <= defined, named - defined
+
+
+@pytest.mark.parametrize("hook", HOOKS)
 def test_hook_has_a_section_in_contributing(hook):
     text = CONTRIBUTING.read_text()
     (heading,) = [line for line in text.splitlines() if line.startswith("#") and f"`{hook}`" in line]

@@ -10,6 +10,7 @@ import sysconfig
 import textwrap
 import warnings
 
+import attrs
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -203,7 +204,7 @@ def test_gqa_init_averages_grouped_kv_heads(tiny):
 
 
 def test_ffn_init_keeps_the_most_active_channels(tiny):
-    from puzzle_plugins.llama.init import channel_importance
+    from puzzle_core.api.decoder import channel_importance
 
     family, parent = tiny
     calibration, hidden, context, delta = _calibration(parent, family, 2, "ffn")
@@ -312,7 +313,7 @@ def test_fitted_kv_beats_mean_and_random_heads_on_held_out_tokens(tiny):
 
 def test_channel_contribution_weighs_activations_by_the_down_projection(tiny):
     """Channels that fire but whose down-projection column is ~0 add nothing: contribution drops them."""
-    from puzzle_plugins.llama.init import channel_importance
+    from puzzle_core.api.decoder import channel_importance
 
     family, parent = tiny
     layer = parent.model.model.layers[2]
@@ -437,7 +438,7 @@ def test_shape_from_config_alone():
 
 
 def test_ffn_mult_only_when_the_published_rule_gives_the_size():
-    from puzzle_plugins.llama.blockconfig import block_config, block_spec
+    from puzzle_core.api.decoder import block_config, block_spec
 
     for size, hidden, mult in [(28672, 8192, 5.25), (7168, 8192, 1.3125), (768, 576, 2.0), (1152, 576, None),
                                (384, 576, None), (152, 576, None)]:
@@ -458,7 +459,7 @@ def test_export_layout(tiny, tmp_path):
     folder = tmp_path / "child"
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "configuration_decilm.py", "modeling_decilm.py",
-            "tokenizer.json", "tokenizer_config.json"} <= names
+            "block_configs.py", "heterogeneous_decoder.py", "tokenizer.json", "tokenizer_config.json"} <= names
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["DeciLMForCausalLM"] and config["model_type"] == "nemotron-nas"
     assert config["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig",
@@ -474,8 +475,9 @@ def test_export_layout(tiny, tmp_path):
     assert tensors["model.layers.1.mlp.linear_mlp.weight"].shape == (64, 64)
     assert not any(k.startswith("model.layers.2.") for k in tensors)  # no-op blocks have no norms either
     assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (16, 64)
-    source = (folder / "modeling_decilm.py").read_text() + (folder / "configuration_decilm.py").read_text()
+    source = "".join(path.read_text() for path in folder.glob("*.py"))
     assert "puzzle" not in source
+    assert config["puzzle_architecture"] == "llama"
 
 
 def test_load_child_rejects_block_configs_that_disagree_with_weights(tiny, tmp_path):
@@ -571,18 +573,16 @@ def test_mixed_child_loads_in_a_python_without_our_package(tiny, tmp_path):
 
 
 def test_random_model_follows_the_shape(tiny):
-    from transformers import LlamaForCausalLM
-
-    from puzzle_plugins.llama.modeling_decilm import DeciLMForCausalLM
-
     family, parent = tiny
     uniform = family.random_model(parent.shape)
-    assert isinstance(uniform, LlamaForCausalLM) and family.shape(uniform.config.to_dict()) == parent.shape
+    assert isinstance(uniform, family.code.model_class) and family.shape(uniform.config.to_dict()) == parent.shape
     mixed_shape = parent.shape.with_blocks(blocks(MIXED))
     mixed = family.random_model(mixed_shape, dtype="bfloat16")
-    assert isinstance(mixed, DeciLMForCausalLM) and next(mixed.parameters()).dtype == torch.bfloat16
+    assert type(mixed).__name__ == "DeciLMForCausalLM" and next(mixed.parameters()).dtype == torch.bfloat16
     assert family.shape(mixed.config.to_dict()).blocks == mixed_shape.blocks
     assert mixed(token_batch()).logits.shape == (2, 12, 260)
+    empty = family.random_model(attrs.evolve(parent.shape, num_layers=0, blocks=()))  # fixed costs are timed on it
+    assert empty(token_batch()).logits.shape == (2, 12, 260)
 
 
 def test_a_child_used_as_parent_cannot_grow_back_removed_weights(tiny):
@@ -596,30 +596,41 @@ def test_a_child_used_as_parent_cannot_grow_back_removed_weights(tiny):
     assert torch.isfinite(logits(smaller.model, token_batch())).all()
 
 
-def test_a_look_alike_family_is_a_few_lines():
-    """A Mistral family: same module layout, other model_type (short inputs stay inside its window)."""
+def test_a_look_alike_family_is_a_few_lines(tmp_path):
+    """A Mistral family: Llama's modules and children, its own model_type; it inherits neither Llama's aliases
+    nor its claim on unmarked (published) DeciLM children, and recognises its own (short inputs stay inside
+    Mistral's window)."""
     from transformers import MistralConfig, MistralForCausalLM
 
     from puzzle_core.interfaces import LoadedModel
-    from puzzle_plugins.llama.family import LlamaLikeFamily
+    from puzzle_plugins.llama.family import LlamaFamily
 
-    class MistralFamily(LlamaLikeFamily):
+    class MistralFamily(LlamaFamily):
         name = "mistral"
         model_types = ("mistral",)
 
-    family = MistralFamily()
+    family, llama = MistralFamily(), LlamaFamily()
+    assert family.aliases() == {} and "tiny-random-llama" in llama.aliases()
     config = MistralConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=64)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = MistralForCausalLM(config).eval()
-    assert family.detect(config.to_dict())
+    assert family.detect(config.to_dict()) and not llama.detect(config.to_dict())
     parent = LoadedModel(model, None, family.shape(config.to_dict()))
     child = family.build_child(parent, parent.shape.blocks)
     ids = token_batch()
     torch.testing.assert_close(logits(child.model, ids), logits(model, ids), atol=1e-5, rtol=0)
     mixed = family.build_child(parent, blocks(MIXED))
     assert mixed.shape.family == "mistral" and torch.isfinite(logits(mixed.model, ids)).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        family.export(mixed, tmp_path / "child")
+    exported = json.loads((tmp_path / "child" / "config.json").read_text())
+    assert exported["puzzle_architecture"] == "mistral"
+    assert family.detect(exported) and not llama.detect(exported)
+    published = {k: v for k, v in exported.items() if k != "puzzle_architecture"}
+    assert llama.detect(published) and not family.detect(published)
 
 
 def test_exporting_a_plain_parent_writes_an_all_parent_child(tiny, tmp_path):

@@ -63,3 +63,11 @@ def test_model_info_smollm2():
     assert result.returncode == 0, result.stderr
     assert "30 layers" in result.stdout and "134,515,008 parameters" in result.stdout
     assert "attn_g3 attn_g9 attn_linear attn_noop" in result.stdout
+
+
+def test_model_check_passes_on_smollm2(tmp_path, capsys):
+    from puzzle_core.cli import main
+
+    assert main(["model", "check", "smollm2-135m", "--keep", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "all passed" in out and out.count(" ok") == 7 * 6

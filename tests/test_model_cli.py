@@ -137,3 +137,14 @@ def structure_llama(source: str) -> ParentSection:
     from puzzle_core.config import structure
 
     return structure({"source": source, "architecture": "llama"}, ParentSection)
+
+
+def test_model_check_passes_on_tiny_random_llama(tmp_path):
+    result = invoke("model", "check", "tiny-random-llama", "--keep", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["family"] == "llama" and report["distribution"] == "puzzle-nas"
+    assert [c["name"] for c in report["children"]] == ["all-parent", "fewer KV heads", "narrower FFN", "linear attention",
+                                                       "linear FFN", "no-op attention", "no-op FFN"]
+    assert all(check["passed"] for c in report["children"] for check in c["checks"].values())
+    assert "vLLM" in report["children"][3]["checks"]["export"]["detail"]  # the linear-map warning, as a note

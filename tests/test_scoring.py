@@ -12,7 +12,7 @@ from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import ScoringBatch
 from puzzle_core.scoring import ReplaceOneBlockEngine, ScoringSession, head_statistics, merge_batches, next_token_labels
-from puzzle_plugins.llama.runner import LlamaLayerRunner
+from puzzle_core.api.decoder import DecoderLayerRunner
 from tests.tiny import tiny_parent, token_batch
 
 SCORERS = ("kl", "lm_loss", "cosine")
@@ -72,7 +72,7 @@ def test_a_no_op_block_scores_worse_than_the_parent_block(setup, registries, par
     assert noop_scores["lm_loss"] != pytest.approx(parent_scores["lm_loss"], abs=1e-6)
 
 
-class OpaqueHeadRunner(LlamaLayerRunner):
+class OpaqueHeadRunner(DecoderLayerRunner):
     """A runner whose head can only be called whole (as for a LoRA-wrapped head): the row-chunk path."""
 
     def head_projection(self):

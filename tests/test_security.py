@@ -10,9 +10,9 @@
 - **Behaviour**: a pickle whose loading would create a marker file, placed where a parent,
   a child or a library block is expected, is refused with a clear error (exit code 2) and
   the marker never appears; next to safetensors weights it is simply ignored.
-- **Export**: the modeling code written next to a child is byte-identical to the package's
-  own files, even when the parent's config holds strings that look like code, and the
-  export holds no pickle file.
+- **Export**: the modeling code written next to a child is byte-identical to the family's
+  own files and the shared ones they import, even when the parent's config holds strings
+  that look like code, and the export holds no pickle file.
 """
 
 from __future__ import annotations
@@ -237,11 +237,13 @@ def test_exported_modeling_code_is_our_files_verbatim(tiny_parent, tmp_path):
     parent.model.config.custom_note = CODE_LIKE
     child = family.build_child(parent, [BlockSpec.parse(b) for b in BLOCKS])
     family.export(child, tmp_path / "child")
-    package = ROOT / "plugins" / "llama"
+    sources = {"configuration_decilm.py": ROOT / "plugins" / "llama", "modeling_decilm.py": ROOT / "plugins" / "llama",
+               "block_configs.py": ROOT / "puzzle_core" / "decoder" / "child_code",
+               "heterogeneous_decoder.py": ROOT / "puzzle_core" / "decoder" / "child_code"}
     exported = sorted(p.name for p in (tmp_path / "child").glob("*.py"))
-    assert exported == ["configuration_decilm.py", "modeling_decilm.py"]
+    assert exported == sorted(sources)
     for name in exported:
-        assert (tmp_path / "child" / name).read_bytes() == (package / name).read_bytes(), name
+        assert (tmp_path / "child" / name).read_bytes() == (sources[name] / name).read_bytes(), name
     assert not [p for p in (tmp_path / "child").iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
     assert json.loads((tmp_path / "child" / "config.json").read_text())["auto_map"] == {
         "AutoConfig": "configuration_decilm.DeciLMConfig", "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from puzzle_core.api import ArchitecturePlugin, BlockVariantsPlugin, ModelFamily, NoOptions, VariantProvider, hookimpl
+from puzzle_core.api import (
+    ArchitecturePlugin,
+    BlockVariantsPlugin,
+    DecoderVariantOptions,
+    DecoderVariants,
+    ModelFamily,
+    NoOptions,
+    hookimpl,
+)
 
 
 def _family(_options: NoOptions) -> ModelFamily:
     from puzzle_plugins.llama.family import LlamaFamily
 
     return LlamaFamily()
-
-
-def _variants(options) -> VariantProvider:
-    from puzzle_plugins.llama.variants import LlamaVariants
-
-    return LlamaVariants(options)
 
 
 @hookimpl
@@ -30,13 +32,11 @@ def puzzle_architectures() -> list[ArchitecturePlugin]:
 
 @hookimpl
 def puzzle_block_variants() -> list[BlockVariantsPlugin]:
-    from puzzle_plugins.llama.options import LlamaVariantOptions
-
     return [
         BlockVariantsPlugin(
             name="llama",
-            implementation=_variants,
-            options=LlamaVariantOptions,
+            implementation=DecoderVariants,
+            options=DecoderVariantOptions,
             description="GQA with fewer KV heads, narrower SwiGLU, linear and no-op sub-blocks",
         )
     ]

@@ -1,4 +1,4 @@
-"""``puzzle model``: inspect a parent, and assemble + export a child from a list of blocks."""
+"""``puzzle model``: inspect a parent, check its family, and assemble + export a child from a list of blocks."""
 
 from __future__ import annotations
 
@@ -83,6 +83,37 @@ def model_info(parent: str, variants: str | None, dtype: str, architecture: str 
         click.echo(f"    ffn:       {' '.join(row['ffn'])}")
     combos = sum(len(s.attention) * len(s.ffn) for s in spaces)
     click.echo(f"  {combos} blocks in all ({combos // max(1, shape.num_layers)} per layer)")
+
+
+@model_group.command("check")
+@click.argument("parent")
+@click.option("--architecture", default=None, help="Architecture plugin to check instead of the detected one.")
+@click.option("--keep", "keep", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to keep the exported children in (default: a temporary folder).")
+@click.option("--no-isolated", "no_isolated", is_flag=True, help="Skip the reload in a Python without puzzle.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+def model_check(parent: str, architecture: str | None, keep: Path | None, no_isolated: bool, as_json: bool) -> None:
+    """Check that PARENT's architecture builds faithful children: the all-parent child equals the parent, one child
+    per variant kind runs, generates, has exact parameter counts, exports and reloads (also without puzzle).
+
+    Prints a pass/fail table with the reason for each failure; exit code 1 when a check fails.
+    """
+    from puzzle_core.conformance import check_family
+    from puzzle_core.guarded import describe
+
+    family, loaded = _load(parent, "fp32", architecture)
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+    if not as_json:
+        click.echo(f"Checking {describe(family.entry)} on {loaded.source} ({loaded.shape.num_layers} layers)...",
+                   err=True)
+    report = check_family(family, loaded, keep, isolated=not no_isolated, family_name=family.entry.name)
+    if as_json:
+        click.echo(json.dumps({**report.to_json(), "distribution": family.entry.distribution}, indent=2))
+    else:
+        click.echo(report.table())
+    if not report.passed:
+        raise SystemExit(1)
 
 
 def read_block_ids(path: Path, num_layers: int) -> list[str]:

@@ -1,5 +1,10 @@
 """Initialising a variant sub-block from the parent's (the starting point of BLD).
 
+Each function fills a child sub-block that the family built (with its own modules:
+biases, norms) from the parent's, through the usual decoder names (``q_proj``...
+``o_proj``, ``gate_proj``/``up_proj``/``down_proj``, ``act_fn``); biases are carried
+along wherever the modules have them.
+
 - GQA with fewer KV heads: each new K/V head is the mean of the parent K/V heads its
   query heads used, in consecutive groups (``mean_kv``), or the first of them
   (``first_kv``). ``similar_kv`` groups the parent KV heads whose keys and values on
@@ -22,94 +27,63 @@
   sub-block's map (normed input -> delta) on calibration tokens, zeros without them;
   or ``zeros``.
 
-An init method string names these per part, e.g. ``attention=mean_kv,ffn=activations,linear=lstsq``
-(``default`` for all defaults: ``fitted_kv``, ``fitted``, ``lstsq``, the best measured on SmolLM2;
-see ``benchmarks/README.md``).
+The methods per part are an :class:`~puzzle_core.decoder.variants.InitMethods` (defaults: ``fitted_kv``,
+``fitted``, ``lstsq``, the best measured on SmolLM2; see ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
-
-import copy
 
 import attrs
 import torch
 from torch import nn
 
-from puzzle_core.api import AttentionSpec, Calibration, FFNSpec, SubBlockSpec, UserError
-from puzzle_plugins.llama.modeling_decilm import make_attention, make_mlp
-from puzzle_plugins.llama.options import ATTENTION_METHODS, FFN_METHODS, LINEAR_METHODS
-from puzzle_plugins.llama.runner import AttentionSublayer, FFNSublayer
+from puzzle_core.blocks import AttentionSpec, FFNSpec, SubBlockSpec
+from puzzle_core.decoder.checkpoint import differences
+from puzzle_core.decoder.runner import AttentionSublayer, FFNSublayer
+from puzzle_core.decoder.variants import InitMethods
+from puzzle_core.errors import UserError
+from puzzle_core.interfaces import Calibration
 
 
-
-@attrs.frozen
-class InitMethods:
-    """How each kind of variant is initialised from the parent."""
-
-    attention: str = attrs.field(default="fitted_kv", validator=attrs.validators.in_(ATTENTION_METHODS))
-    ffn: str = attrs.field(default="fitted", validator=attrs.validators.in_(FFN_METHODS))
-    linear: str = attrs.field(default="lstsq", validator=attrs.validators.in_(LINEAR_METHODS))
-    ridge: float = 1e-4  # relative to the mean diagonal of X^T X
-
-    def __str__(self) -> str:
-        return f"attention={self.attention},ffn={self.ffn},linear={self.linear}"
-
-    @classmethod
-    def parse(cls, text: str) -> "InitMethods":
-        if text in ("", "default"):
-            return cls()
-        fields = {}
-        for item in text.split(","):
-            key, sep, value = item.partition("=")
-            if not sep or key.strip() not in ("attention", "ffn", "linear"):
-                raise UserError(
-                    f"Init method '{text}' is not understood; write e.g. 'attention=fitted_kv,ffn=fitted,"
-                    f"linear=lstsq' (attention: {', '.join(ATTENTION_METHODS)}; ffn: {', '.join(FFN_METHODS)}; "
-                    f"linear: {', '.join(LINEAR_METHODS)})."
-                )
-            fields[key.strip()] = value.strip()
-        try:
-            return cls(**fields)
-        except ValueError as exc:
-            raise UserError(f"Init method '{text}': {exc}.") from None
+def _check_same_tensors(parent: nn.Module, child: nn.Module, what: str) -> None:
+    """A variant keeps the parent's tensors (biases included), only fewer heads or channels: the same names."""
+    found = differences(child.state_dict(), parent.state_dict(), "the parent's", shapes=False)
+    if found:
+        raise ValueError(f"the child's {what} {found}; the child code must build the parent's modules (biases, norms)")
 
 
-def _copy(module: nn.Module | None) -> nn.Module | None:
-    return copy.deepcopy(module) if module is not None else None
+def _copy_norm(parent: nn.Module, child: nn.Module) -> None:
+    _check_same_tensors(parent, child, "norm")
+    child.load_state_dict(parent.state_dict())
 
 
 @torch.no_grad()
-def init_attention(parent_layer: nn.Module, spec: AttentionSpec, config, calibration: Calibration | None,
-                   methods: InitMethods) -> AttentionSublayer:
-    """An attention sub-block for ``spec`` from the parent layer's attention."""
-    if spec.no_op:
-        return AttentionSublayer(None, None)
-    norm = _copy(parent_layer.input_layernorm)
-    block = {"attention": {"n_heads_in_group": spec.n_heads_in_group, "no_op": False,
-                           "replace_with_linear": spec.replace_with_linear}}
-    module = make_attention(config, block, cache_index=0).to(
-        dtype=norm.weight.dtype, device=norm.weight.device
-    )
-    if spec.replace_with_linear:
-        _fit_linear(module.linear_attn, norm, calibration, methods)
-        return AttentionSublayer(norm, module)
-    parent = parent_layer.self_attn
-    module.q_proj.load_state_dict(parent.q_proj.state_dict())
-    module.o_proj.load_state_dict(parent.o_proj.state_dict())
-    layout = _HeadLayout(config.num_attention_heads, config.head_dim, parent.k_proj.out_features // config.head_dim,
-                         module.k_proj.out_features // config.head_dim)
+def init_attention(parent: AttentionSublayer, child: AttentionSublayer, calibration: Calibration | None,
+                   methods: InitMethods) -> None:
+    """Fill ``child`` (GQA or linear, built by the family) from the parent's attention sub-block."""
+    _copy_norm(parent.input_layernorm, child.input_layernorm)
+    norm, module, source = child.input_layernorm, child.self_attn, parent.self_attn
+    if hasattr(module, "linear_attn"):
+        fit_linear(module.linear_attn, norm, calibration, methods)
+        return
+    _check_same_tensors(source, module, "attention")
+    module.q_proj.load_state_dict(source.q_proj.state_dict())
+    module.o_proj.load_state_dict(source.o_proj.state_dict())
+    head_dim = module.head_dim
+    layout = KVHeadLayout(module.q_proj.out_features // head_dim, head_dim, source.k_proj.out_features // head_dim,
+                          module.k_proj.out_features // head_dim)
     calibrated = methods.attention in ("similar_kv", "fitted_kv") and calibration is not None and layout.regroupable
     if not calibrated:
         for name in ("k_proj", "v_proj"):
-            _merge_kv_heads(getattr(parent, name), getattr(module, name), layout, methods.attention)
-        return AttentionSublayer(norm, module)
-    x = _augmented(norm(_tokens(calibration.inputs, norm.weight)).double(), parent.k_proj.bias is not None)
+            merge_kv_heads(getattr(source, name), getattr(module, name), layout, methods.attention)
+        return
+    x = _augmented(norm(_tokens(calibration.inputs, norm.weight)).double(), source.k_proj.bias is not None)
     gram = x.T @ x / x.shape[0]
     gram += methods.ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
     whiten = torch.linalg.cholesky(gram).T  # upper R with R^T R = gram: ||x a||^2 / n = ||R a||^2
-    weights = {name: _augmented_weight(getattr(parent, name)).reshape(-1, layout.head_dim, x.shape[1])
+    weights = {name: _augmented_weight(getattr(source, name)).reshape(-1, layout.head_dim, x.shape[1])
                for name in ("q_proj", "k_proj", "v_proj")}
-    o_weight = parent.o_proj.weight.double().reshape(-1, layout.heads, layout.head_dim)  # (hidden, heads, head_dim)
+    o_weight = source.o_proj.weight.double().reshape(-1, layout.heads, layout.head_dim)  # (hidden, heads, head_dim)
     groups = _similar_groups(x, weights["k_proj"], weights["v_proj"], layout)
     order = [q for group in groups for k in group for q in layout.queries(k)]  # query heads follow their KV head
     q, o = weights["q_proj"][order].clone(), o_weight[:, order].clone()
@@ -127,12 +101,11 @@ def init_attention(parent_layer: nn.Module, spec: AttentionSpec, config, calibra
     _load_augmented(module.k_proj, torch.stack(keys))
     _load_augmented(module.v_proj, torch.stack(values))
     module.o_proj.weight.copy_(o.reshape(o.shape[0], -1).to(module.o_proj.weight.dtype))
-    return AttentionSublayer(norm, module)
 
 
 @attrs.frozen
-class _HeadLayout:
-    """Query heads, head size, parent and child KV heads of a GQA attention."""
+class KVHeadLayout:
+    """Query heads, head size, parent and child KV heads of a GQA attention being merged."""
 
     heads: int
     head_dim: int
@@ -156,8 +129,10 @@ class _HeadLayout:
         return range(kv_head * self.parent_group, (kv_head + 1) * self.parent_group)
 
 
-def _merge_kv_heads(parent: nn.Linear, child: nn.Linear, layout: _HeadLayout, method: str) -> None:
-    """Each child KV head from the parent KV heads that its query heads attended with (consecutive groups)."""
+@torch.no_grad()
+def merge_kv_heads(parent: nn.Linear, child: nn.Linear, layout: KVHeadLayout, method: str = "mean_kv") -> None:
+    """Each child K (or V) head from the parent heads its query heads attended with, in consecutive groups:
+    their mean (``mean_kv``) or the first (``first_kv``); weight and bias alike."""
     for tensor_name in ("weight", "bias"):
         source = getattr(parent, tensor_name)
         if source is None:
@@ -195,7 +170,7 @@ def _linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()).clamp_min(1e-30))
 
 
-def _similar_groups(x, k_weight, v_weight, layout: _HeadLayout) -> list[list[int]]:
+def _similar_groups(x, k_weight, v_weight, layout: KVHeadLayout) -> list[list[int]]:
     """Parent KV heads in ``child_kv`` groups of alike heads: each group grows from its lowest free head by
     adding the free head most similar (mean CKA of keys and values on ``x``) to those already in it."""
     size = layout.parent_kv // layout.child_kv
@@ -212,7 +187,7 @@ def _similar_groups(x, k_weight, v_weight, layout: _HeadLayout) -> list[list[int
     return groups
 
 
-def _fit_keys(x, whiten, keys, queries, layout: _HeadLayout) -> torch.Tensor:
+def _fit_keys(x, whiten, keys, queries, layout: KVHeadLayout) -> torch.Tensor:
     """One key head for a group of parent key heads ``(g, head_dim, inputs)``; folds factors into ``queries``.
 
     Per rotary frequency ``f`` a key is the complex number ``k[f] + i k[f + head_dim/2]`` and
@@ -244,7 +219,7 @@ def _fit_keys(x, whiten, keys, queries, layout: _HeadLayout) -> torch.Tensor:
     return shared
 
 
-def _fit_values(x, whiten, values, outputs, layout: _HeadLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_values(x, whiten, values, outputs, layout: KVHeadLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """One value head for parent value heads ``(g, head_dim, inputs)`` and their query heads' ``o_proj`` columns
     ``(hidden, g * parent_group, head_dim)``: the best rank-``head_dim`` fit (in the metric of the inputs) of
     the maps ``input -> value_h -> o_proj`` of every query head; returns the value head and the new columns."""
@@ -258,34 +233,34 @@ def _fit_values(x, whiten, values, outputs, layout: _HeadLayout) -> tuple[torch.
 
 
 @torch.no_grad()
-def init_ffn(parent_layer: nn.Module, spec: FFNSpec, config, calibration: Calibration | None,
-             methods: InitMethods) -> FFNSublayer:
-    """An FFN sub-block for ``spec`` from the parent layer's FFN."""
-    if spec.no_op:
-        return FFNSublayer(None, None)
-    norm = _copy(parent_layer.post_attention_layernorm)
-    block = {"ffn": {"intermediate_size": spec.intermediate_size, "no_op": False,
-                     "replace_with_linear": spec.replace_with_linear}}
-    module = make_mlp(config, block).to(dtype=norm.weight.dtype, device=norm.weight.device)
-    if spec.replace_with_linear:
-        _fit_linear(module.linear_mlp, norm, calibration, methods)
-        return FFNSublayer(norm, module)
-    parent = parent_layer.mlp
-    keep = _important_channels(parent, norm, spec.intermediate_size, calibration, methods.ffn)
-    module.gate_proj.weight.copy_(parent.gate_proj.weight[keep])
-    module.up_proj.weight.copy_(parent.up_proj.weight[keep])
-    module.down_proj.weight.copy_(parent.down_proj.weight[:, keep])
-    for name in ("gate_proj", "up_proj"):
-        if getattr(parent, name).bias is not None:
-            getattr(module, name).bias.copy_(getattr(parent, name).bias[keep])
-    if parent.down_proj.bias is not None:
-        module.down_proj.bias.copy_(parent.down_proj.bias)
+def init_ffn(parent: FFNSublayer, child: FFNSublayer, calibration: Calibration | None, methods: InitMethods) -> None:
+    """Fill ``child`` (a narrower gated MLP or a linear map, built by the family) from the parent's FFN sub-block."""
+    _copy_norm(parent.post_attention_layernorm, child.post_attention_layernorm)
+    norm, module, source = child.post_attention_layernorm, child.mlp, parent.mlp
+    if hasattr(module, "linear_mlp"):
+        fit_linear(module.linear_mlp, norm, calibration, methods)
+        return
+    _check_same_tensors(source, module, "FFN")
+    keep = important_channels(source, norm, module.gate_proj.out_features, calibration, methods.ffn)
+    keep_channels(source, module, keep)
     if methods.ffn == "fitted" and calibration is not None:
-        _fit_down_projection(module, norm, calibration)
-    return FFNSublayer(norm, module)
+        fit_down_projection(module, norm, calibration)
 
 
-def _fit_down_projection(mlp: nn.Module, norm: nn.Module, calibration: Calibration) -> None:
+@torch.no_grad()
+def keep_channels(parent: nn.Module, child: nn.Module, keep: torch.Tensor) -> None:
+    """Copy the intermediate channels ``keep`` of a gated MLP (``gate_proj``/``up_proj`` rows, ``down_proj`` columns)."""
+    for name in ("gate_proj", "up_proj"):
+        getattr(child, name).weight.copy_(getattr(parent, name).weight[keep])
+        if getattr(parent, name).bias is not None:
+            getattr(child, name).bias.copy_(getattr(parent, name).bias[keep])
+    child.down_proj.weight.copy_(parent.down_proj.weight[:, keep])
+    if parent.down_proj.bias is not None:
+        child.down_proj.bias.copy_(parent.down_proj.bias)
+
+
+@torch.no_grad()
+def fit_down_projection(mlp: nn.Module, norm: nn.Module, calibration: Calibration) -> None:
     """``down_proj`` re-fitted so the kept channels reproduce the parent FFN's output on calibration tokens.
 
     Ridge regression pulled towards the kept columns (``min ||A W^T - Y||^2 + lam ||W - W0||^2``,
@@ -307,6 +282,7 @@ def _fit_down_projection(mlp: nn.Module, norm: nn.Module, calibration: Calibrati
     mlp.down_proj.weight.copy_(fitted.T.to(mlp.down_proj.weight.dtype))
 
 
+@torch.no_grad()
 def channel_importance(mlp: nn.Module, norm: nn.Module, calibration: Calibration | None, method: str) -> torch.Tensor:
     """Per intermediate channel: how much it contributes (see the module docstring)."""
     if method in ("activations", "contribution", "fitted") and calibration is not None:
@@ -325,7 +301,9 @@ def channel_importance(mlp: nn.Module, norm: nn.Module, calibration: Calibration
     )
 
 
-def _important_channels(mlp, norm, size: int, calibration, method: str) -> torch.Tensor:
+def important_channels(mlp: nn.Module, norm: nn.Module, size: int, calibration: Calibration | None,
+                       method: str) -> torch.Tensor:
+    """The ``size`` most important channels of a gated MLP, in order (see :func:`channel_importance`)."""
     if size > mlp.gate_proj.out_features:
         raise UserError(
             f"An FFN of {size} channels cannot be initialised from a parent FFN of {mlp.gate_proj.out_features}."
@@ -340,7 +318,8 @@ def _tokens(tensor, like: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1, tensor.shape[-1]).to(dtype=like.dtype, device=like.device)
 
 
-def _fit_linear(linear: nn.Linear, norm: nn.Module, calibration: Calibration | None, methods: InitMethods) -> None:
+@torch.no_grad()
+def fit_linear(linear: nn.Linear, norm: nn.Module, calibration: Calibration | None, methods: InitMethods) -> None:
     """``linear.weight`` = ridge least-squares map from normed inputs to the parent's deltas."""
     if methods.linear == "zeros" or calibration is None:
         linear.weight.zero_()
@@ -353,10 +332,18 @@ def _fit_linear(linear: nn.Linear, norm: nn.Module, calibration: Calibration | N
     linear.weight.copy_(solution.T.to(linear.weight.dtype))
 
 
-def init_sublayer(parent_layer: nn.Module, spec: SubBlockSpec, config, calibration: Calibration | None,
+def init_sublayer(parent: nn.Module, child: nn.Module, spec: SubBlockSpec, calibration: Calibration | None,
                   methods: InitMethods) -> nn.Module:
+    """Fill ``child`` (the sub-block of ``spec``, built by the family) from the parent's, and return it.
+
+    ``parent`` / ``child`` are :class:`AttentionSublayer` or :class:`FFNSublayer`; a no-op has nothing to fill.
+    """
+    if spec.no_op:
+        return child
     if isinstance(spec, AttentionSpec):
-        return init_attention(parent_layer, spec, config, calibration, methods)
-    if isinstance(spec, FFNSpec):
-        return init_ffn(parent_layer, spec, config, calibration, methods)
-    raise TypeError(f"expected an AttentionSpec or FFNSpec, got {spec!r}")
+        init_attention(parent, child, calibration, methods)
+    elif isinstance(spec, FFNSpec):
+        init_ffn(parent, child, calibration, methods)
+    else:
+        raise TypeError(f"expected an AttentionSpec or FFNSpec, got {spec!r}")
+    return child

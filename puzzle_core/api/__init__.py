@@ -16,7 +16,13 @@ The parts:
 - the errors a plugin raises (``UserError`` for anything the user can fix);
 - helpers: atomic writes, the user cache, torch threads and devices, the dtype
   vocabulary, the roofline cost model of a spec sheet, search helpers, timing of
-  ``generate`` workloads.
+  ``generate`` workloads, the standard variant space of a decoder layer.
+
+Every ``puzzle`` command imports every plugin, and with it this module. Two sub-modules
+import transformers and are imported only where a model is built:
+:mod:`puzzle_core.api.decoder` (what a model family builds on: the heterogeneous child,
+sub-block initialisation, running and exporting children) and
+:mod:`puzzle_core.api.testing` (the conformance checks of a model family).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import pluggy
 from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec, SubBlockSpec, VariantSpace
 from puzzle_core.cache import cache_root
 from puzzle_core.data import CorpusSplit, CorpusText, Document, TokenizedCorpus, assign_splits, chunk_documents
+from puzzle_core.decoder.variants import DecoderVariantOptions, DecoderVariants, InitMethods
 from puzzle_core.devices import resolve_device, torch_threads
 from puzzle_core.dtypes import DTYPE_BYTES, Dtype, ModelDtype, ScenarioDtype, torch_dtype
 from puzzle_core.errors import ConfigError, PluginError, UnknownNameError, UserError, suggest
@@ -222,6 +229,9 @@ __all__ = [
     "throughput",
     "kl_per_token",
     "label_log_probs",
+    "DecoderVariants",
+    "DecoderVariantOptions",
+    "InitMethods",
     "chunk_documents",
     # timing workloads (cost models that measure, evaluators that time)
     "TimedGenerate",

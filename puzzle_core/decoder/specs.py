@@ -1,13 +1,14 @@
-"""Between our block specs and DeciLM ``block_configs`` entries (the published layout)."""
+"""Between block specs and ``block_configs`` entries (the DeciLM / nemotron-nas layout, family-neutral)."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from puzzle_core.api import AttentionSpec, BlockSpec, FFNSpec, UserError
-from puzzle_plugins.llama.configuration_decilm import block_intermediate_size, ffn_mult_to_intermediate_size
+from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec
+from puzzle_core.decoder.child_code.block_configs import BlockConfig, ffn_mult_to_intermediate_size
+from puzzle_core.errors import UserError
 
-# Keys of published block configs that describe features this model code does not implement.
+# Keys of published block configs that describe features the heterogeneous decoder does not implement.
 _UNSUPPORTED_ATTENTION = ("window_length", "num_sink_tokens", "sparsify")
 _UNSUPPORTED_FFN = ("sparsify",)
 
@@ -50,11 +51,26 @@ def block_config(block: BlockSpec, hidden_size: int) -> dict:
     return {"attention": attention_entry, "ffn": ffn_entry}
 
 
-def block_spec(entry: Mapping[str, Any], hidden_size: int, where: str = "") -> BlockSpec:
-    """Our spec of one published ``block_configs`` entry; unsupported features are a UserError."""
+def _ffn_size(ffn: Mapping[str, Any], hidden_size: int, where: str) -> int | None:
+    """The FFN width as vLLM reads it: ``ffn_mult`` whenever the key is present, else ``intermediate_size``."""
+    if ffn.get("no_op") or ffn.get("replace_with_linear"):
+        return None
+    if "ffn_mult" in ffn:
+        if ffn["ffn_mult"] is None:
+            raise UserError(
+                f"{where}: an FFN block has ffn_mult null and is neither no_op nor linear. Readers such as vLLM take "
+                f"ffn_mult whenever the key is present; give its value, or drop the key and give intermediate_size."
+            )
+        return ffn_mult_to_intermediate_size(ffn["ffn_mult"], hidden_size)
+    return ffn.get("intermediate_size")
+
+
+def block_spec(entry: Mapping[str, Any] | BlockConfig, hidden_size: int, where: str = "config") -> BlockSpec:
+    """Our spec of one ``block_configs`` entry; unsupported features are a UserError."""
     try:
+        entry = BlockConfig.of(entry).to_dict()
         attention, ffn = dict(entry["attention"]), dict(entry["ffn"])
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         raise UserError(f"{where}: a block_configs entry must have 'attention' and 'ffn' mappings, got {entry!r}.")
     for key in _UNSUPPORTED_ATTENTION:
         if attention.get(key):
@@ -69,14 +85,16 @@ def block_spec(entry: Mapping[str, Any], hidden_size: int, where: str = "") -> B
             replace_with_linear=bool(attention.get("replace_with_linear")),
         )
         ffn_spec = FFNSpec(
-            intermediate_size=block_intermediate_size(ffn, hidden_size),
+            intermediate_size=_ffn_size(ffn, hidden_size, where),
             no_op=bool(ffn.get("no_op")),
             replace_with_linear=bool(ffn.get("replace_with_linear")),
         )
     except ValueError as exc:
-        raise UserError(f"{where}: invalid block config {dict(entry)!r}: {exc}.") from None
+        raise UserError(f"{where}: invalid block config {entry!r}: {exc}.") from None
     return BlockSpec(attention_spec, ffn_spec)
 
 
-def block_specs(entries: Sequence[Mapping[str, Any]], hidden_size: int, source: str = "config") -> list[BlockSpec]:
+def block_specs(entries: Sequence[Mapping[str, Any] | BlockConfig], hidden_size: int,
+                source: str = "config") -> list[BlockSpec]:
+    """:func:`block_spec` of every layer's entry."""
     return [block_spec(e, hidden_size, f"{source}, layer {i}") for i, e in enumerate(entries)]

@@ -1,10 +1,14 @@
-"""Running a Llama-layout model (parent or DeciLM child) one sub-block at a time.
+"""Running a decoder-only model (a parent or a heterogeneous child) one sub-block at a time.
+
+The models are those with the module layout transformers' decoders share:
+``model.embed_tokens``, ``model.rotary_emb``, ``model.layers[i].{input_layernorm,
+self_attn, post_attention_layernorm, mlp}``, ``model.norm`` and ``lm_head``, attention
+called as ``self_attn(hidden, position_embeddings=..., attention_mask=...)``.
 
 A sub-block module maps ``(hidden, context)`` to the delta it adds to the residual
 stream, its norm included. Its sub-modules are registered under the names they have in
-a decoder layer (``input_layernorm``, ``self_attn``, ``post_attention_layernorm``,
-``mlp``), so its ``state_dict`` keys are the layer's own tensor names: that is what BLD
-saves and what :meth:`LlamaFamily.build_child` loads into ``model.layers.N``.
+a decoder layer, so its ``state_dict`` keys are the layer's own tensor names: that is
+what BLD saves and what :meth:`DecoderFamily.build_child` loads into ``model.layers.N``.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
-from puzzle_core.api import LayerRunner, Part
+from puzzle_core.interfaces import LayerRunner, Part
 
 
 @attrs.frozen
-class LayerContext:
+class DecoderContext:
     """What attention needs besides the hidden states: rotary tables, the mask, positions."""
 
     position_embeddings: tuple[Any, Any]
@@ -36,7 +40,7 @@ class AttentionSublayer(nn.Module):
         self.input_layernorm = input_layernorm
         self.self_attn = self_attn
 
-    def forward(self, hidden, context: LayerContext):
+    def forward(self, hidden, context: DecoderContext):
         if self.self_attn is None:
             return torch.zeros_like(hidden)
         output, _ = self.self_attn(
@@ -55,7 +59,7 @@ class FFNSublayer(nn.Module):
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
 
-    def forward(self, hidden, context: LayerContext | None = None):
+    def forward(self, hidden, context: DecoderContext | None = None):
         if self.mlp is None:
             return torch.zeros_like(hidden)
         return self.mlp(self.post_attention_layernorm(hidden))
@@ -70,8 +74,8 @@ def layer_sublayer(layer: nn.Module, part: Part) -> nn.Module:
     raise ValueError(f"part must be 'attention' or 'ffn', got {part!r}")
 
 
-class LlamaLayerRunner(LayerRunner):
-    """Embed, per-layer sub-blocks and head of a ``*ForCausalLM`` with Llama module names."""
+class DecoderLayerRunner(LayerRunner):
+    """Embed, per-layer sub-blocks and head of a ``*ForCausalLM`` with the usual decoder module names."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -82,7 +86,7 @@ class LlamaLayerRunner(LayerRunner):
     def embed(self, input_ids):
         return self.base.embed_tokens(input_ids)
 
-    def context(self, hidden, attention_mask=None) -> LayerContext:
+    def context(self, hidden, attention_mask=None) -> DecoderContext:
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = create_causal_mask(
             config=self.model.config,
@@ -91,7 +95,7 @@ class LlamaLayerRunner(LayerRunner):
             cache=None,
             position_ids=position_ids,
         )
-        return LayerContext(self.base.rotary_emb(hidden, position_ids=position_ids), mask, position_ids)
+        return DecoderContext(self.base.rotary_emb(hidden, position_ids=position_ids), mask, position_ids)
 
     def sublayer(self, layer: int, part: Part) -> nn.Module:
         key = (layer, part)
