@@ -81,12 +81,12 @@ class Inputs:
 
 
 def read_inputs(results: Path = RESULTS, demo: Path = DEMO) -> Inputs:
-    engine = [load(results, path.name) for path in sorted(results.glob("scoring*.json"))
+    """Every file of ``SOURCES`` (each required), plus any further engine runs (``scoring_before_*.json``)."""
+    found = {name: load(results, name) for name in SOURCES}
+    engine = [found.get(path.name) or load(results, path.name) for path in sorted(results.glob("scoring*.json"))
               if path.name != "scoring_tokens.json"]
-    for name in ("scoring.json", "scoring_2048.json"):
-        load(results, name)  # the engine's 256- and 2048-token runs are both needed
-    return Inputs(load(results, "bld_sweep.json"), load(results, "bld_stage.json"), load(results, "gkd_speed.json"),
-                  load(results, "scoring_tokens.json"), engine, load_config(demo))
+    return Inputs(found["bld_sweep.json"], found["bld_stage.json"], found["gkd_speed.json"],
+                  found["scoring_tokens.json"], engine, load_config(demo))
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -342,7 +342,7 @@ def bf16(inputs: Inputs) -> str:
     body.append(["", "median", "", "", f"{median(loss) - 1:+.2%}", "", "", x(median(speed))])
     kinds = {kind: median(s for k, s in zip(units, speed) if k[1].startswith(kind)) for kind in ("attn", "ffn")}
     arms = {(a["tokens"], a["arm"]): a for a in inputs.stage["arms"]}
-    pairs = [(t, a, f"{a}_bf16" if a == "one_pass" else a.replace("one_pass", "one_pass_bf16"))
+    pairs = [(t, a, a.replace("one_pass", "one_pass_bf16"))
              for t, a in arms if a.startswith("one_pass") and "bf16" not in a]
     stage = "; ".join(
         f"{arms[(t, b)]['cpu_s']:.0f} vs {arms[(t, a)]['cpu_s']:.0f} CPU s ({x(arms[(t, a)]['cpu_s'] / arms[(t, b)]['cpu_s'])}) "
@@ -394,7 +394,7 @@ def stage_time(inputs: Inputs) -> str:
         return "not measured"
 
     executor = inputs.demo.library.executor
-    local = by.get((small, "one_pass"))
+    one, unit = by[(small, "one_pass")], by[(small, "one_unit")]
     spread = max(abs(a["heldout_loss_after_mean"] / by[(a["tokens"], "one_unit")]["heldout_loss_after_mean"] - 1)
                  for a in arms if (a["tokens"], "one_unit") in by)
     text = (
@@ -403,15 +403,19 @@ def stage_time(inputs: Inputs) -> str:
         f"unit per job run locally, the 1-minute load before / after, where the CPU time went (training steps; "
         f"init, held-out evaluation and saving; data shared by a pass; start-up and the rest) and the mean "
         f"held-out loss after BLD. At {tokens(small)} tokens, training all of a layer's variants in one pass "
-        f"over its activations took {by[(small, 'one_pass')]['cpu_s']:.0f} s CPU against "
-        f"{by[(small, 'one_unit')]['cpu_s']:.0f} s for a job per unit locally ({ratio('one_unit', 'one_pass')} "
-        f"faster in wall time), mostly data no longer read once per unit; under "
-        f"torchrun the same two arms took {by[(small, 'one_unit_torchrun')]['wall_s']:.0f} and "
+        f"over its activations took {one['cpu_s']:.0f} s CPU against {unit['cpu_s']:.0f} s for a job per unit "
+        f"locally ({ratio('one_unit', 'one_pass')} faster in wall time; shared data "
+        f"{unit['cpu_split_s']['shared_data']:.0f} -> {one['cpu_split_s']['shared_data']:.0f} s, training steps "
+        f"{unit['cpu_split_s']['train_steps']:.0f} -> {one['cpu_split_s']['train_steps']:.0f} s); under torchrun "
+        f"the same two arms took {by[(small, 'one_unit_torchrun')]['wall_s']:.0f} and "
         f"{by[(small, 'one_pass_torchrun')]['wall_s']:.0f} s wall ({by[(small, 'one_unit_torchrun')]['cpu_s']:.0f} "
-        f"and {by[(small, 'one_pass_torchrun')]['cpu_s']:.0f} s CPU): no gain measured there. Two torchrun "
-        f"processes of one thread were {ratio('one_pass', 'one_pass_torchrun')} faster in wall time than one "
-        f"local process, more than two cores explain: on the loaded machine the local process got "
-        f"{local['cpu_s'] / local['wall_s']:.2f} CPU seconds per wall second. bf16 autocast was a further "
+        f"and {by[(small, 'one_pass_torchrun')]['cpu_s']:.0f} s CPU): no gain measured there. The local arms are "
+        f"one process with the run's {inputs.demo.threads} torch threads (their CPU time counts both); two "
+        f"torchrun processes of one thread, a share of the layers each, were {ratio('one_pass', 'one_pass_torchrun')} "
+        f"faster in wall time on {by[(small, 'one_pass_torchrun')]['cpu_s']:.0f} s CPU against {one['cpu_s']:.0f}: "
+        f"on this "
+        f"CPU, splitting the layers between processes pays far better than splitting each step over threads. "
+        f"bf16 autocast was a further "
         f"{ratio('one_pass_torchrun', 'one_pass_bf16_torchrun')} faster. The mean held-out loss differs by at most "
         f"{spread:.3%} between arms of the same tokens. Captures of the activations (not part of the times above): "
         f"{captures}. The demo runs `{executor.name}` with {executor.options.nproc} processes of "
