@@ -47,9 +47,10 @@ NOT_RUN = (
     "a broader distillation data mix than the demo corpus (accuracy preserved on the evaluation suite)",
     "per-layer search rules and memory as a search constraint, and whether the measured cost model's choices "
     "run faster on this CPU",
-    "GKD quality per setting (`gkd.py --part quality`: KL to the parent after the same tokens for bf16, "
-    "trainable subsets and LoRA) and GKD learning-rate schedules",
+    "GKD learning-rate schedules",
 )
+GKD_QUALITY = ("GKD quality per setting (`gkd.py --part quality`: KL to the parent after the same tokens for bf16, "
+               "trainable subsets and LoRA)")
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -78,6 +79,7 @@ class Inputs:
     scoring_tokens: dict
     engine: list[dict]  # every scoring*.json but scoring_tokens.json
     demo: PuzzleConfig
+    gkd_quality: bool  # whether `gkd.py --part quality` has written its results
 
 
 def read_inputs(results: Path = RESULTS, demo: Path = DEMO) -> Inputs:
@@ -86,7 +88,7 @@ def read_inputs(results: Path = RESULTS, demo: Path = DEMO) -> Inputs:
     engine = [found.get(path.name) or load(results, path.name) for path in sorted(results.glob("scoring*.json"))
               if path.name != "scoring_tokens.json"]
     return Inputs(found["bld_sweep.json"], found["bld_stage.json"], found["gkd_speed.json"],
-                  found["scoring_tokens.json"], engine, load_config(demo))
+                  found["scoring_tokens.json"], engine, load_config(demo), (results / "gkd_quality.json").is_file())
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -454,13 +456,16 @@ def gkd_speed(inputs: Inputs) -> str:
         f"clipping, AdamW) on the demo's 1.6x child, batches of {settings['batch_size']} x {settings['seq_len']} "
         f"tokens, {settings['threads']} thread, median (range) of {settings['repeats']} interleaved rounds; next to "
         f"the teacher's forward alone and a plain training step of the child (LM loss, no teacher). In fp32 a GKD "
-        f"step runs at {x(fp32 / plain)} the plain step's tokens per CPU second: the teacher's forward is the "
-        f"extra. bf16 autocast lifts it to {x(rate['bf16'] / plain)} of the plain step; training only the changed "
+        f"step runs at {x(fp32 / plain)} the plain step's tokens per CPU second; the teacher's forward accounts "
+        f"for {(1 / rate['teacher forward']) / (1 / fp32 - 1 / plain):.0%} of the extra CPU time per token. bf16 autocast lifts it to {x(rate['bf16'] / plain)} of the plain step; training only the changed "
         f"layers or LoRA adds speed ({fastest['setting']} is the fastest at {x(fastest['tokens_per_cpu_s']['median'] / plain)}) "
-        f"but their effect on the child's quality is not measured, so the demo keeps every parameter trainable "
-        f"and takes bf16 alone (`gkd.bf16`), for the main child only (`gkd.children: {demo.children}`): "
+        + ("but their effect on the child's quality is in `results/gkd_quality.json`, not tabulated here. "
+           if inputs.gkd_quality else "but their effect on the child's quality is not measured. ")
+        + f"The demo's GKD setting is {', '.join(f'{k}={json.dumps(v)}' for k, v in demo_overlay.items()) or 'fp32'} "
+        f"(`gkd.trainable: {demo.trainable}`, `gkd.lora_rank: {demo.lora_rank}`) with `gkd.children: {demo.children}`: "
         f"{tokens(demo.tokens)} tokens at {demo_rate:.0f} tokens per CPU second is about "
-        f"{demo.tokens / demo_rate / 60:.0f} CPU-minutes, projected from this table (not timed as a stage here). "
+        f"{demo.tokens / demo_rate / 60:.0f} CPU-minutes, projected from this table's single-thread rate (not "
+        f"timed as a stage here). "
         f"The wall-clock rates (last column) swing by up to {swing:.1f}x between rounds with the machine's load "
         f"({' / '.join(f'{v:.1f}' for v in inputs.gkd['machine']['load_average'])} at the end) and are shown "
         f"only for completeness."
@@ -540,7 +545,8 @@ def render(results: Path = RESULTS, demo: Path = DEMO) -> str:
         "What each lever buys on the SmolLM2-135M parent, and what `configs/demo.yaml` takes from it. "
         + caveat(inputs) + "\n"
     )
-    not_run = "### Not run yet\n\n" + "\n".join(f"- {item}: not run." for item in NOT_RUN) + "\n"
+    items = NOT_RUN + (() if inputs.gkd_quality else (GKD_QUALITY,))
+    not_run = "### Not run yet\n\n" + "\n".join(f"- {item}: not run." for item in items) + "\n"
     return "\n".join([intro] + [lever(inputs) for lever in LEVERS] + [not_run])
 
 
