@@ -191,12 +191,13 @@ def bld_tokens(inputs: Inputs) -> str:
     cost = ", ".join(f"{a['wall_s']:.0f} s wall / {a['cpu_s']:.0f} s CPU at {tokens(a['tokens'])}" for a in arms)
     mid = demo.tokens if demo.tokens in cells else budgets[1]
     same = [n for n in fit_budgets if n in cells]
+    monotone = all(vs_first(cells[a]) > vs_first(cells[b]) for a, b in zip(budgets, budgets[1:]))
     fit_first = median(fit_cells[fit_budgets[0]][k]["heldout_after"] / cells[fit_budgets[0]][k]["heldout_after"]
                        for k in units)
     text = (
         f"Held-out loss after BLD of {len(units)} sampled blocks (layers {', '.join(sorted({str(k[0]) for k in units}, key=int))}) "
         f"by training tokens per block, at lr {lr(base_lr)} from the {base_init} init, and (last columns) at "
-        f"lr {lr(fit_lr)} from the {fit_init} init. More tokens keep paying: the median block's loss is "
+        f"lr {lr(fit_lr)} from the {fit_init} init. {'More tokens keep paying' if monotone else 'By tokens'}: the median block's loss is "
         f"{pct(vs_first(cells[mid]))} at {tokens(mid)} and {pct(vs_first(cells[budgets[-1]]))} at "
         f"{tokens(budgets[-1])} against {tokens(first)}. The fitted init with lr {lr(fit_lr)} (two changes at once) "
         f"changes the median block's loss by "
@@ -301,14 +302,19 @@ def bld_init(inputs: Inputs) -> str:
         return median(r["heldout_after"] for r in cells[(method, n)].values())
 
     attention = next(m for m in methods if m in demo and m.startswith("attention"))
+    starts = median(r["heldout_before"] for r in cells[(attention, budgets[0])].values()) < median(
+        r["heldout_before"] for r in cells[(baseline["attention"], budgets[0])].values())
+    stays = all(vs(attention, n) < 1 for n in budgets)
+    lower = {(True, True): "starts lower and stays lower:", (False, True): "ends lower:",
+             (True, False): "starts lower but does not stay lower:", (False, False): "does not end lower:"}[(starts, stays)]
     ffn = next(m for m in methods if m in demo and m.startswith("ffn"))
     text = (
         f"Medians over the sampled blocks (attention: {len(cells[(attention, last)])}, FFN: "
         f"{len(cells[(ffn, last)])}) of the held-out loss before and after BLD at lr {lr(rows[0]['lr'])}, by the "
         f"method that initialises a pruned sub-block from the parent's; \"vs baseline\" is the median per-block "
         f"ratio to the former default of the same part ({' / '.join(b.partition('=')[2] for b in baseline.values())}). "
-        f"Fitting the kept KV heads to the parent's attention output ({attention.partition('=')[2]}) starts lower "
-        f"and stays lower: {x(vs(attention, budgets[0]))} and {x(vs(attention, last))} the baseline's loss after "
+        f"Fitting the kept KV heads to the parent's attention output ({attention.partition('=')[2]}) {lower} "
+        f"{x(vs(attention, budgets[0]))} and {x(vs(attention, last))} the baseline's loss after "
         f"{tokens(budgets[0])} and {tokens(last)} tokens; its median after {tokens(budgets[0])} tokens "
         f"({after(attention, budgets[0]):.3f}) is "
         f"{'below' if after(attention, budgets[0]) < after(baseline['attention'], last) else 'above'} the "
@@ -357,8 +363,8 @@ def bf16(inputs: Inputs) -> str:
         f"{max(abs(v - 1) for v in loss):.2%}, and the training steps run at {x(median(speed))} the float32 tokens "
         f"per CPU second for the median block ({x(kinds['ffn'])} for the FFNs, {x(kinds['attn'])} for attention). "
         f"Over the whole library stage, which also "
-        f"reads activations, evaluates and saves, bf16 took {stage}. GKD gains more: {x(gkd['bf16'] / gkd['fp32'])} "
-        f"the float32 tokens per CPU second (table below). The demo uses bf16 autocast for both "
+        f"reads activations, evaluates and saves, bf16 took {stage}. A GKD step runs at "
+        f"{x(gkd['bf16'] / gkd['fp32'])} the float32 tokens per CPU second with it (GKD speed, below). The demo uses bf16 autocast for both "
         f"(`library.bf16: {str(inputs.demo.library.bf16).lower()}`, `gkd.bf16: {str(inputs.demo.gkd.bf16).lower()}`)."
     )
     headers = ["layer", "unit", "loss fp32", "loss bf16", "bf16 vs fp32", "tok/CPU-s fp32", "tok/CPU-s bf16", "speed"]
