@@ -279,20 +279,6 @@ def bld_init(inputs: Inputs) -> str:
         for key in cells[(baseline[part], last)]:
             best[key] = min((m for m in methods if m.startswith(part + "=")),
                             key=lambda m: cells[(m, last)][key]["heldout_after"])
-    body = []
-    for method in sorted(methods, key=lambda m: (m.partition("=")[0], m != baseline[m.partition("=")[0]], m)):
-        part = method.partition("=")[0]
-        first = cells[(method, budgets[0])]
-        ratio = {n: median(cells[(method, n)][k]["heldout_after"] / cells[(baseline[part], n)][k]["heldout_after"]
-                          for k in first) for n in budgets}
-        body.append([part, method.partition("=")[2] + (" (demo)" if method in demo else ""), str(len(first)),
-                     f"{median(r['heldout_before'] for r in first.values()):.3f}"]
-                    + [f"{median(r['heldout_after'] for r in cells[(method, n)].values()):.3f}" for n in budgets]
-                    + [x(ratio[n]) for n in budgets]
-                    + [str(sum(best[k] == method for k in first))])
-    headers = (["part", "method", "blocks", "before BLD"] + [f"after {tokens(n)}" for n in budgets]
-               + [f"vs baseline at {tokens(n)}" for n in budgets] + [f"best at {tokens(last)}"])
-
     def vs(method: str, n: int) -> float:
         part = method.partition("=")[0]
         return median(cells[(method, n)][k]["heldout_after"] / cells[(baseline[part], n)][k]["heldout_after"]
@@ -300,6 +286,16 @@ def bld_init(inputs: Inputs) -> str:
 
     def after(method: str, n: int) -> float:
         return median(r["heldout_after"] for r in cells[(method, n)].values())
+
+    body = []
+    for method in sorted(methods, key=lambda m: (m.partition("=")[0], m != baseline[m.partition("=")[0]], m)):
+        first = cells[(method, budgets[0])]
+        body.append([method.partition("=")[0], method.partition("=")[2] + (" (demo)" if method in demo else ""),
+                     str(len(first)), f"{median(r['heldout_before'] for r in first.values()):.3f}"]
+                    + [f"{after(method, n):.3f}" for n in budgets] + [x(vs(method, n)) for n in budgets]
+                    + [str(sum(best[k] == method for k in first))])
+    headers = (["part", "method", "blocks", "before BLD"] + [f"after {tokens(n)}" for n in budgets]
+               + [f"vs baseline at {tokens(n)}" for n in budgets] + [f"best at {tokens(last)}"])
 
     attention = next(m for m in methods if m in demo and m.startswith("attention"))
     starts = median(r["heldout_before"] for r in cells[(attention, budgets[0])].values()) < median(
@@ -313,20 +309,23 @@ def bld_init(inputs: Inputs) -> str:
         f"{len(cells[(ffn, last)])}) of the held-out loss before and after BLD at lr {lr(rows[0]['lr'])}, by the "
         f"method that initialises a pruned sub-block from the parent's; \"vs baseline\" is the median per-block "
         f"ratio to the former default of the same part ({' / '.join(b.partition('=')[2] for b in baseline.values())}). "
-        f"Fitting the kept KV heads to the parent's attention output ({attention.partition('=')[2]}) {lower} "
+        f"Grouping the parent's KV heads by similarity and fitting each new head to its group's outputs "
+        f"({attention.partition('=')[2]}) {lower} "
         f"{x(vs(attention, budgets[0]))} and {x(vs(attention, last))} the baseline's loss after "
         f"{tokens(budgets[0])} and {tokens(last)} tokens; its median after {tokens(budgets[0])} tokens "
         f"({after(attention, budgets[0]):.3f}) is "
         f"{'below' if after(attention, budgets[0]) < after(baseline['attention'], last) else 'above'} the "
         f"baseline's after {tokens(last)} ({after(baseline['attention'], last):.3f}). For the "
-        f"FFN, re-fitting the kept channels' down projection ({ffn.partition('=')[2]}) gives "
+        f"FFN, keeping the channels of the paper's criterion (below) with the down projection re-fitted to the "
+        f"parent FFN's output ({ffn.partition('=')[2]}) gives "
         f"{x(vs(ffn, budgets[0]))} / {x(vs(ffn, last))}; choosing channels by their contribution through the "
         f"down projection (the paper's criterion) gives "
         + " / ".join(x(vs("ffn=contribution", n)) for n in budgets)
-        + " and by weight norm "
+        + " and by weight norm alone (the fallback without calibration) "
         + " / ".join(x(vs("ffn=weight_norm", n)) for n in budgets)
         + f". The demo uses the defaults, {attention.partition('=')[2]} and {ffn.partition('=')[2]} "
-        f"(`library.variants.attention_init` / `ffn_init`). Linear replacements (`linear=lstsq`) are not in the "
+        f"(`library.variants.attention_init` / `ffn_init`). Not measured: `similar_kv` (the same similarity "
+        f"grouping, weights averaged), so similarity grouping and fitting are not separated. Linear replacements (`linear=lstsq`) are not in the "
         f"demo's search space (vLLM cannot serve them) and their init was not swept here."
     )
     return section("Initialisation before -> after BLD", text, table(headers, body))
