@@ -230,6 +230,14 @@ def quality(bench: Bench) -> dict:
     return {"rows": rows}
 
 
+def _portable(value):
+    """Paths as given or relative to the checkout: results must not record a machine's folders."""
+    if not isinstance(value, Path):
+        return value
+    root = Path(__file__).resolve().parents[1]
+    return str(value.resolve().relative_to(root)) if value.resolve().is_relative_to(root) else str(value)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -237,7 +245,7 @@ def main() -> None:
     results = speed(bench) if args.part == "speed" else quality(bench)
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                            "load_average": os.getloadavg()},
-               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **results}
+               "settings": {k: _portable(v) for k, v in vars(args).items()}, **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, results)
     if args.part == "speed":
