@@ -44,7 +44,7 @@ from puzzle_core.config import deep_merge, read_yaml, stable_hash, structure, un
 from puzzle_core.errors import UserError
 from puzzle_core.pipeline import STAGE_NAMES, run_pipeline, stage_hashes
 from puzzle_core.rundir import MANIFEST, atomic_write_json, sha256_file
-from puzzle_core.schema import PuzzleConfig
+from puzzle_core.schema import PuzzleConfig, read_config_data
 from puzzle_core.search import InfeasibleError
 
 HERE = Path(__file__).resolve().parent
@@ -198,7 +198,7 @@ def plan(ablation: Ablation, budget: BudgetName, base: Path, results_dir: Path) 
     """Every arm's config (validated) and run directory."""
     runs = runs_root(results_dir, budget) / ablation.name
     common = deep_merge(
-        deep_merge(deep_merge(read_yaml(base), load_budget(budget).overlay), ablation.overlay),
+        deep_merge(deep_merge(read_config_data(base), load_budget(budget).overlay), ablation.overlay),
         ablation.budgets.get(budget, {}),
     )
     planned: list[PlannedArm] = []

@@ -23,7 +23,7 @@ from puzzle_core.choices import (
     SolverChoice,
     corpus_choice,
 )
-from puzzle_core.config import CONVERTER, apply_overrides, read_yaml, structure, unstructure
+from puzzle_core.config import CONVERTER, apply_overrides, deep_merge, read_yaml, structure, unstructure
 from puzzle_core.dtypes import ModelDtype
 from puzzle_core.errors import ConfigError
 from puzzle_core.scenario import Scenario, at_least, device_name
@@ -235,11 +235,34 @@ class PuzzleConfig:
     evaluation: EvaluationSection = attrs.Factory(EvaluationSection)
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PuzzleConfig:
-    """Read and validate a run config, with ``PATH=VALUE`` overrides; every problem is reported at once."""
+def read_config_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping, with its ``base`` (another config, relative to this file) merged under it.
+
+    ``base: demo.yaml`` starts from that config; this file's sections then merge into it key
+    by key (lists and values replace), so a variant config says only what differs.
+    """
+    path = Path(path)
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError([f"at $: expected a mapping of sections, got {type(data).__name__}"], str(path))
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError([f"at $.base: expected the path of another config, got {type(base).__name__}"], str(path))
+    target = (path.parent / base).resolve()
+    if target in _seen or target == path.resolve():
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve(), target))
+        raise ConfigError([f"at $.base: configs name each other as base in a cycle: {chain}"], str(path))
+    if not target.is_file():
+        raise ConfigError([f"at $.base: '{base}' (resolved to {target}) does not exist; "
+                           f"name a config file relative to {path.name}"], str(path))
+    return deep_merge(read_config_data(target, (*_seen, path.resolve())), data)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PuzzleConfig:
+    """Read and validate a run config (with its ``base``), with ``PATH=VALUE`` overrides; all problems at once."""
+    data = read_config_data(path)
     config = structure(data, PuzzleConfig, source=str(path))
     if not overrides:
         return config

@@ -514,3 +514,42 @@ def test_config_validate_checks_the_cost_model_can_price_the_scenario(tmp_path, 
     run_dir = tmp_path / "run"
     assert main(["run", str(path), "--run-dir", str(run_dir), "--set", "costs.model=a100"]) == 2
     assert not run_dir.exists()
+
+
+def test_a_config_with_a_base_says_only_what_differs(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "base.yaml").write_text(
+        "threads: 1\nlibrary: {tokens: 1024, lr: 0.003}\nsearch: {speedup: 1.5, baselines: [greedy, max_params]}\n"
+    )
+    (tmp_path / "variant.yaml").write_text(
+        "base: shared/base.yaml\nlibrary: {tokens: 4096}\nsearch: {baselines: [greedy]}\n"
+    )
+    config = load_config(tmp_path / "variant.yaml")
+    assert (config.threads, config.library.tokens, config.library.lr) == (1, 4096, 0.003)  # sections merge
+    assert [b.name for b in config.search.baselines] == ["greedy"] and config.search.speedup == 1.5  # lists replace
+    assert load_config(tmp_path / "variant.yaml", ["library.tokens=8"]).library.tokens == 8
+
+
+@pytest.mark.parametrize("files, problem", [
+    ({"a.yaml": "base: missing.yaml\n"}, r"at \$\.base: 'missing.yaml' .* does not exist"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"at \$\.base: configs name each other as base in a cycle"),
+    ({"a.yaml": "base: [b.yaml]\n"}, r"at \$\.base: expected the path of another config"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "library: {tokenz: 3}\n"}, r"at \$\.library\.tokenz"),
+])
+def test_base_problems_are_config_errors(tmp_path, files, problem):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=problem):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_the_quality_config_is_the_demo_with_bigger_budgets():
+    root = Path(__file__).resolve().parents[1]
+    demo, quality = (unstructure(load_config(root / "configs" / f"{name}.yaml")) for name in ("demo", "quality"))
+    differing = {
+        f"{section}.{key}"
+        for section, values in quality.items() if isinstance(values, dict)
+        for key, value in values.items() if demo[section][key] != value
+    }
+    assert differing == {"library.tokens", "scoring.tokens", "gkd.tokens", "gkd.checkpoint_every"}
+    assert quality["library"]["tokens"] == 4 * demo["library"]["tokens"]
