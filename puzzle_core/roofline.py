@@ -185,6 +185,11 @@ def fixed_params(shape: ModelShape) -> int:
     return table * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
 
 
+def model_params(shape: ModelShape) -> int:
+    """Every parameter of a model of ``shape`` (tied embeddings counted once), from its config alone."""
+    return fixed_params(shape) + sum(block_params(shape, block) for block in shape.blocks)
+
+
 def kv_cache_bytes(shape: ModelShape, attention: AttentionSpec, scenario: Scenario) -> int:
     """KV cache of one attention sub-block holding every position of the scenario."""
     positions = scenario.batch_size * (scenario.prefill_len + scenario.decode_len)
