@@ -67,12 +67,12 @@ class ModelCosts:
     def tokens_per_s(self) -> float:
         """Generated tokens per second over all of the scenario's GPUs."""
         s = self.scenario
-        replicas = s.gpus // s.tensor_parallel
+        replicas = s.num_gpus // s.tensor_parallel
         return replicas * s.batch_size * s.decode_len / (self.runtime_ms / 1e3) if self.runtime_ms > 0 else float("inf")
 
     @property
     def tokens_per_s_per_gpu(self) -> float:
-        return self.tokens_per_s / self.scenario.gpus
+        return self.tokens_per_s / self.scenario.num_gpus
 
     def summary(self) -> dict:
         """The totals as JSON-ready numbers."""

@@ -174,7 +174,8 @@ def _predict(family, shape, costing, largest_batch: bool) -> dict:
 
 def _print_costs(costs: dict) -> None:
     s, total = costs["scenario"], costs["total"]
-    gpus = f", TP {s['tensor_parallel']} on {s['gpus']} GPU(s)" if s["gpus"] > 1 or s["tensor_parallel"] > 1 else ""
+    num_gpus = s["gpus"] or s["tensor_parallel"]
+    gpus = f", TP {s['tensor_parallel']} on {num_gpus} GPU(s)" if num_gpus > 1 else ""
     click.echo(f"  cost model {costs['cost_model']}: batch {s['batch_size']}, {s['prefill_len']} in / "
                f"{s['decode_len']} out, {s['dtype']} (KV {s['kv_dtype']}){gpus}")
     rows = [{k: row[k] for k in ("block", "runtime_ms", "memory_mib")} for row in costs["layers"]]
