@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from puzzle_core.errors import UserError
-from puzzle_core.interfaces import LoadedModel, ModelFamily
+from puzzle_core.interfaces import LoadedModel, ModelFamily, ModelShape
 
 
 def families(registries) -> dict[str, ModelFamily]:
@@ -100,6 +100,15 @@ def resolve_parent(section, registries) -> tuple[ModelFamily, Path]:
         f"architectures: {', '.join(available) or '(none)'}. Install a plugin for it, or set parent.architecture "
         f"if one of these fits."
     )
+
+
+def parent_shape(section, registries) -> tuple[ModelFamily, ModelShape]:
+    """The parent's family and shape, from its ``config.json`` alone when it has one (no weights read)."""
+    family, path = resolve_parent(section, registries)
+    if path.is_dir():
+        return family, family.shape(read_config(path))
+    family, loaded = load_parent(section, registries)  # a GGUF file: its header is not a Hugging Face config
+    return family, loaded.shape
 
 
 def load_parent(section, registries) -> tuple[ModelFamily, LoadedModel]:

@@ -30,7 +30,15 @@ from puzzle_core.choices import PluginChoice
 from puzzle_core.config import stable_hash, unstructure
 from puzzle_core.data import TokenizedCorpus
 from puzzle_core.errors import UserError
-from puzzle_core.interfaces import LoadedModel, ModelFamily, ProcessRole, ScoringData, StageContext, VariantProvider
+from puzzle_core.interfaces import (
+    LoadedModel,
+    ModelFamily,
+    ModelShape,
+    ProcessRole,
+    ScoringData,
+    StageContext,
+    VariantProvider,
+)
 from puzzle_core.rundir import RunDir, atomic_write, link_missing, remove_temp_files
 from puzzle_core.schema import PuzzleConfig
 
@@ -172,6 +180,15 @@ class RunContext(StageContext):
         from puzzle_core.parents import load_parent
 
         return load_parent(self.config.parent, self.registries)
+
+    @cached_property
+    def parent_architecture(self) -> tuple[ModelFamily, ModelShape]:
+        """The parent's family and shape, read from its config alone when it has one (the parent if loaded)."""
+        if "loaded_parent" in self.__dict__:
+            return self.family, self.parent.shape
+        from puzzle_core.parents import parent_shape
+
+        return parent_shape(self.config.parent, self.registries)
 
     @cached_property
     def variant_provider(self) -> VariantProvider:

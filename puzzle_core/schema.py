@@ -118,6 +118,12 @@ class SearchSection:
     ``constraints`` bound whole-model totals (fixed costs included): ``stats.memory_mib<=80000``,
     ``10<=stats.runtime_ms<=50``, ``{stats.runtime_ms: [10, 50]}``, ``throughput>=6000 tokens/s``,
     ``speedup>=1.5``. ``speedups`` sweeps runtime budgets for the frontier plot.
+
+    ``fit_memory`` bounds weights + KV cache at the scenario's batch by the memory of the
+    cost model's device (``stats.memory_mib`` <= ``costs.memory_check.capacity_mib``), as
+    the paper does. ``largest_batch`` names a cost model of a GPU (``h100``): for the parent
+    and every solution, the largest batch whose weights + KV cache fit that GPU and the
+    throughput there go into ``solutions/index.json``.
     """
 
     solver: SolverChoice = _choice(SolverChoice, "mip")
@@ -130,6 +136,8 @@ class SearchSection:
     num_solutions: int = 1
     min_diversity: int = 1  # each further solution differs from every earlier one in this many layers
     baselines: list[SolverChoice] = attrs.Factory(list)
+    fit_memory: bool = False
+    largest_batch: CostModelChoice | None = None
 
 
 @attrs.frozen
@@ -262,5 +270,15 @@ def check_config(config: PuzzleConfig, registries=None, source: str | None = Non
         f"at $.costs.model: cost model '{choice.name}' cannot price this scenario: {problem}"
         for problem in cost_model.check_scenario(config.scenario)
     ]
+    fitting = config.search.largest_batch
+    if fitting is not None:
+        gpu = registries.record(fitting).create(fitting.options)
+        problems += [
+            f"at $.search.largest_batch: cost model '{fitting.name}' cannot price this scenario: {problem}"
+            for problem in gpu.check_scenario(config.scenario)
+        ]
+        if gpu.memory_capacity_mib(config.scenario) is None:
+            problems.append(f"at $.search.largest_batch: cost model '{fitting.name}' does not know its device's memory, "
+                            f"so no batch can be said to fit; name a cost model of a GPU (e.g. h100)")
     if problems:
         raise ConfigError(problems, source)
