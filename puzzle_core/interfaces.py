@@ -471,3 +471,10 @@ class Executor(ABC):
         environment variables; the pipeline asks every registered executor once.
         """
         return None
+
+    def check_environment(self) -> list[str]:
+        """Why this executor cannot run on this machine (e.g. a communication backend it lacks); empty when it can.
+
+        ``puzzle config validate`` and ``puzzle run`` ask before any stage runs.
+        """
+        return []

@@ -86,7 +86,7 @@ class LibrarySection:
     activation_dtype: ModelDtype = "bf16"
     shard_tokens: int = attrs.field(default=8192, validator=attrs.validators.ge(1))  # tokens per activation file
     keep_activations: bool = True  # False: delete activations/ once every block is trained
-    device: str = "auto"  # auto: one CUDA device per process when available, else cpu
+    device: str = attrs.field(default="auto", validator=device_name)  # auto: a CUDA device per process if any, else cpu
     subspace: list[list[str]] | None = None
     subspace_solutions: str | None = None
     loss: DistillationLossChoice = _choice(DistillationLossChoice, "normalized_mse")
@@ -255,8 +255,30 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PuzzleConfig
     return structure(apply_overrides(unstructure(config), overrides, source), PuzzleConfig, source=source)
 
 
+def environment_problems(config: PuzzleConfig, registries) -> list[str]:
+    """Devices and executors the config asks for that this machine lacks (CUDA, NCCL)."""
+    import torch
+
+    problems = []
+    for path, setting in (("library.device", config.library.device), ("gkd.device", config.gkd.device)):
+        if not setting.startswith("cuda"):
+            continue
+        if not torch.cuda.is_available():
+            problems.append(f"at $.{path}: '{setting}' asks for a CUDA GPU, but torch sees none on this machine "
+                            f"(torch {torch.__version__}). Use auto (a GPU when there is one, else the CPU) or cpu.")
+        elif setting.startswith("cuda:") and int(setting[5:]) >= torch.cuda.device_count():
+            problems.append(f"at $.{path}: '{setting}' names a GPU this machine does not have (it has "
+                            f"{torch.cuda.device_count()}: cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    for path, choice in (("library.executor", config.library.executor), ("scoring.executor", config.scoring.executor),
+                         ("gkd.executor", config.gkd.executor)):
+        executor = registries.record(choice).create(choice.options)
+        problems += [f"at $.{path}: executor '{choice.name}' cannot run here: {problem}"
+                     for problem in executor.check_environment()]
+    return problems
+
+
 def check_config(config: PuzzleConfig, registries=None, source: str | None = None) -> None:
-    """What structure alone cannot see: whether the chosen plugins can work together on this scenario.
+    """What structure alone cannot see: whether the chosen plugins can work together on this scenario and machine.
 
     A cost model whose spec sheet lacks the scenario's dtype, for instance, would fail at
     the cost stage after BLD and scoring ran; here it is a :class:`ConfigError` up front.
@@ -270,6 +292,7 @@ def check_config(config: PuzzleConfig, registries=None, source: str | None = Non
         f"at $.costs.model: cost model '{choice.name}' cannot price this scenario: {problem}"
         for problem in cost_model.check_scenario(config.scenario)
     ]
+    problems += environment_problems(config, registries)
     fitting = config.search.largest_batch
     if fitting is not None:
         gpu = registries.record(fitting).create(fitting.options)
