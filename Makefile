@@ -37,7 +37,7 @@ demo: $(STAMP)
 	$(BIN)/puzzle run configs/demo.yaml --run-dir runs/demo --resume
 	@echo "Report: runs/demo/report/report.md"
 
-# On a machine with CUDA GPUs: the tiny config in bf16 on the GPU, GKD under torchrun/NCCL on every visible GPU and
+# On a machine with CUDA GPUs: the tiny config in bf16 on the GPU, FSDP GKD under torchrun/NCCL on every visible GPU and
 # the measured cost model on CUDA, in one table (a few minutes). Without CUDA it says so and exits 0.
 gpu-check: $(STAMP)
 	$(BIN)/python scripts/gpu_check.py

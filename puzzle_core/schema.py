@@ -191,6 +191,13 @@ class GKDSection:
     ``batch_size`` x ``seq_len`` x ``grad_accum`` x processes tokens make one optimizer
     step; ``tokens`` / that is the number of steps. Children close to the parent need a
     small ``lr`` (or a large step): Adam's first updates are noise-sized for every weight.
+
+    Under torchrun the processes train each child together: ``sharding: ddp`` gives every
+    process the whole child and parent; ``fsdp`` (FSDP2) gives each 1/N of the child's and
+    the parent's weights, gradients and optimizer state (bf16 parameters on GPU when
+    ``bf16``), with sharded checkpoints, one safetensors file per process, and the child
+    gathered into one checkpoint at the end. ``activation_checkpointing`` recomputes each
+    layer in the backward pass instead of keeping its activations.
     """
 
     enabled: bool = True
@@ -210,6 +217,8 @@ class GKDSection:
     trainable: Literal["all", "layers", "changed"] = "all"
     trainable_neighbors: int = attrs.field(default=1, validator=at_least(0))
     device: str = attrs.field(default="auto", validator=device_name)  # 'auto': the local rank's GPU if any, else CPU
+    sharding: Literal["ddp", "fsdp"] = "ddp"  # how torchrun processes share one child's training
+    activation_checkpointing: bool = False
     lora_rank: int = attrs.field(default=0, validator=at_least(0))  # 0: full fine-tuning; >0: LoRA, merged at the end
     lora_alpha: float | None = None  # None: 2 * lora_rank
     validation_tokens: int = attrs.field(default=2048, validator=at_least(1))  # validation tokens for the KL curve

@@ -4,7 +4,7 @@
 
 1. ``configs/tiny.yaml`` end to end with the parent in bf16, BLD, scoring and GKD on
    ``cuda`` (bf16 autocast), the ``measured`` cost model timing blocks on the GPU;
-2. GKD of the tiny run again under ``torchrun`` with one NCCL process per visible GPU;
+2. GKD of the tiny run again, sharded with FSDP2 over one NCCL process per visible GPU;
 3. ``puzzle model info`` pricing the tiny parent with the ``measured`` cost model on CUDA
    in bf16 (``generate`` timed on the GPU), next to the ``h100`` roofline's prediction.
 
@@ -39,9 +39,10 @@ def steps(work: Path, gpus: int) -> list[tuple[str, list[str]]]:
               "--set", "scenario.dtype=bf16", "--set", "scenario.kv_dtype=bf16"]
     return [
         ("tiny pipeline, bf16 on cuda", ["run", TINY, "--run-dir", run_dir, *on_gpu]),
-        (f"GKD under torchrun, nccl x {gpus}", [
+        (f"FSDP GKD under torchrun, nccl x {gpus}", [
             "run", TINY, "--run-dir", str(work / "tiny-torchrun"), "--reuse", run_dir, "--stage", "gkd", *on_gpu,
-            "--set", f"gkd.executor={{name: torchrun, nproc: {gpus}, backend: nccl, threads: 1}}"]),
+            "--set", f"gkd.executor={{name: torchrun, nproc: {gpus}, backend: nccl, threads: 1}}",
+            "--set", "gkd.sharding=fsdp"]),
         ("measured cost model on cuda (bf16)", [
             "model", "info", "tiny-random-llama", "--cost-model", "measured", "--set", "scenario.device=cuda",
             "--set", "scenario.dtype=bf16", "--set", "scenario.kv_dtype=bf16", "--json"]),

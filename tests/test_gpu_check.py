@@ -29,7 +29,8 @@ def test_every_run_step_is_a_valid_config(gpu_check, tmp_path):
         overrides = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
         config = load_config(command[1], overrides)  # unknown keys or bad values would raise
         assert config.gkd.device == "cuda" and config.scenario.device == "cuda" and config.parent.dtype == "bf16"
-    assert load_config(runs[1][1], [runs[1][i + 1] for i, a in enumerate(runs[1]) if a == "--set"]).gkd.executor.options.nproc == 8
+    torchrun = load_config(runs[1][1], [runs[1][i + 1] for i, a in enumerate(runs[1]) if a == "--set"]).gkd
+    assert torchrun.executor.options.nproc == 8 and torchrun.sharding == "fsdp"
     assert all(command[0] in ("run", "model") for _, command in plan)
 
 
