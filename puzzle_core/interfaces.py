@@ -140,9 +140,11 @@ class ModelFamily(ABC):
         """Load a parent from a local folder or a GGUF file (remote code only when the user allows it)."""
 
     def load_parent_layers(
-        self, source: str, layers: Sequence[int], dtype: ModelDtype = "fp32", trust_remote_code: bool = False
+        self, source: str, layers: Sequence[int], dtype: ModelDtype = "fp32", trust_remote_code: bool = False,
+        ends: bool = False,
     ) -> LoadedModel:
-        """The parent with real weights for ``layers`` only, for BLD once activations are captured.
+        """The parent with real weights for ``layers`` only (and, with ``ends``, the embeddings, final norm and LM
+        head), for BLD once activations are captured and for scoring with the layers split over processes.
 
         Other parameters may stay on the meta device; the tokenizer is there, and the layer
         runner's :meth:`~LayerRunner.context` and :meth:`init_sublayer` on those layers must

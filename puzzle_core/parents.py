@@ -116,13 +116,14 @@ def loads_layers_alone(family: ModelFamily) -> bool:
     return type(family).load_parent_layers is not ModelFamily.load_parent_layers
 
 
-def load_parent_layers(section, registries, layers) -> tuple[ModelFamily, LoadedModel]:
+def load_parent_layers(section, registries, layers, ends: bool = False) -> tuple[ModelFamily, LoadedModel]:
     """The parent with real weights for ``layers`` only (:meth:`ModelFamily.load_parent_layers`)."""
     family, path = resolve_parent(section, registries)
     if path.is_dir():
         check_weight_files(path)
     with readable_weights(path):
-        return family, family.load_parent_layers(str(path), list(layers), section.dtype, section.trust_remote_code)
+        return family, family.load_parent_layers(str(path), list(layers), section.dtype, section.trust_remote_code,
+                                                 ends=ends)
 
 
 @contextlib.contextmanager

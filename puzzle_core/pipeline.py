@@ -189,14 +189,14 @@ class RunContext(StageContext):
         found = None if "loaded_parent" in self.__dict__ else parent_shape(self.config.parent, self.registries)
         return found or (self.loaded_parent[0], self.loaded_parent[1].shape)
 
-    def parent_layers(self, layers: Sequence[int]) -> LoadedModel:
-        """The parent with real weights for ``layers`` at least: the whole parent when it is loaded already or
-        when its family cannot load less (:meth:`ModelFamily.load_parent_layers`)."""
+    def parent_layers(self, layers: Sequence[int], ends: bool = False) -> LoadedModel:
+        """The parent with real weights for ``layers`` (``ends``: and the embeddings and head) at least: the whole
+        parent when it is loaded already or when its family cannot load less (:meth:`ModelFamily.load_parent_layers`)."""
         from puzzle_core.parents import load_parent_layers, loads_layers_alone
 
         if "loaded_parent" in self.__dict__ or not loads_layers_alone(self.family):
             return self.parent
-        return load_parent_layers(self.config.parent, self.registries, layers)[1]
+        return load_parent_layers(self.config.parent, self.registries, layers, ends)[1]
 
     @cached_property
     def tokenizer(self):

@@ -102,6 +102,9 @@ class ScoringSection:
     batch_size: int = 8  # sequences per forward
     max_cache_mib: int = 4096  # bound on the cached parent activations (see puzzle_core.scoring)
     executor: ExecutorChoice = _choice(ExecutorChoice, "local")  # jobs: one per layer
+    # Under torchrun: 'jobs' shares the layers' jobs out (each process holds the whole parent); 'layers' splits the
+    # parent's layers over the processes, pipeline style (puzzle_core.scoring_pipeline): each holds its own layers
+    sharding: Literal["jobs", "layers"] = "jobs"
 
 
 @attrs.frozen

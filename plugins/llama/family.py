@@ -166,13 +166,13 @@ class LlamaLikeFamily(ModelFamily):
         return self._loaded(model, tokenizer, source=str(path))
 
     def load_parent_layers(self, source: str, layers: Sequence[int], dtype: str = "fp32",
-                           trust_remote_code: bool = False) -> LoadedModel:
+                           trust_remote_code: bool = False, ends: bool = False) -> LoadedModel:
         path = Path(source).expanduser()
         if not path.is_dir():  # a GGUF file is dequantised whole
             return self.load_parent(source, dtype, trust_remote_code)
         from puzzle_plugins.llama.partial import load_parent_layers
 
-        return load_parent_layers(self, path, layers, torch_dtype(dtype), trust_remote_code)
+        return load_parent_layers(self, path, layers, torch_dtype(dtype), trust_remote_code, ends)
 
     def _loaded(self, model: nn.Module, tokenizer, source: str) -> LoadedModel:
         model.eval()

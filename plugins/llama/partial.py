@@ -21,11 +21,15 @@ def layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}."
 
 
-def read_layer_tensors(folder: Path, layers: Sequence[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors of ``layers`` from every safetensors file of ``folder``, in ``dtype``."""
+ENDS = ("model.embed_tokens.", "model.norm.", "lm_head.")
+
+
+def read_layer_tensors(folder: Path, layers: Sequence[int], dtype: torch.dtype,
+                       ends: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of ``layers`` (and of the embeddings, final norm and head with ``ends``) in ``folder``."""
     from safetensors import safe_open
 
-    prefixes = tuple(layer_prefix(layer) for layer in layers)
+    prefixes = tuple(layer_prefix(layer) for layer in layers) + (ENDS if ends else ())
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
@@ -36,8 +40,9 @@ def read_layer_tensors(folder: Path, layers: Sequence[int], dtype: torch.dtype) 
 
 
 def load_parent_layers(family, folder: Path, layers: Sequence[int], dtype: torch.dtype,
-                       trust_remote_code: bool = False) -> LoadedModel:
-    """The parent in ``folder`` with real weights for ``layers`` only, and its tokenizer."""
+                       trust_remote_code: bool = False, ends: bool = False) -> LoadedModel:
+    """The parent in ``folder`` with real weights for ``layers`` only (``ends``: and the embeddings, final norm and
+    LM head, tied or not), and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -45,7 +50,16 @@ def load_parent_layers(family, folder: Path, layers: Sequence[int], dtype: torch
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     base = model.model
     base.rotary_emb = type(base.rotary_emb)(config=model.config)  # its tables are computed, not stored
-    tensors = read_layer_tensors(folder, layers, dtype)
+    tensors = read_layer_tensors(folder, layers, dtype, ends)
+    if ends:
+        for name in ("embed_tokens", "norm"):
+            getattr(base, name).to_empty(device="cpu")
+            getattr(base, name).load_state_dict({"weight": tensors[f"model.{name}.weight"]})
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = base.embed_tokens.weight
+        else:
+            model.lm_head.to_empty(device="cpu")
+            model.lm_head.load_state_dict({"weight": tensors["lm_head.weight"]})
     for layer in layers:
         module, prefix = base.layers[layer], layer_prefix(layer)
         module.to_empty(device="cpu")
