@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo data clean
+.PHONY: install test test-fast demo data gpu-check clean
 
 $(STAMP): Makefile pyproject.toml examples/puzzle-example-plugin/pyproject.toml examples/puzzle-qwen2/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ demo: $(STAMP)
 	$(BIN)/puzzle data prepare
 	$(BIN)/puzzle run configs/demo.yaml --run-dir runs/demo --resume
 	@echo "Report: runs/demo/report/report.md"
+
+# On a machine with CUDA GPUs: the tiny config in bf16 on the GPU, FSDP GKD under torchrun/NCCL on every visible GPU and
+# the measured cost model on CUDA, in one table (a few minutes). Without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

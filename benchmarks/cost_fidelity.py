@@ -15,20 +15,23 @@ thing (``generate``), with the same threads, clock and statistic (median of pair
 rounds).
 
 Part 2, the analytic roofline models (``h100``, ``rtx4090``), from configs alone:
-per-layer runtimes of Llama-3.1-70B- and -8B-shaped parents, and the predicted speedup
-of Nemotron-51B over Llama-3.1-70B for the paper's workload (fp8, 128 in / 1024 out):
-at equal batch, and as throughput at the largest batch each model fits on one H100
-(the paper's setting, which also credits the child's smaller memory footprint). The
-paper/blog measured 6472 vs 2975 output tokens/s per GPU (2.17x; the parent on its best
-tensor-parallel GPU count) and 1274 tokens/s for the parent on one GPU. Nemotron-51B's
-``block_configs`` are reconstructed (see :func:`nemotron_51b_config`) unless
+per-layer runtimes of Llama-3.1-70B- and -8B-shaped parents, the speedup of
+Nemotron-51B over Llama-3.1-70B at equal batch, and the paper's scenario table (fp8,
+128 in / 1024 out on H100s): Nemotron-51B on one GPU vs Llama-3.1-70B at tensor-parallel
+degree 1 and 4, published as 6472 vs 1274 and 2975 output tokens/s per GPU (5.08x and
+2.17x), each predicted at the largest batch whose weights + KV cache fit every GPU of
+the group (the paper's speedups come from fitting larger batches), with the all-reduces
+of tensor parallelism priced over NVLink (:mod:`puzzle_core.roofline`). Degrees 2 and 8
+are predicted too (nothing published). Nemotron-51B's ``block_configs`` are not
+available offline: they are reconstructed (see :func:`nemotron_51b_config`) unless
 ``--nemotron-config`` points at the published ``config.json``.
 
     .venv/bin/python benchmarks/cost_fidelity.py [--config configs/demo.yaml] [--threads N] [--clock wall]
         [--layers 8] [--repeats 5] [--rounds 7] [--cost-runs 2] [--measurements 2] [--skip-measured]
-        [--nemotron-config PATH]
+        [--nemotron-config PATH] [--max-batch 1024] [--out PATH]
 
-Writes ``benchmarks/results/cost_fidelity.json``.
+Writes ``benchmarks/results/cost_fidelity.json``; with ``--skip-measured`` (part 2 only,
+a second) ``benchmarks/results/scenario_table.json``.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from puzzle_core.config import structure
 from puzzle_core.interfaces import EvalContext
 from puzzle_core.parents import load_parent
 from puzzle_core.registry import get_registries
-from puzzle_core.roofline import GPUSpec, RooflineCostModel
+from puzzle_core.costing import largest_batch, model_costs
 from puzzle_core.rundir import atomic_write_json
 from puzzle_core.schema import Scenario, load_config
 from puzzle_core.timing import CLOCKS
@@ -58,6 +61,7 @@ from puzzle_plugins.measured_cost import MeasuredCostModel, MeasuredOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "cost_fidelity.json"
+ANALYTIC_RESULTS = Path(__file__).parent / "results" / "scenario_table.json"
 GIB = 1024
 
 # Replaced layers get these blocks in turn (the demo's space: attention 3 / 1 KV heads or none, FFN 1536 / 768 /
@@ -76,7 +80,10 @@ LLAMA_31_8B = {
     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
     "tie_word_embeddings": False,
 }
-PAPER = {"child_tokens_per_s": 6472, "parent_tokens_per_s_best_tp": 2975, "parent_tokens_per_s_one_gpu": 1274}
+# The paper's scenario table, 128 in / 1024 out on H100s (fp8): (model, tensor-parallel degree, published output
+# tokens/s per GPU, None where it gives none).
+PAPER_ROWS = [("nemotron-51b", 1, 6472), ("llama-3.1-70b", 1, 1274), ("llama-3.1-70b", 2, None),
+              ("llama-3.1-70b", 4, 2975), ("llama-3.1-70b", 8, None)]
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,8 +103,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-measured", action="store_true", help="only the analytic part")
     parser.add_argument("--nemotron-config", type=Path, help="the published config.json of Nemotron-51B")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch considered for throughput")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    return parser.parse_args()
+    parser.add_argument("--out", type=Path, help=f"default: {RESULTS.name}, with --skip-measured {ANALYTIC_RESULTS.name}")
+    args = parser.parse_args()
+    args.out = args.out or (ANALYTIC_RESULTS if args.skip_measured else RESULTS)
+    return args
 
 
 # ---------------------------------------------------------------- part 1: measured vs end to end
@@ -245,34 +254,37 @@ def nemotron_51b_config() -> dict:
 
 
 def totals(model, shape, scenario) -> dict:
-    fixed = model.fixed_costs(shape, scenario, None)
-    costs = {b.id: model.block_costs(shape, b, scenario, None) for b in dict.fromkeys(shape.blocks)}
-    total = {k: fixed[k] + sum(costs[b.id][k] for b in shape.blocks) for k in ("runtime_ms", "memory_mib", "num_params")}
-    return {**total, "fixed_ms": fixed["runtime_ms"], "weights_mib": fixed["memory_mib"] - fixed["kv_cache_mib"]
-            + sum(costs[b.id]["memory_mib"] - costs[b.id]["kv_cache_mib"] for b in shape.blocks)}
+    costs = model_costs(model, shape, scenario)
+    return {"runtime_ms": costs.runtime_ms, "memory_mib": costs.memory_mib, "num_params": costs.total("num_params"),
+            "fixed_ms": costs.fixed["runtime_ms"], "weights_mib": costs.weights_mib}
 
 
-def max_batch(model, shape, scenario, limit: int) -> int:
-    """Largest batch whose weights + KV cache fit the GPU (0: not even batch 1)."""
-    capacity = model.memory_capacity_mib(scenario)
-    one = totals(model, shape, attrs.evolve(scenario, batch_size=1))
-    kv_per_sequence = one["memory_mib"] - one["weights_mib"]
-    room = capacity - one["weights_mib"]
-    return 0 if room < kv_per_sequence else min(limit, int(room // kv_per_sequence))
+def at_largest_batch(model, shape, scenario, limit: int) -> dict:
+    """Throughput at the largest batch whose weights + KV cache fit each GPU of the group."""
+    best = largest_batch(model, shape, scenario, limit=limit)
+    if best is None:
+        return {"batch": 0, "tokens_per_s": 0.0, "tokens_per_s_per_gpu": 0.0}
+    return {"batch": best.scenario.batch_size, "tokens_per_s": best.tokens_per_s,
+            "tokens_per_s_per_gpu": best.tokens_per_s_per_gpu, "memory_gib_per_gpu": best.memory_mib / GIB,
+            "runtime_s": best.runtime_ms / 1e3}
 
 
-def throughput(model, shape, scenario, limit: int) -> dict:
-    batch = max_batch(model, shape, scenario, limit)
-    if not batch:
-        return {"batch": 0, "tokens_per_s": 0.0}
-    run = totals(model, shape, attrs.evolve(scenario, batch_size=batch))
-    return {"batch": batch, "tokens_per_s": batch * scenario.decode_len / (run["runtime_ms"] / 1e3)}
-
-
-def tensor_parallel(gpu: GPUSpec, ways: int) -> GPUSpec:
-    """``ways`` GPUs as one with pooled memory, bandwidth and compute (communication ignored)."""
-    return GPUSpec(name=f"{ways}x {gpu.name}", memory_gib=gpu.memory_gib * ways, bandwidth_gbs=gpu.bandwidth_gbs * ways,
-                   peak_tflops={k: v * ways for k, v in gpu.peak_tflops.items()}, source=gpu.source)
+def paper_table(model, shapes: dict, paper: Scenario, limit: int) -> list[dict]:
+    """The paper's scenario rows (and the parent at TP 2 and 8, unpublished), predicted at the largest batch."""
+    rows = []
+    for name, tp, published in PAPER_ROWS:
+        scenario = attrs.evolve(paper, tensor_parallel=tp)
+        row = {"model": name, "tensor_parallel": tp, "published_tokens_per_s_per_gpu": published,
+               **at_largest_batch(model, shapes[name], scenario, limit)}
+        row["predicted_over_published"] = row["tokens_per_s_per_gpu"] / published if published else None
+        rows.append(row)
+    child = rows[0]["tokens_per_s_per_gpu"]
+    for row in rows[1:]:
+        parent = row["tokens_per_s_per_gpu"]
+        row["predicted_child_speedup"] = child / parent if parent else None
+        row["published_child_speedup"] = (PAPER_ROWS[0][2] / row["published_tokens_per_s_per_gpu"]
+                                          if row["published_tokens_per_s_per_gpu"] else None)
+    return rows
 
 
 def analytic_part(args, registries) -> dict:
@@ -299,8 +311,7 @@ def analytic_part(args, registries) -> dict:
                     "fixed_ms": whole["fixed_ms"], "model_runtime_ms": whole["runtime_ms"],
                     "memory_gib": whole["memory_mib"] / GIB, "fits": whole["memory_mib"] <= model.memory_capacity_mib(scenario),
                 })
-    h100 = registries.cost_models.get("h100")
-    h100_model = h100.create()
+    h100_model = registries.cost_models.get("h100").create()
     parent, child = shapes["llama-3.1-70b"], shapes["nemotron-51b"]
     equal_batch = []
     for batch in (1, 8, 64, 256):
@@ -308,26 +319,16 @@ def analytic_part(args, registries) -> dict:
         p, c = totals(h100_model, parent, scenario), totals(h100_model, child, scenario)
         equal_batch.append({"batch": batch, "parent_ms": p["runtime_ms"], "child_ms": c["runtime_ms"],
                             "speedup": p["runtime_ms"] / c["runtime_ms"]})
-    child_one = throughput(h100_model, child, paper, args.max_batch)
-    parent_tp = {}
-    for ways in (1, 2, 4, 8):
-        pooled = RooflineCostModel(tensor_parallel(h100_model.gpu, ways), h100_model.options)
-        run = throughput(pooled, parent, paper, args.max_batch * ways)
-        parent_tp[ways] = {**run, "tokens_per_s_per_gpu": run["tokens_per_s"] / ways}
-    best_ways = max(parent_tp, key=lambda w: parent_tp[w]["tokens_per_s_per_gpu"])
     return {
         "scenario": attrs.asdict(paper),
+        "h100_options": attrs.asdict(h100_model.options),
+        "h100_interconnect_gbs": h100_model.gpu.interconnect_gbs,
+        "max_batch": args.max_batch,
         "per_layer": per_layer,
         "nemotron_source": nemotron_source,
         "params": {name: totals(h100_model, s, paper)["num_params"] for name, s in shapes.items()},
         "equal_batch": equal_batch,
-        "child_one_gpu": child_one,
-        "parent_tensor_parallel": parent_tp,
-        "speedup_vs_parent_one_gpu": child_one["tokens_per_s"] / max(parent_tp[1]["tokens_per_s"], 1e-9),
-        "speedup_vs_parent_best_tp": child_one["tokens_per_s"] / parent_tp[best_ways]["tokens_per_s_per_gpu"],
-        "parent_best_tp": best_ways,
-        "paper": {**PAPER, "speedup_best_tp": PAPER["child_tokens_per_s"] / PAPER["parent_tokens_per_s_best_tp"],
-                  "speedup_one_gpu": PAPER["child_tokens_per_s"] / PAPER["parent_tokens_per_s_one_gpu"]},
+        "paper_table": paper_table(h100_model, shapes, paper, args.max_batch),
     }
 
 
@@ -345,15 +346,20 @@ def print_analytic(part: dict) -> None:
     for r in part["equal_batch"]:
         print(f"  equal batch {r['batch']:4d}: parent {r['parent_ms'] / 1e3:7.2f} s, child {r['child_ms'] / 1e3:7.2f} s, "
               f"speedup {r['speedup']:.2f}x")
-    child = part["child_one_gpu"]
-    print(f"  largest batch that fits: child {child['batch']} -> {child['tokens_per_s']:.0f} tokens/s")
-    for ways, r in part["parent_tensor_parallel"].items():
-        print(f"  parent on {ways} GPU(s) (ideal tensor parallelism, no communication): batch {r['batch']} -> "
-              f"{r['tokens_per_s_per_gpu']:.0f} tokens/s per GPU")
-    paper = part["paper"]
-    print(f"  predicted throughput speedup: {part['speedup_vs_parent_best_tp']:.2f}x vs the parent on its best GPU count "
-          f"({part['parent_best_tp']}; paper {paper['speedup_best_tp']:.2f}x), {part['speedup_vs_parent_one_gpu']:.2f}x vs "
-          f"the parent on one GPU (blog {paper['speedup_one_gpu']:.2f}x)")
+    print(f"\nthe paper's scenario table (H100 SXM, fp8, 128 in / 1024 out), output tokens/s per GPU at the largest "
+          f"batch that fits (at most {part['max_batch']}); all-reduces over NVLink at "
+          f"{part['h100_interconnect_gbs']:g} GB/s x {part['h100_options']['allreduce_efficiency']:g}:")
+    print(f"{'model':14s} {'TP':>3s} {'batch':>6s} {'GiB/GPU':>8s} {'predicted':>10s} {'published':>10s} {'pred/pub':>9s}  "
+          f"{'51B speedup pred / pub':>22s}")
+    for r in part["paper_table"]:
+        published = f"{r['published_tokens_per_s_per_gpu']:10d}" if r["published_tokens_per_s_per_gpu"] else f"{'-':>10s}"
+        ratio = f"{r['predicted_over_published']:8.2f}x" if r["predicted_over_published"] else f"{'-':>9s}"
+        speedup = ""
+        if "predicted_child_speedup" in r:
+            pub = f"{r['published_child_speedup']:.2f}x" if r["published_child_speedup"] else "-"
+            speedup = f"{r['predicted_child_speedup']:.2f}x / {pub}"
+        print(f"{r['model']:14s} {r['tensor_parallel']:3d} {r['batch']:6d} {r.get('memory_gib_per_gpu', 0):8.1f} "
+              f"{r['tokens_per_s_per_gpu']:10.0f} {published} {ratio}  {speedup:>22s}")
 
 
 def main() -> None:

@@ -167,6 +167,20 @@ class MeasuredCostModel(CostModel):
                 f"The 'measured' cost model keeps the KV cache in the model's dtype, so scenario.kv_dtype "
                 f"('{scenario.kv_dtype}') must equal scenario.dtype ('{scenario.dtype}'). Set kv_dtype: {scenario.dtype}."
             )
+        if scenario.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                problems.append(
+                    f"scenario.device is '{scenario.device}', but torch sees no CUDA device on this machine, so the "
+                    f"'measured' cost model cannot time blocks there. Set scenario.device to cpu (or auto), run on a "
+                    f"machine with a GPU, or use an analytic model of the GPU (h100, rtx4090)."
+                )
+        if scenario.tensor_parallel > 1:
+            problems.append(
+                f"The 'measured' cost model times one device, so it cannot price scenario.tensor_parallel "
+                f"{scenario.tensor_parallel}. Set it to 1, or use an analytic model (h100) for tensor-parallel groups."
+            )
         if self.options.clock == "process" and scenario.device.startswith("cuda"):
             problems.append("The 'process' clock counts CPU time and cannot time GPU kernels; use clock: wall on CUDA.")
         return problems

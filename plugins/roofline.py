@@ -13,7 +13,9 @@ H100_SXM = GPUSpec(
     memory_gib=80,
     bandwidth_gbs=3350,
     peak_tflops={"fp32": 67.0, "bf16": 989.4, "fp8": 1978.9},
-    source="NVIDIA H100 Tensor Core GPU datasheet (SXM5; dense, i.e. half the with-sparsity figures)",
+    source="NVIDIA H100 Tensor Core GPU datasheet (SXM5; dense, i.e. half the with-sparsity figures; NVLink 900 GB/s "
+    "both directions together)",
+    interconnect_gbs=450,
 )
 
 RTX_4090 = GPUSpec(
@@ -21,7 +23,8 @@ RTX_4090 = GPUSpec(
     memory_gib=24,
     bandwidth_gbs=1008,
     peak_tflops={"fp32": 82.6, "bf16": 165.2, "fp8": 330.3},
-    source="NVIDIA Ada Lovelace architecture whitepaper (dense, FP32 accumulate)",
+    source="NVIDIA Ada Lovelace architecture whitepaper (dense, FP32 accumulate); no NVLink: PCIe 4.0 x16 between GPUs",
+    interconnect_gbs=32,
 )
 
 

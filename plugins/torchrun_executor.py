@@ -100,6 +100,20 @@ class TorchrunExecutor(Executor):
                 "'nproc: N' so that it launches torchrun itself."
             )
 
+    def check_environment(self) -> list[str]:
+        if self.options.backend != "nccl":
+            return []
+        if not torch.cuda.is_available():
+            return ["backend 'nccl' runs on CUDA GPUs, but torch sees no CUDA device on this machine. Use backend: "
+                    "gloo (or auto, which picks gloo here), or run on a machine with NVIDIA GPUs."]
+        if not dist.is_nccl_available():
+            return ["backend 'nccl' is not available in this build of torch (torch.distributed.is_nccl_available() "
+                    "is false). Install a CUDA build of torch, or use backend: gloo."]
+        if self.options.nproc > torch.cuda.device_count():
+            return [f"nproc is {self.options.nproc} with backend 'nccl', which needs one GPU per process, but this "
+                    f"machine has {torch.cuda.device_count()}. Lower nproc, or use backend: gloo."]
+        return []
+
     # ------------------------------------------------------------------ inside torchrun
 
     def _backend(self) -> str:

@@ -474,6 +474,45 @@ class _UnitTraining:
             self.tokens += inputs.shape[0] * inputs.shape[1]
 
 
+class ParentLayers:
+    """The parent as BLD jobs see it: ``self(layer)`` has real weights for that layer at least.
+
+    :meth:`whole` wraps a loaded parent. Otherwise ``load(layer)`` loads one layer of it
+    (:meth:`ModelFamily.load_parent_layers`), and the last one is kept: a job trains the
+    units of one layer, so a worker that gets no capture job holds one parent layer at a
+    time, never the whole parent.
+    """
+
+    def __init__(self, shape: ModelShape, load: Callable[[int], LoadedModel]):
+        self.shape = shape
+        self._load = load
+        self.current: tuple[int, LoadedModel] | None = None
+
+    @classmethod
+    def whole(cls, parent: LoadedModel) -> "ParentLayers":
+        layers = cls(parent.shape, lambda _layer: parent)
+        layers.current = (-1, parent)
+        return layers
+
+    def __call__(self, layer: int) -> LoadedModel:
+        if self.current is None or (self.current[0] != layer and self.current[0] != -1):
+            self.current = None  # let the previous layer go before loading the next
+            self.current = (layer, self._load(layer))
+        return self.current[1]
+
+    def any(self) -> LoadedModel:
+        """Some loaded view of the parent (for what every layer shares: rotary tables, masks)."""
+        return self.current[1] if self.current is not None else self(0)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where a (possibly partly loaded) model's real weights are."""
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
+
+
 class BLDTrainer:
     """Trains and stores the units of a library plan; :meth:`run` is the executor's work function.
 
@@ -490,7 +529,7 @@ class BLDTrainer:
         self,
         run_dir: RunDir,
         family: ModelFamily,
-        parent: LoadedModel,
+        parent: LoadedModel | ParentLayers,
         store: ActivationStore,
         settings: TrainSettings,
         loss,
@@ -509,8 +548,8 @@ class BLDTrainer:
             )
         self.run_dir = run_dir
         self.family = family
-        self.parent = parent
-        self.runner = family.layer_runner(parent.model)
+        self.parent_layers = parent if isinstance(parent, ParentLayers) else ParentLayers.whole(parent)
+        self.shape = self.parent_layers.shape
         self.store = store
         self.settings = settings
         self.loss = loss
@@ -537,7 +576,7 @@ class BLDTrainer:
         """One job per :class:`UnitPass`; its cost is the sum of its units' training FLOPs."""
         tokens = self.store.tokens("train")
         return [
-            Job(group.id, sum(unit_cost(self.parent.shape, u, seq_len, tokens) for u in group.units), group)
+            Job(group.id, sum(unit_cost(self.shape, u, seq_len, tokens) for u in group.units), group)
             for group in plan_passes(plan, units_per_pass)
         ]
 
@@ -665,7 +704,8 @@ class BLDTrainer:
             else:
                 calib = Calibration(calibration["hidden"] + calibration["attn_out"], calibration["ffn_out"])
             spec = AttentionSpec.parse(unit.attention) if part == "attention" else FFNSpec.parse(unit.ffn)
-            modules[part] = self.family.init_sublayer(self.parent, unit.layer, spec, calib, self.settings.init_method)
+            parent = self.parent_layers(unit.layer)
+            modules[part] = self.family.init_sublayer(parent, unit.layer, spec, calib, self.settings.init_method)
         if len(modules) == 2:
             return CoupledBlock(modules["attention"], modules["ffn"])
         return next(iter(modules.values()))
@@ -674,10 +714,10 @@ class BLDTrainer:
         """The layer context for a batch shape (rotary tables, mask), computed once per shape."""
         key = tuple(inputs.shape)
         if key not in self._contexts:
-            parent_device = next(self.parent.model.parameters()).device
-            probe = torch.zeros(inputs.shape, dtype=inputs.dtype, device=parent_device)
+            model = self.parent_layers.any().model
+            probe = torch.zeros(inputs.shape, dtype=inputs.dtype, device=_device_of(model))
             with torch.no_grad():
-                self._contexts[key] = _to_device(self.runner.context(probe), inputs.device)
+                self._contexts[key] = _to_device(self.family.layer_runner(model).context(probe), inputs.device)
         return self._contexts[key]
 
     @torch.no_grad()

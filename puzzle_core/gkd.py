@@ -10,12 +10,16 @@ plain ``Linear`` weights at the end), AdamW with linear warmup + cosine decay, g
 accumulation, optional bf16 autocast, and resumable checkpoints (weights, optimizer,
 step, RNG and the curves so far, all as safetensors + JSON) so that a killed run resumes
 and ends with the same weights as an uninterrupted one. When ``torch.distributed`` is
-initialised (a run under ``torchrun``) the student is wrapped in DDP, micro-batches are
-dealt round-robin to the ranks, and only rank 0 writes.
+initialised (a run under ``torchrun``) micro-batches are dealt round-robin to the ranks
+and the student is wrapped in DDP (``gkd.sharding: ddp``), or both student and teacher
+are sharded with FSDP2 (``fsdp``: :func:`shard`): each rank then holds 1/N of every
+weight, gradient and optimizer state, writes its own shard of each checkpoint
+(safetensors, no pickles), and rank 0 gathers the trained child at the end.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -151,9 +155,10 @@ class LayerwiseForward(nn.Module):
     and optimizers see its parameters.
     """
 
-    def __init__(self, model: nn.Module, family: ModelFamily):
+    def __init__(self, model: nn.Module, family: ModelFamily, checkpointing: bool = False):
         super().__init__()
         self.model = model
+        self.checkpointing = checkpointing  # recompute each layer in the backward pass
         self.__dict__["runner"] = family.layer_runner(model)  # not a submodule: it only points into model
 
     def forward(self, input_ids: torch.Tensor, keep_hidden: bool = True, logits: bool = True) -> ForwardOutput:
@@ -164,7 +169,12 @@ class LayerwiseForward(nn.Module):
         context = runner.context(hidden)
         outputs = []
         for index in range(runner.num_layers):
-            hidden = runner.layer(index, hidden, context)
+            if self.checkpointing and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+
+                hidden = checkpoint(runner.layer, index, hidden, context, use_reentrant=False)
+            else:
+                hidden = runner.layer(index, hidden, context)
             if keep_hidden:
                 outputs.append(hidden)
         return ForwardOutput(hidden=outputs or [hidden], logits=self.head(hidden) if logits else None)
@@ -172,6 +182,28 @@ class LayerwiseForward(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits of the last layer's output."""
         return self.runner.head(hidden)
+
+
+def shard(forward: LayerwiseForward, mesh, bf16: bool) -> None:
+    """FSDP2 over ``mesh``: one unit per module a layer runs (norms, attention, MLP), the rest in the root.
+
+    The units are the modules the layer runner calls, so their all-gathers happen where
+    they run; the root (the embeddings, final norm and LM head, tied ones together) is
+    ``forward`` itself. On GPU with ``bf16`` the parameters are gathered in bfloat16 and
+    gradients reduced in float32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    gpu_bf16 = bf16 and mesh.device_type == "cuda"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if gpu_bf16 else None
+    options = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
+    runner = forward.runner
+    for index in range(runner.num_layers):
+        for part in ("attention", "ffn"):
+            for module in runner.sublayer(index, part).children():
+                if next(module.parameters(), None) is not None:
+                    fully_shard(module, **options)
+    fully_shard(forward, **options)
 
 
 class DistillationObjective:
@@ -374,21 +406,36 @@ def _to_tuple(value):
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer's state split into tensors (for safetensors) and the rest (for JSON)."""
     state = optimizer.state_dict()
-    tensors, plain_state = {}, {}
+    tensors, plain_state, sharded = {}, {}, []
     for index, entry in state["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optim.{index}.{key}"] = _local(value).detach().cpu().contiguous()
+                if _local(value) is not value:
+                    sharded.append(f"{index}.{key}")
             else:
                 plain_state.setdefault(str(index), {})[key] = value
-    return tensors, {"state": plain_state, "param_groups": state["param_groups"]}
+    return tensors, {"state": plain_state, "param_groups": state["param_groups"], "sharded": sharded}
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP (DTensor) tensor; any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
     state: dict[int, dict] = {int(k): dict(v) for k, v in plain["state"].items()}
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = set(plain.get("sharded", ()))
     for name, value in tensors.items():
         if name.startswith("optim."):
             _, index, key = name.split(".", 2)
+            if f"{index}.{key}" in sharded:  # this rank's shard of a DTensor, like its parameter
+                from torch.distributed.tensor import DTensor
+
+                like = parameters[int(index)]
+                value = DTensor.from_local(value.to(like.device), like.device_mesh, like.placements, run_check=False,
+                                           shape=like.shape, stride=like.stride())
             state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
 
@@ -457,6 +504,59 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer) -> tuple[int, GKDLo
     return int(state["step"]), CONVERTER.structure(state["log"], GKDLog)
 
 
+def save_sharded_checkpoint(directory: Path, step: int, model: nn.Module, optimizer, log: GKDLog,
+                            fingerprint: str) -> Path:
+    """Every rank writes its shards of ``step_<N>/`` (``*.rank<R>.*``); rank 0 writes the state file last."""
+    from safetensors.torch import save_file
+
+    rank, size = world()
+    target = directory / f"{CHECKPOINT_PREFIX}{step:07d}"
+    optim_tensors, optim_plain = _optimizer_tensors(optimizer)
+    rng_tensors, rng_plain = _rng_state()
+    weights = {n: _local(p).detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    for filename, tensors in ((f"model.rank{rank}.safetensors", weights),
+                              (f"optimizer.rank{rank}.safetensors", {**optim_tensors, **rng_tensors})):
+        with atomic_path(target / filename) as tmp:
+            save_file(tensors, str(tmp))
+    atomic_write_json(target / f"state.rank{rank}.json", {"optimizer": optim_plain, "rng": rng_plain})
+    barrier()  # every shard is on disk before the state file says the checkpoint is complete
+    if rank == 0:
+        atomic_write_json(target / STATE_FILE, {"step": step, "fingerprint": fingerprint, "world_size": size,
+                                                "sharded": True, "log": CONVERTER.unstructure(log)})
+        for old in directory.glob(CHECKPOINT_PREFIX + "*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return target
+
+
+def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer) -> tuple[int, GKDLog]:
+    """Restore this rank's shards of a checkpoint written by :func:`save_sharded_checkpoint`."""
+    from safetensors.torch import load_file
+
+    rank, size = world()
+    state = json.loads((path / STATE_FILE).read_text())
+    if not state.get("sharded") or state.get("world_size") != size:
+        raise UserError(
+            f"Checkpoint {path} was written by {state.get('world_size', 1)} process(es) "
+            f"({'sharded' if state.get('sharded') else 'not sharded'}); this run has {size} with gkd.sharding fsdp. "
+            f"Resume with the same processes and sharding, or delete {path.parent} to start this child over."
+        )
+    weights = load_file(str(path / f"model.rank{rank}.safetensors"))
+    parameters = dict(model.named_parameters())
+    if set(weights) != {n for n, p in parameters.items() if p.requires_grad}:
+        raise UserError(f"Checkpoint {path} does not match the child being trained. Delete {path.parent} to start "
+                        f"this child's GKD over.")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            _local(parameters[name]).copy_(tensor)
+    extra = load_file(str(path / f"optimizer.rank{rank}.safetensors"))
+    plain = json.loads((path / f"state.rank{rank}.json").read_text())
+    _load_optimizer(optimizer, extra, plain["optimizer"])
+    _set_rng_state(extra, plain["rng"])
+    return int(state["step"]), CONVERTER.structure(state["log"], GKDLog)
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -497,16 +597,20 @@ def validation_kl(student: LayerwiseForward, teacher: LayerwiseForward, batches,
     was_training = student.training
     student.eval()
     with torch.no_grad(), autocast():
-        for index in range(rank, len(batches), size):
-            ids = batches[index].to(device)
-            if teacher_cache is None or index not in teacher_cache:
-                final = teacher(ids, keep_hidden=False, logits=False).hidden[-1]
-                if teacher_cache is not None:
-                    teacher_cache[index] = final
+        # Every rank runs as many forwards as the others (sharded models gather weights together);
+        # a rank past the last batch runs the first one again and does not count it.
+        for start in range(0, len(batches), size):
+            index = start + rank
+            ids = batches[index if index < len(batches) else 0].to(device)
+            if teacher_cache is None:
+                teacher_logits = teacher(ids, keep_hidden=False).logits
             else:
-                final = teacher_cache[index]
-            kl, n = token_kl(teacher.head(final), student(ids, keep_hidden=False).logits)
-            kl_sum, count = kl_sum + kl, count + n
+                if index not in teacher_cache:
+                    teacher_cache[index] = teacher(ids, keep_hidden=False, logits=False).hidden[-1]
+                teacher_logits = teacher.head(teacher_cache[index])
+            kl, n = token_kl(teacher_logits, student(ids, keep_hidden=False).logits)
+            if index < len(batches):
+                kl_sum, count = kl_sum + kl, count + n
     student.train(was_training)
     kl_sum, count = _all_sum([kl_sum, count], device)
     return kl_sum / max(1, count)
@@ -539,13 +643,31 @@ class _Training:
                 f"{self.tokens_per_step} tokens). Raise gkd.tokens or lower gkd.batch_size."
             )
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if section.bf16 else nullcontext
-        self.student = Student(student.model.to(self.device), section,
-                               trainable_sublayers(family, student, teacher, section))
+        self.fsdp = _distributed() and section.sharding == "fsdp"
+        if self.fsdp and section.lora_rank:
+            raise UserError("gkd.lora_rank with gkd.sharding: fsdp is not supported; use sharding: ddp for LoRA, or "
+                            "full fine-tuning (lora_rank: 0) with fsdp.")
+        # Sharding moves each unit to the device as it shards it: the whole model never has to fit there.
+        place = (lambda model: model) if self.fsdp else (lambda model: model.to(self.device))
+        self.student = Student(place(student.model), section, trainable_sublayers(family, student, teacher, section))
         self.student.model.train()
-        self.forward = LayerwiseForward(self.student.model, family)
-        self.teacher = LayerwiseForward(teacher.model.to(self.device), family).eval()
+        self.forward = LayerwiseForward(self.student.model, family, section.activation_checkpointing)
+        # Sharding changes a model in place: the caller's teacher (the run's parent) is left as it was.
+        teacher_model = copy.deepcopy(teacher.model) if self.fsdp else teacher.model
+        self.teacher = LayerwiseForward(place(teacher_model), family).eval()
         self.trained = self.forward
-        if _distributed():
+        self.teacher_cache: dict[int, torch.Tensor] | None = {}  # the teacher's last hidden states on validation
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            model = self.student.model  # what it takes to rebuild the trained child whole at the end
+            self.whole = (type(model), model.config, next(model.parameters()).dtype,
+                          {name: b.detach().cpu().clone() for name, b in model.named_buffers()})
+            mesh = init_device_mesh(self.device.type, (self.size,))
+            shard(self.forward, mesh, section.bf16)
+            shard(self.teacher, mesh, section.bf16)
+            self.teacher_cache = None  # the teacher's head runs inside its forward only
+        elif _distributed():
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -556,11 +678,17 @@ class _Training:
         self.validation = list(run.corpus.batches(
             "validation", run.seq_len, section.batch_size, min(section.validation_tokens, available), run.seed
         ))
-        self.teacher_cache: dict[int, torch.Tensor] = {}  # the teacher's last hidden states on self.validation
 
     def validate(self, forward: LayerwiseForward) -> float:
         """Mean per-token KL(parent || child) on the validation batches, shared among the ranks."""
-        return validation_kl(forward, self.teacher, self.validation, self.device, self.autocast, self.teacher_cache)
+        kl = validation_kl(forward, self.teacher, self.validation, self.device, self.autocast, self.teacher_cache)
+        if self.fsdp:  # no backward follows these forwards: shard what they gathered again
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in [*forward.modules(), *self.teacher.modules()]:
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+        return kl
 
     def step(self, step: int, micro: Iterator[torch.Tensor]) -> TrainPoint | None:
         """One optimizer step over ``grad_accum`` micro-batches per rank; ``None`` when the data ran out."""
@@ -576,7 +704,9 @@ class _Training:
                 break
             ids = dealt[self.rank].to(self.device)
             last = k == section.grad_accum - 1
-            with nullcontext() if last or not _distributed() else self.trained.no_sync():
+            if self.fsdp:
+                self.trained.set_requires_gradient_sync(last)  # reduce-scatter on the last micro-batch only
+            with nullcontext() if last or not _distributed() or self.fsdp else self.trained.no_sync():
                 with torch.no_grad(), self.autocast():
                     target = self.teacher(ids, keep_hidden=objective.needs_hidden, logits=objective.needs_logits)
                 with self.autocast():
@@ -590,17 +720,52 @@ class _Training:
             return None
         totals = _all_sum([*sums.values(), batches], self.device)
         means = {name: total / totals[-1] for name, total in zip(sums, totals)}
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(self.parameters, section.max_grad_norm))
-            if section.max_grad_norm > 0
-            else 0.0
-        )
+        grad_norm = 0.0
+        if section.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters, section.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not (math.isfinite(means["loss"]) and math.isfinite(grad_norm)):
             raise _diverged(self.run, section, step + 1, means["loss"], grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = means.pop("loss")
         return TrainPoint(step + 1, (step + 1) * self.tokens_per_step, lr, loss, means)
+
+    def save(self, step: int, log: GKDLog) -> None:
+        if self.fsdp:
+            save_sharded_checkpoint(self.run.checkpoint_dir, step, self.student.model, self.optimizer, log,
+                                    self.run.fingerprint)
+            return
+        if self.rank == 0:
+            save_checkpoint(self.run.checkpoint_dir, step, self.student.model, self.optimizer, log, self.run.fingerprint)
+        barrier()
+
+    def load(self, checkpoint: Path) -> tuple[int, GKDLog]:
+        load = load_sharded_checkpoint if self.fsdp else load_checkpoint
+        return load(checkpoint, self.student.model, self.optimizer)
+
+    def gathered(self) -> nn.Module | None:
+        """The sharded child gathered whole on rank 0 (``None`` on the others), as an ordinary model on the CPU."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.forward, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        model_class, config, dtype, buffers = self.whole
+        with torch.device("meta"):
+            model = model_class(config)
+        model = model.to_empty(device="cpu").to(dtype)
+        state = {name.removeprefix("model."): tensor for name, tensor in full.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"gathering the sharded child: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if tied:
+            model.tie_weights()
+        with torch.no_grad():
+            for name, buffer in buffers.items():
+                model.get_buffer(name).copy_(buffer)
+        return model.eval()
 
 
 def distill(
@@ -613,7 +778,7 @@ def distill(
 ) -> tuple[nn.Module, GKDLog, dict]:
     """Uptrain ``student`` against ``teacher``; resumes from ``run.checkpoint_dir`` when it can.
 
-    Returns the trained model (LoRA merged), the curves, and ``{"steps", "tokens",
+    Returns the trained model (LoRA merged; with FSDP gathered on rank 0, ``None`` on the others), the curves, and ``{"steps", "tokens",
     "train_seconds"}``. Raises :class:`GKDDiverged` on a NaN/inf loss, leaving the last
     good checkpoint in place. The teacher is moved back to its device afterwards.
     """
@@ -626,12 +791,11 @@ def distill(
 
 def _distill(training: _Training) -> tuple[nn.Module, GKDLog, dict]:
     section, run = training.section, training.run
-    model, optimizer = training.student.model, training.optimizer
     checkpoint = latest_checkpoint(run.checkpoint_dir)
     if checkpoint is not None and json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprint") != run.fingerprint:
         checkpoint = None  # another child or data layout: start over
     if checkpoint is not None:
-        step, log = load_checkpoint(checkpoint, model, optimizer)
+        step, log = training.load(checkpoint)
     else:
         step, log = 0, GKDLog(validation=[ValidationPoint(0, 0, training.validate(training.forward))])
 
@@ -650,16 +814,18 @@ def _distill(training: _Training) -> tuple[nn.Module, GKDLog, dict]:
             if step < training.total_steps and step % every_validation == 0:
                 log.validation.append(ValidationPoint(step, point.tokens, training.validate(training.forward)))
             if step < training.total_steps and step % section.checkpoint_every == 0:
-                if training.rank == 0:
-                    save_checkpoint(run.checkpoint_dir, step, model, optimizer, log, run.fingerprint)
-                barrier()
+                training.save(step, log)
             elapsed = time.perf_counter() - started
             bar.set_postfix(loss=f"{point.loss:.4f}", val_kl=f"{log.validation[-1].kl:.4f}",
                             tok_s=f"{(step - first_step) * training.tokens_per_step / max(elapsed, 1e-9):.0f}")
             bar.update(1)
     seconds = time.perf_counter() - started
 
-    final = training.student.finish().eval()
     tokens = step * training.tokens_per_step
-    log.validation.append(ValidationPoint(step, tokens, training.validate(LayerwiseForward(final, training.family))))
+    if training.fsdp:
+        log.validation.append(ValidationPoint(step, tokens, training.validate(training.forward)))
+        final = training.gathered()
+    else:
+        final = training.student.finish().eval()
+        log.validation.append(ValidationPoint(step, tokens, training.validate(LayerwiseForward(final, training.family))))
     return final, log, {"steps": step, "tokens": tokens, "train_seconds": seconds}

@@ -115,6 +115,11 @@ class GuardedFamily(ModelFamily):
     def load_parent(self, source: str, dtype="fp32", trust_remote_code: bool = False) -> LoadedModel:
         return self._call("load_parent", source, dtype=dtype, trust_remote_code=trust_remote_code)
 
+    def load_parent_layers(self, source: str, layers, dtype="fp32", trust_remote_code: bool = False,
+                           ends: bool = False) -> LoadedModel:
+        return self._call("load_parent_layers", source, layers, dtype=dtype, trust_remote_code=trust_remote_code,
+                          ends=ends)
+
     def aliases(self) -> Mapping[str, Callable[[], Path]]:
         return self._call("aliases")
 

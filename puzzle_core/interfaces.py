@@ -152,6 +152,20 @@ class ModelFamily(ABC):
     def load_parent(self, source: str, dtype: ModelDtype = "fp32", trust_remote_code: bool = False) -> LoadedModel:
         """Load a parent from a local folder or a GGUF file (remote code only when the user allows it)."""
 
+    def load_parent_layers(
+        self, source: str, layers: Sequence[int], dtype: ModelDtype = "fp32", trust_remote_code: bool = False,
+        ends: bool = False,
+    ) -> LoadedModel:
+        """The parent with real weights for ``layers`` only (and, with ``ends``, the embeddings, final norm and LM
+        head), for BLD once activations are captured and for scoring with the layers split over processes.
+
+        Other parameters may stay on the meta device; the tokenizer is there, and the layer
+        runner's :meth:`~LayerRunner.context` and :meth:`init_sublayer` on those layers must
+        work (``layers`` may be empty: the tokenizer and config alone). The default loads the whole parent: a family overrides it so that a BLD
+        worker holds one layer of a parent that does not fit its memory.
+        """
+        return self.load_parent(source, dtype, trust_remote_code)
+
     def aliases(self) -> Mapping[str, Callable[[], Path]]:
         """Named parents this family offers: name -> function returning a local folder (made on first use).
 
@@ -487,3 +501,10 @@ class Executor(ABC):
         environment variables; the pipeline asks every registered executor once.
         """
         return None
+
+    def check_environment(self) -> list[str]:
+        """Why this executor cannot run on this machine (e.g. a communication backend it lacks); empty when it can.
+
+        ``puzzle config validate`` and ``puzzle run`` ask before any stage runs.
+        """
+        return []

@@ -11,13 +11,14 @@ loaded, so a parent that has nothing else is refused before any loader sees it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 from puzzle_core.errors import UserError
 from puzzle_core.guarded import GuardedFamily, create_family, describe, guarded
-from puzzle_core.interfaces import LoadedModel, ModelFamily
+from puzzle_core.interfaces import LoadedModel, ModelFamily, ModelShape
 
 
 def families(registries) -> dict[str, GuardedFamily]:
@@ -121,18 +122,48 @@ def resolve_parent(section, registries) -> tuple[ModelFamily, Path]:
     )
 
 
-def load_parent(section, registries) -> tuple[ModelFamily, LoadedModel]:
-    """Load the parent a :class:`~puzzle_core.schema.ParentSection` names, in its dtype."""
-    from safetensors import SafetensorError
+def parent_shape(section, registries) -> tuple[ModelFamily, ModelShape] | None:
+    """The parent's family and shape from its ``config.json`` alone (no weights read); ``None`` for a GGUF file."""
+    family, path = resolve_parent(section, registries)
+    if path.is_dir():
+        return family, family.shape(read_config(path))
+    return None
 
+
+def loads_layers_alone(family: ModelFamily) -> bool:
+    """Whether ``family`` can load some layers of a parent without the others."""
+    own = family.family if isinstance(family, GuardedFamily) else family
+    return type(own).load_parent_layers is not ModelFamily.load_parent_layers
+
+
+def load_parent_layers(section, registries, layers, ends: bool = False) -> tuple[ModelFamily, LoadedModel]:
+    """The parent with real weights for ``layers`` only (:meth:`ModelFamily.load_parent_layers`)."""
     family, path = resolve_parent(section, registries)
     if path.is_dir():
         check_weight_files(path)
+    with readable_weights(path):
+        return family, family.load_parent_layers(str(path), list(layers), section.dtype, section.trust_remote_code,
+                                                 ends=ends)
+
+
+@contextlib.contextmanager
+def readable_weights(path: Path):
+    """A damaged safetensors file met while loading ``path`` is a UserError."""
+    from safetensors import SafetensorError
+
     try:
-        loaded = family.load_parent(str(path), dtype=section.dtype, trust_remote_code=section.trust_remote_code)
+        yield
     except SafetensorError as exc:
         raise UserError(
             f"The weights of parent {path} cannot be read ({exc}): a safetensors file there is truncated or "
             f"damaged. Copy or export the model again."
         ) from None
-    return family, loaded
+
+
+def load_parent(section, registries) -> tuple[ModelFamily, LoadedModel]:
+    """Load the parent a :class:`~puzzle_core.schema.ParentSection` names, in its dtype."""
+    family, path = resolve_parent(section, registries)
+    if path.is_dir():
+        check_weight_files(path)
+    with readable_weights(path):
+        return family, family.load_parent(str(path), dtype=section.dtype, trust_remote_code=section.trust_remote_code)

@@ -30,7 +30,15 @@ from puzzle_core.choices import PluginChoice
 from puzzle_core.config import stable_hash, unstructure
 from puzzle_core.data import TokenizedCorpus
 from puzzle_core.errors import UserError
-from puzzle_core.interfaces import LoadedModel, ModelFamily, ProcessRole, ScoringData, StageContext, VariantProvider
+from puzzle_core.interfaces import (
+    LoadedModel,
+    ModelFamily,
+    ModelShape,
+    ProcessRole,
+    ScoringData,
+    StageContext,
+    VariantProvider,
+)
 from puzzle_core.rundir import RunDir, atomic_write, link_missing, remove_temp_files
 from puzzle_core.schema import PuzzleConfig
 
@@ -164,14 +172,36 @@ class RunContext(StageContext):
 
     @cached_property
     def family(self) -> ModelFamily:
-        """The model family of the parent."""
-        return self.loaded_parent[0]
+        """The model family of the parent (its config is enough to know it)."""
+        return self.parent_architecture[0]
 
     @cached_property
     def loaded_parent(self) -> tuple[ModelFamily, LoadedModel]:
         from puzzle_core.parents import load_parent
 
         return load_parent(self.config.parent, self.registries)
+
+    @cached_property
+    def parent_architecture(self) -> tuple[ModelFamily, ModelShape]:
+        """The parent's family and shape, read from its config alone when it has one (the parent if loaded)."""
+        from puzzle_core.parents import parent_shape
+
+        found = None if "loaded_parent" in self.__dict__ else parent_shape(self.config.parent, self.registries)
+        return found or (self.loaded_parent[0], self.loaded_parent[1].shape)
+
+    def parent_layers(self, layers: Sequence[int], ends: bool = False) -> LoadedModel:
+        """The parent with real weights for ``layers`` (``ends``: and the embeddings and head) at least: the whole
+        parent when it is loaded already or when its family cannot load less (:meth:`ModelFamily.load_parent_layers`)."""
+        from puzzle_core.parents import load_parent_layers, loads_layers_alone
+
+        if "loaded_parent" in self.__dict__ or not loads_layers_alone(self.family):
+            return self.parent
+        return load_parent_layers(self.config.parent, self.registries, layers, ends)[1]
+
+    @cached_property
+    def tokenizer(self):
+        """The parent's tokenizer, without its weights when the family can load it so."""
+        return self.parent.tokenizer if "loaded_parent" in self.__dict__ else self.parent_layers(()).tokenizer
 
     @cached_property
     def variant_provider(self) -> VariantProvider:
@@ -185,7 +215,7 @@ class RunContext(StageContext):
         """Tokenised train / validation / test splits."""
         from puzzle_core.corpus import load_corpus
 
-        return load_corpus(self.config.data, self.parent.tokenizer, seed=self.config.seed, registries=self.registries)
+        return load_corpus(self.config.data, self.tokenizer, seed=self.config.seed, registries=self.registries)
 
     def scoring_data(self) -> ScoringData:
         from puzzle_core.scoring import validation_data

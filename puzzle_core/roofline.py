@@ -28,7 +28,17 @@ Conventions (documented so numbers can be checked by hand):
   activations, norms and attention math stay in bf16 (as FP8 serving engines do), only
   the GEMMs run at the FP8 tensor-core rate. ``fp32`` uses the non-tensor FP32 rate.
 - ``memory_mib`` = weights + the KV cache of ``batch_size * (prefill_len + decode_len)``
-  positions. :meth:`RooflineCostModel.memory_capacity_mib` is the GPU memory a child must
+  positions, on one GPU.
+- Tensor parallelism (``scenario.tensor_parallel`` = ``t`` GPUs per model, Megatron
+  style): each GPU holds ``1/t`` of the query heads, of the FFN channels, of the rows of
+  linear replacements and of the vocabulary; KV heads are split too, and replicated when
+  there are fewer than ``t``; norms run everywhere. Each attention and each FFN sub-block
+  that is not a no-op ends in an all-reduce of its output (``tokens x hidden``), the
+  embedding in one more, and the LM head gathers its logits. A ring all-reduce moves
+  ``2 (t-1)/t`` of the data through each GPU's link (``GPUSpec.interconnect_gbs``, one
+  direction, e.g. NVLink) at ``allreduce_efficiency`` of it, plus ``allreduce_latency_us``
+  per collective. Costs are those of one GPU of the group (runtime is the group's, memory
+  per GPU); ``num_params`` stays the whole model's. :meth:`RooflineCostModel.memory_capacity_mib` is the GPU memory a child must
   fit in (the cost stage checks it and records whether the parent and the smallest
   possible child fit).
 """
@@ -50,7 +60,7 @@ from puzzle_core.scenario import Scenario
 MIB = 2**20
 SCENARIO_DTYPES: tuple[str, ...] = typing.get_args(ScenarioDtype)
 
-OpKind = Literal["gemm", "attention", "elementwise"]
+OpKind = Literal["gemm", "attention", "elementwise", "communication"]
 
 
 def _positive(_instance, attribute, value):
@@ -76,7 +86,8 @@ class GPUSpec:
 
     ``peak_tflops``: dense (non-sparse) throughput per scenario dtype (``fp32``, ``bf16``,
     ``fp8``), tensor cores for bf16/fp8; a dtype the GPU cannot run is simply absent, and
-    ``puzzle config validate`` refuses a scenario that needs it.
+    ``puzzle config validate`` refuses a scenario that needs it. ``interconnect_gbs``
+    prices the all-reduces of tensor parallelism; a GPU without it is priced alone only.
     """
 
     name: str
@@ -84,6 +95,8 @@ class GPUSpec:
     bandwidth_gbs: float = attrs.field(validator=_positive)  # memory bandwidth, GB/s (10^9 bytes)
     peak_tflops: Mapping[str, float] = attrs.field(validator=_peaks)
     source: str = ""
+    # GPU-to-GPU bandwidth of one GPU in one direction, GB/s (NVLink, else PCIe); None: no tensor parallelism
+    interconnect_gbs: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
 
 
 def _fraction(_instance, attribute, value):
@@ -107,6 +120,10 @@ class RooflineOptions:
     elementwise_memory_efficiency: float = attrs.field(default=0.7, validator=_fraction)
     kernel_overhead_us: float = attrs.field(default=2.0, validator=_non_negative)  # per kernel launch
     usable_memory_fraction: float = attrs.field(default=0.9, validator=_fraction)  # rest: activations, workspace
+    # Tensor parallelism (assumed, not measured): share of the link bandwidth a ring all-reduce reaches, and its
+    # fixed latency per collective (NCCL's small-message all-reduce within one node is of the order of 10 us).
+    allreduce_efficiency: float = attrs.field(default=0.7, validator=_fraction)
+    allreduce_latency_us: float = attrs.field(default=10.0, validator=_non_negative)
 
 
 @attrs.frozen
@@ -163,32 +180,58 @@ def ffn_size(ffn: FFNSpec) -> int:
     return ffn.intermediate_size if ffn.kind == "ffn" else 0
 
 
-def block_params(shape: ModelShape, block: BlockSpec) -> int:
-    """Parameters of a Llama-style block without biases (norm weights included)."""
+def shard(size: int, tp: int) -> int:
+    """One GPU's share of ``size`` split ``tp`` ways (rounded up: the largest share sets the time)."""
+    return -(-size // tp)
+
+
+def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
+    """Query heads must split evenly over the tensor-parallel group."""
+    if shape.num_attention_heads % tp:
+        raise UserError(
+            f"scenario.tensor_parallel is {tp}, but the model's {shape.num_attention_heads} attention heads do not "
+            f"split evenly over {tp} GPUs. Use a divisor of {shape.num_attention_heads}."
+        )
+
+
+def gpu_kv_heads(shape: ModelShape, attention: AttentionSpec, tp: int = 1) -> int:
+    """KV heads one GPU of a tensor-parallel group holds (replicated when there are fewer than ``tp``)."""
+    kv = kv_heads(shape, attention)
+    return shard(kv, tp) if kv else 0
+
+
+def block_params(shape: ModelShape, block: BlockSpec, tp: int = 1) -> int:
+    """Parameters of a Llama-style block without biases (norm weights included); ``tp > 1``: one GPU's share."""
     h, d = shape.hidden_size, shape.head_dim
     attention = block.attention
     if attention.kind == "attention":
-        q = shape.num_attention_heads * d
-        attn = h + h * q + 2 * h * kv_heads(shape, attention) * d + q * h
+        q = shape.num_attention_heads // tp * d
+        attn = h + h * q + 2 * h * gpu_kv_heads(shape, attention, tp) * d + q * h
     elif attention.kind == "linear":
-        attn = h + h * h
+        attn = h + shard(h, tp) * h
     else:
         attn = 0
     ffn = block.ffn
-    mlp = h + 3 * h * ffn_size(ffn) if ffn.kind == "ffn" else h + h * h if ffn.kind == "linear" else 0
+    mlp = h + 3 * h * shard(ffn_size(ffn), tp) if ffn.kind == "ffn" else h + shard(h, tp) * h if ffn.kind == "linear" else 0
     return attn + mlp
 
 
-def fixed_params(shape: ModelShape) -> int:
-    """Embedding, final norm and (unless tied) the LM head."""
-    table = shape.vocab_size * shape.hidden_size
+def fixed_params(shape: ModelShape, tp: int = 1) -> int:
+    """Embedding, final norm and (unless tied) the LM head; ``tp > 1``: one GPU's share (vocabulary split)."""
+    table = shard(shape.vocab_size, tp) * shape.hidden_size
     return table * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
 
 
+def model_params(shape: ModelShape) -> int:
+    """Every parameter of a model of ``shape`` (tied embeddings counted once), from its config alone."""
+    return fixed_params(shape) + sum(block_params(shape, block) for block in shape.blocks)
+
+
 def kv_cache_bytes(shape: ModelShape, attention: AttentionSpec, scenario: Scenario) -> int:
-    """KV cache of one attention sub-block holding every position of the scenario."""
+    """KV cache of one attention sub-block holding every position of the scenario (on one GPU of the group)."""
     positions = scenario.batch_size * (scenario.prefill_len + scenario.decode_len)
-    return 2 * positions * kv_heads(shape, attention) * shape.head_dim * DTYPE_BYTES[scenario.kv_dtype]
+    heads = gpu_kv_heads(shape, attention, scenario.tensor_parallel)
+    return 2 * positions * heads * shape.head_dim * DTYPE_BYTES[scenario.kv_dtype]
 
 
 # ---------------------------------------------------------------- ops
@@ -216,44 +259,60 @@ def attention_core(batch: int, new: int, context: int, heads: int, kv: int, head
     return Op("attention", "attention", flops, moved)
 
 
-def block_ops(shape: ModelShape, block: BlockSpec, batch: int, new: int, context: int, p: Precision) -> list[Op]:
-    """The kernels of one block processing ``new`` tokens per sequence with ``context`` positions visible."""
+def all_reduce(name: str, elements: int, tp: int, p: Precision) -> list[Op]:
+    """A ring all-reduce of ``elements`` activations over ``tp`` GPUs: bytes through each GPU's link (none alone)."""
+    if tp == 1:
+        return []
+    return [Op(name, "communication", 0.0, 2 * (tp - 1) / tp * elements * p.activation)]
+
+
+def block_ops(shape: ModelShape, block: BlockSpec, batch: int, new: int, context: int, p: Precision,
+              tp: int = 1) -> list[Op]:
+    """The kernels one GPU of a ``tp``-way group runs for a block on ``new`` tokens per sequence, ``context`` visible."""
     tokens = batch * new
-    h, d, heads = shape.hidden_size, shape.head_dim, shape.num_attention_heads
+    h, d, heads = shape.hidden_size, shape.head_dim, shape.num_attention_heads // tp
     ops: list[Op] = []
     attention = block.attention
     if attention.kind == "attention":
-        kv = kv_heads(shape, attention)
+        kv = gpu_kv_heads(shape, attention, tp)
         ops += [
             norm("input_norm", tokens, h, p),
             gemm("qkv_proj", tokens, h, (heads + 2 * kv) * d, p),
             attention_core(batch, new, context, heads, kv, d, p),
             gemm("o_proj", tokens, heads * d, h, p),
+            *all_reduce("attention_all_reduce", tokens * h, tp, p),
         ]
     elif attention.kind == "linear":
-        ops += [norm("input_norm", tokens, h, p), gemm("linear_attn", tokens, h, h, p)]
+        ops += [norm("input_norm", tokens, h, p), gemm("linear_attn", tokens, shard(h, tp), h, p),
+                *all_reduce("attention_all_reduce", tokens * h, tp, p)]
     ffn = block.ffn
     if ffn.kind == "ffn":
-        size = ffn_size(ffn)
+        size = shard(ffn_size(ffn), tp)
         ops += [
             norm("post_attention_norm", tokens, h, p),
             gemm("gate_up_proj", tokens, h, 2 * size, p),
             Op("swiglu", "elementwise", 4.0 * tokens * size, 3 * tokens * size * p.activation),
             gemm("down_proj", tokens, size, h, p),
+            *all_reduce("ffn_all_reduce", tokens * h, tp, p),
         ]
     elif ffn.kind == "linear":
-        ops += [norm("post_attention_norm", tokens, h, p), gemm("linear_mlp", tokens, h, h, p)]
+        ops += [norm("post_attention_norm", tokens, h, p), gemm("linear_mlp", tokens, shard(h, tp), h, p),
+                *all_reduce("ffn_all_reduce", tokens * h, tp, p)]
     return ops
 
 
-def fixed_ops(shape: ModelShape, batch: int, new: int, p: Precision) -> list[Op]:
-    """Embedding lookup, final norm and the LM head (last position only)."""
-    tokens, h = batch * new, shape.hidden_size
-    return [
+def fixed_ops(shape: ModelShape, batch: int, new: int, p: Precision, tp: int = 1) -> list[Op]:
+    """Embedding lookup, final norm and the LM head (last position only), on one GPU of a ``tp``-way group."""
+    tokens, h, vocab = batch * new, shape.hidden_size, shard(shape.vocab_size, tp)
+    ops = [
         Op("embedding", "elementwise", 0.0, tokens * h * (p.weight + p.activation)),
+        *all_reduce("embedding_all_reduce", tokens * h, tp, p),
         norm("final_norm", tokens, h, p),
-        gemm("lm_head", batch, h, shape.vocab_size, p),
+        gemm("lm_head", batch, h, vocab, p),
     ]
+    if tp > 1:  # all-gather of the logits: every GPU receives the other shares
+        ops.append(Op("logits_all_gather", "communication", 0.0, (tp - 1) * batch * vocab * p.activation))
+    return ops
 
 
 # ---------------------------------------------------------------- the model
@@ -287,6 +346,9 @@ class RooflineCostModel(CostModel):
         elif op.kind == "attention":
             compute = op.flops / (self._peak_flops(p.attention_dtype) * o.attention_compute_efficiency)
             memory = op.bytes / (bandwidth * o.attention_memory_efficiency)
+        elif op.kind == "communication":
+            link = (self.gpu.interconnect_gbs or 0.0) * 1e9 * o.allreduce_efficiency
+            return op.bytes / link + o.allreduce_latency_us * 1e-6
         else:
             compute, memory = 0.0, op.bytes / (bandwidth * o.elementwise_memory_efficiency)
         return max(compute, memory) + o.kernel_overhead_us * 1e-6
@@ -320,9 +382,10 @@ class RooflineCostModel(CostModel):
     def block_costs(
         self, shape: ModelShape, block: BlockSpec, scenario: Scenario, family: ModelFamily | None = None
     ) -> Costs:
-        p = Precision.of(scenario)
+        p, tp = Precision.of(scenario), scenario.tensor_parallel
+        check_tensor_parallel(shape, tp)
         prefill_ms, decode_ms = self.phase_ms(
-            lambda batch, new, context: block_ops(shape, block, batch, new, context, p), scenario
+            lambda batch, new, context: block_ops(shape, block, batch, new, context, p, tp), scenario
         )
         params = block_params(shape, block)
         kv_bytes = kv_cache_bytes(shape, block.attention, scenario)
@@ -330,7 +393,7 @@ class RooflineCostModel(CostModel):
             "runtime_ms": prefill_ms + decode_ms,
             "prefill_ms": prefill_ms,
             "decode_ms": decode_ms,
-            "memory_mib": (params * p.weight + kv_bytes) / MIB,
+            "memory_mib": (block_params(shape, block, tp) * p.weight + kv_bytes) / MIB,
             "kv_cache_mib": kv_bytes / MIB,
             "num_params": params,
             "num_kv_heads": kv_heads(shape, block.attention),
@@ -338,14 +401,15 @@ class RooflineCostModel(CostModel):
         }
 
     def fixed_costs(self, shape: ModelShape, scenario: Scenario, family: ModelFamily | None = None) -> Costs:
-        p = Precision.of(scenario)
-        prefill_ms, decode_ms = self.phase_ms(lambda batch, new, context: fixed_ops(shape, batch, new, p), scenario)
+        p, tp = Precision.of(scenario), scenario.tensor_parallel
+        check_tensor_parallel(shape, tp)
+        prefill_ms, decode_ms = self.phase_ms(lambda batch, new, context: fixed_ops(shape, batch, new, p, tp), scenario)
         params = fixed_params(shape)
         return {
             "runtime_ms": prefill_ms + decode_ms,
             "prefill_ms": prefill_ms,
             "decode_ms": decode_ms,
-            "memory_mib": params * p.weight / MIB,
+            "memory_mib": fixed_params(shape, tp) * p.weight / MIB,
             "kv_cache_mib": 0.0,
             "num_params": params,
             "num_kv_heads": 0,
@@ -358,9 +422,16 @@ class RooflineCostModel(CostModel):
     def check_scenario(self, scenario: Scenario) -> list[str]:
         p = Precision.of(scenario)
         missing = sorted({p.gemm_dtype, p.attention_dtype} - set(self.gpu.peak_tflops))
+        problems = []
+        if scenario.tensor_parallel > 1 and self.gpu.interconnect_gbs is None:
+            problems.append(
+                f"scenario.tensor_parallel is {scenario.tensor_parallel}, but the spec sheet of the {self.gpu.name} "
+                f"gives no GPU-to-GPU bandwidth (GPUSpec.interconnect_gbs) to price its all-reduces. Set "
+                f"scenario.tensor_parallel to 1, or use a GPU spec with interconnect_gbs."
+            )
         if not missing:
-            return []
-        return [
+            return problems
+        return problems + [
             f"the {self.gpu.name} has no {' or '.join(missing)} throughput on its spec sheet, which scenario.dtype "
             f"'{scenario.dtype}' needs (it supports {', '.join(sorted(self.gpu.peak_tflops))}). Set scenario.dtype "
             f"to one of those, or pick another cost model."

@@ -40,3 +40,17 @@ class Scenario:
     kv_dtype: ScenarioDtype = "bf16"
     device: str = attrs.field(default="cpu", validator=device_name)
     threads: int = attrs.field(default=2, validator=at_least(1))
+    tensor_parallel: int = attrs.field(default=1, validator=at_least(1))
+    gpus: int | None = attrs.field(default=None, validator=attrs.validators.optional(at_least(1)))
+
+    def __attrs_post_init__(self):
+        if self.gpus is not None and self.gpus % self.tensor_parallel:
+            raise ValueError(
+                f"gpus ({self.gpus}) must be a multiple of tensor_parallel ({self.tensor_parallel}): each group of "
+                f"tensor_parallel GPUs serves one copy of the model"
+            )
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs in all: ``gpus``, else one tensor-parallel group."""
+        return self.gpus if self.gpus is not None else self.tensor_parallel

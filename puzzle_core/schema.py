@@ -86,7 +86,7 @@ class LibrarySection:
     activation_dtype: ModelDtype = "bf16"
     shard_tokens: int = attrs.field(default=8192, validator=attrs.validators.ge(1))  # tokens per activation file
     keep_activations: bool = True  # False: delete activations/ once every block is trained
-    device: str = "auto"  # auto: one CUDA device per process when available, else cpu
+    device: str = attrs.field(default="auto", validator=device_name)  # auto: a CUDA device per process if any, else cpu
     subspace: list[list[str]] | None = None
     subspace_solutions: str | None = None
     loss: DistillationLossChoice = _choice(DistillationLossChoice, "normalized_mse")
@@ -102,6 +102,9 @@ class ScoringSection:
     batch_size: int = 8  # sequences per forward
     max_cache_mib: int = 4096  # bound on the cached parent activations (see puzzle_core.scoring)
     executor: ExecutorChoice = _choice(ExecutorChoice, "local")  # jobs: one per layer
+    # Under torchrun: 'jobs' shares the layers' jobs out (each process holds the whole parent); 'layers' splits the
+    # parent's layers over the processes, pipeline style (puzzle_core.scoring_pipeline): each holds its own layers
+    sharding: Literal["jobs", "layers"] = "jobs"
 
 
 @attrs.frozen
@@ -118,6 +121,12 @@ class SearchSection:
     ``constraints`` bound whole-model totals (fixed costs included): ``stats.memory_mib<=80000``,
     ``10<=stats.runtime_ms<=50``, ``{stats.runtime_ms: [10, 50]}``, ``throughput>=6000 tokens/s``,
     ``speedup>=1.5``. ``speedups`` sweeps runtime budgets for the frontier plot.
+
+    ``fit_memory`` bounds weights + KV cache at the scenario's batch by the memory of the
+    cost model's device (``stats.memory_mib`` <= ``costs.memory_check.capacity_mib``), as
+    the paper does. ``largest_batch`` names a cost model of a GPU (``h100``): for the parent
+    and every solution, the largest batch whose weights + KV cache fit that GPU and the
+    throughput there go into ``solutions/index.json``.
     """
 
     solver: SolverChoice = _choice(SolverChoice, "mip")
@@ -130,6 +139,8 @@ class SearchSection:
     num_solutions: int = 1
     min_diversity: int = 1  # each further solution differs from every earlier one in this many layers
     baselines: list[SolverChoice] = attrs.Factory(list)
+    fit_memory: bool = False
+    largest_batch: CostModelChoice | None = None
 
 
 @attrs.frozen
@@ -183,6 +194,13 @@ class GKDSection:
     ``batch_size`` x ``seq_len`` x ``grad_accum`` x processes tokens make one optimizer
     step; ``tokens`` / that is the number of steps. Children close to the parent need a
     small ``lr`` (or a large step): Adam's first updates are noise-sized for every weight.
+
+    Under torchrun the processes train each child together: ``sharding: ddp`` gives every
+    process the whole child and parent; ``fsdp`` (FSDP2) gives each 1/N of the child's and
+    the parent's weights, gradients and optimizer state (bf16 parameters on GPU when
+    ``bf16``), with sharded checkpoints, one safetensors file per process, and the child
+    gathered into one checkpoint at the end. ``activation_checkpointing`` recomputes each
+    layer in the backward pass instead of keeping its activations.
     """
 
     enabled: bool = True
@@ -202,6 +220,8 @@ class GKDSection:
     trainable: Literal["all", "layers", "changed"] = "all"
     trainable_neighbors: int = attrs.field(default=1, validator=at_least(0))
     device: str = attrs.field(default="auto", validator=device_name)  # 'auto': the local rank's GPU if any, else CPU
+    sharding: Literal["ddp", "fsdp"] = "ddp"  # how torchrun processes share one child's training
+    activation_checkpointing: bool = False
     lora_rank: int = attrs.field(default=0, validator=at_least(0))  # 0: full fine-tuning; >0: LoRA, merged at the end
     lora_alpha: float | None = None  # None: 2 * lora_rank
     validation_tokens: int = attrs.field(default=2048, validator=at_least(1))  # validation tokens for the KL curve
@@ -270,8 +290,30 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PuzzleConfig
     return structure(apply_overrides(unstructure(config), overrides, source), PuzzleConfig, source=source)
 
 
+def environment_problems(config: PuzzleConfig, registries) -> list[str]:
+    """Devices and executors the config asks for that this machine lacks (CUDA, NCCL)."""
+    import torch
+
+    problems = []
+    for path, setting in (("library.device", config.library.device), ("gkd.device", config.gkd.device)):
+        if not setting.startswith("cuda"):
+            continue
+        if not torch.cuda.is_available():
+            problems.append(f"at $.{path}: '{setting}' asks for a CUDA GPU, but torch sees none on this machine "
+                            f"(torch {torch.__version__}). Use auto (a GPU when there is one, else the CPU) or cpu.")
+        elif setting.startswith("cuda:") and int(setting[5:]) >= torch.cuda.device_count():
+            problems.append(f"at $.{path}: '{setting}' names a GPU this machine does not have (it has "
+                            f"{torch.cuda.device_count()}: cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    for path, choice in (("library.executor", config.library.executor), ("scoring.executor", config.scoring.executor),
+                         ("gkd.executor", config.gkd.executor)):
+        executor = registries.record(choice).create(choice.options)
+        problems += [f"at $.{path}: executor '{choice.name}' cannot run here: {problem}"
+                     for problem in executor.check_environment()]
+    return problems
+
+
 def check_config(config: PuzzleConfig, registries=None, source: str | None = None) -> None:
-    """What structure alone cannot see: whether the chosen plugins can work together on this scenario.
+    """What structure alone cannot see: whether the chosen plugins can work together on this scenario and machine.
 
     A cost model whose spec sheet lacks the scenario's dtype, for instance, would fail at
     the cost stage after BLD and scoring ran; here it is a :class:`ConfigError` up front.
@@ -285,5 +327,16 @@ def check_config(config: PuzzleConfig, registries=None, source: str | None = Non
         f"at $.costs.model: cost model '{choice.name}' cannot price this scenario: {problem}"
         for problem in cost_model.check_scenario(config.scenario)
     ]
+    problems += environment_problems(config, registries)
+    fitting = config.search.largest_batch
+    if fitting is not None:
+        gpu = registries.record(fitting).create(fitting.options)
+        problems += [
+            f"at $.search.largest_batch: cost model '{fitting.name}' cannot price this scenario: {problem}"
+            for problem in gpu.check_scenario(config.scenario)
+        ]
+        if gpu.memory_capacity_mib(config.scenario) is None:
+            problems.append(f"at $.search.largest_batch: cost model '{fitting.name}' does not know its device's memory, "
+                            f"so no batch can be said to fit; name a cost model of a GPU (e.g. h100)")
     if problems:
         raise ConfigError(problems, source)

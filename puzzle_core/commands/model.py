@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from puzzle_core.commands import overrides_option
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import parameter_count
 
@@ -48,33 +49,46 @@ def _layer_groups(rows: list) -> list[tuple[int, int, object]]:
 @click.option("--variants", default=None, help="Block-variant provider (default: the architecture's own).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "float32", "bfloat16"]), default="fp32", show_default=True)
 @click.option("--architecture", default=None, help="Architecture plugin to use instead of detecting it.")
+@click.option("--cost-model", default=None, help="Also predict runtime, memory and throughput with this cost model.")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Take the scenario and cost model from this run config.")
+@overrides_option
+@click.option("--largest-batch", is_flag=True, help="Also the largest batch that fits the cost model's GPU, and its "
+              "throughput.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def model_info(parent: str, variants: str | None, dtype: str, architecture: str | None, as_json: bool) -> None:
-    """Layers, parameters and the variants offered per layer of PARENT (alias, HF folder or .gguf)."""
-    family, loaded = _load(parent, dtype, architecture)
-    shape = loaded.shape
+def model_info(parent: str, variants: str | None, dtype: str, architecture: str | None, cost_model: str | None,
+               config_path: str | None, overrides: tuple[str, ...], largest_batch: bool, as_json: bool) -> None:
+    """Layers, parameters and the variants offered per layer of PARENT (alias, HF folder or .gguf).
+
+    A folder with only a config.json (no weights) is read as an architecture: parameters
+    are counted from the config, and with --cost-model (or --config) the model is priced
+    in the scenario (--set scenario.batch_size=64 --set scenario.tensor_parallel=4 ...).
+    """
+    costing = _costing_choice(cost_model, config_path, overrides)
+    family, shape, params, source = _shape_and_params(parent, dtype, architecture)
     provider = _provider(family, variants)
     spaces = [provider.variants(shape, i) for i in range(shape.num_layers)]
-    params = parameter_count(loaded.model)
     layers = [
         {"block": shape.blocks[i].id, "attention": [a.id for a in space.attention], "ffn": [f.id for f in space.ffn]}
         for i, space in enumerate(spaces)
     ]
+    costs = _predict(family, shape, costing, largest_batch) if costing else None
     if as_json:
-        summary = {"source": loaded.source, "family": shape.family, "params": params,
+        summary = {"source": source, "family": shape.family, "params": params,
                    **{k: getattr(shape, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
                                                     "num_key_value_heads", "head_dim", "intermediate_size",
                                                     "vocab_size", "tie_word_embeddings")},
-                   "layers": layers}
+                   "layers": layers, **({"costs": costs} if costs else {})}
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{parent}: {shape.family} model from {loaded.source}")
+    click.echo(f"{parent}: {shape.family} model from {source}")
     click.echo(
         f"  {shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_attention_heads} heads / "
         f"{shape.num_key_value_heads} KV heads (head dim {shape.head_dim}), FFN {shape.intermediate_size}, "
         f"vocab {shape.vocab_size}, {'tied' if shape.tie_word_embeddings else 'separate'} embeddings"
     )
-    click.echo(f"  {params:,} parameters ({params / 1e6:.1f}M), {dtype}")
+    click.echo(f"  {params:,} parameters ({params / 1e6:.1f}M), "
+               + ("counted from the config" if source.endswith("(config only)") else dtype))
     click.echo(f"  variants ({provider.__class__.__name__}, init: {provider.init_method}):")
     for first, last, row in _layer_groups(layers):
         span = f"layer {first}" if first == last else f"layers {first}-{last}"
@@ -83,6 +97,106 @@ def model_info(parent: str, variants: str | None, dtype: str, architecture: str 
         click.echo(f"    ffn:       {' '.join(row['ffn'])}")
     combos = sum(len(s.attention) * len(s.ffn) for s in spaces)
     click.echo(f"  {combos} blocks in all ({combos // max(1, shape.num_layers)} per layer)")
+    if costs:
+        _print_costs(costs)
+
+
+def _shape_and_params(parent: str, dtype: str, architecture: str | None):
+    """``(family, shape, parameters, source)``: from the weights, or from the config alone when the folder has no
+    weight files at all."""
+    from puzzle_core.config import structure
+    from puzzle_core.parents import PICKLE_SUFFIXES, read_config, resolve_parent
+    from puzzle_core.registry import get_registries
+    from puzzle_core.schema import ParentSection
+
+    section = structure({"source": parent, "dtype": dtype, "architecture": architecture}, ParentSection)
+    family, path = resolve_parent(section, get_registries())
+    weights = (*PICKLE_SUFFIXES, ".safetensors", ".gguf")  # pickles present: refused as ever, never read
+    if path.is_dir() and not any(p.suffix.lower() in weights for p in path.iterdir()):
+        from puzzle_core.roofline import model_params
+
+        shape = family.shape(read_config(path))
+        return family, shape, model_params(shape), f"{path} (config only)"
+    family, loaded = _load(parent, dtype, architecture)
+    return family, loaded.shape, parameter_count(loaded.model), loaded.source
+
+
+def _costing_choice(cost_model: str | None, config_path: str | None, overrides: tuple[str, ...]):
+    """``(cost model choice, scenario)`` from --config, --cost-model and --set; ``None`` when no cost model is named."""
+    from puzzle_core.choices import CostModelChoice
+    from puzzle_core.config import apply_overrides, structure, unstructure
+    from puzzle_core.schema import Scenario, load_config
+
+    if config_path is not None:
+        config = load_config(config_path)
+        data = {"scenario": unstructure(config.scenario), "costs": {"model": unstructure(config.costs.model)}}
+    else:
+        data = {"scenario": unstructure(Scenario()), "costs": {"model": None}}
+    if cost_model is not None:
+        data["costs"]["model"] = cost_model
+    source = "--set"
+    data = apply_overrides(data, overrides, source)
+    if data["costs"]["model"] is None:
+        if overrides:
+            raise UserError("--set prices the model in a scenario, which needs a cost model: add --cost-model NAME "
+                            "(see `puzzle plugins`) or --config RUN_CONFIG.")
+        return None
+    return structure(data["costs"]["model"], CostModelChoice, source, "$.costs.model"), \
+        structure(data["scenario"], Scenario, source, "$.scenario")
+
+
+def _predict(family, shape, costing, largest_batch: bool) -> dict:
+    """Per-layer and total costs of the model in the scenario (JSON-ready)."""
+    from puzzle_core.config import unstructure
+    from puzzle_core.costing import largest_batch as fit_batch
+    from puzzle_core.costing import model_costs
+    from puzzle_core.registry import get_registries
+
+    choice, scenario = costing
+    model = get_registries().record(choice).create(choice.options)
+    problems = model.check_scenario(scenario)
+    if problems:
+        raise UserError(f"Cost model '{choice.name}' cannot price this scenario: {'; '.join(problems)}")
+    costs = model_costs(model, shape, scenario, family)
+    result = {
+        "cost_model": choice.name,
+        "scenario": unstructure(scenario),
+        "fixed": costs.fixed,
+        "layers": [{"block": block_id, **costs.blocks[block_id]} for block_id in costs.layers],
+        "total": costs.summary(),
+    }
+    if largest_batch:
+        best = fit_batch(model, shape, scenario, family)
+        result["largest_batch"] = {"batch_size": best.scenario.batch_size if best else 0,
+                                   **(best.summary() if best else {})}
+    return result
+
+
+def _print_costs(costs: dict) -> None:
+    s, total = costs["scenario"], costs["total"]
+    num_gpus = s["gpus"] or s["tensor_parallel"]
+    gpus = f", TP {s['tensor_parallel']} on {num_gpus} GPU(s)" if num_gpus > 1 else ""
+    click.echo(f"  cost model {costs['cost_model']}: batch {s['batch_size']}, {s['prefill_len']} in / "
+               f"{s['decode_len']} out, {s['dtype']} (KV {s['kv_dtype']}){gpus}")
+    rows = [{k: row[k] for k in ("block", "runtime_ms", "memory_mib")} for row in costs["layers"]]
+    for first, last, row in _layer_groups(rows):
+        span = f"layer {first}" if first == last else f"layers {first}-{last}"
+        click.echo(f"    {span:14s} {row['block']:24s} {row['runtime_ms']:10.3f} ms {row['memory_mib']:10.1f} MiB each")
+    click.echo(f"    {'fixed':14s} {'embedding, norm, head':24s} {costs['fixed']['runtime_ms']:10.3f} ms "
+               f"{costs['fixed']['memory_mib']:10.1f} MiB")
+    fits = "" if total["fits"] is None else (" (fits)" if total["fits"] else f" (does NOT fit {total['capacity_mib']:.0f} MiB)")
+    click.echo(f"  predicted: {total['runtime_ms'] / 1e3:.3f} s per batch (prefill {total['prefill_ms']:.1f} ms, "
+               f"decode {total['decode_ms']:.1f} ms), {total['tokens_per_s']:,.0f} tokens/s "
+               f"({total['tokens_per_s_per_gpu']:,.0f} per GPU)")
+    click.echo(f"  memory per GPU: {total['memory_mib'] / 1024:.2f} GiB = weights {total['weights_mib'] / 1024:.2f} + "
+               f"KV cache {total['kv_cache_mib'] / 1024:.2f}{fits}")
+    best = costs.get("largest_batch")
+    if best is not None:
+        if best["batch_size"]:
+            click.echo(f"  largest batch that fits: {best['batch_size']} -> {best['tokens_per_s']:,.0f} tokens/s "
+                       f"({best['tokens_per_s_per_gpu']:,.0f} per GPU), {best['memory_mib'] / 1024:.2f} GiB per GPU")
+        else:
+            click.echo("  largest batch that fits: none (not even batch 1)")
 
 
 @model_group.command("check")

@@ -160,6 +160,19 @@ class DecoderFamily(ModelFamily):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return self.loaded(model, tokenizer, source=str(path))
 
+    def load_parent_layers(self, source: str, layers: Sequence[int], dtype: str = "fp32",
+                           trust_remote_code: bool = False, ends: bool = False) -> LoadedModel:
+        """The parent built on the meta device with real weights for ``layers`` only (see :mod:`.partial`).
+
+        A GGUF file or a child folder is loaded whole.
+        """
+        from puzzle_core.decoder.partial import load_parent_layers
+
+        path = Path(source).expanduser()
+        if not path.is_dir() or self.is_child_config(read_config(path)):
+            return self.load_parent(source, dtype, trust_remote_code)
+        return load_parent_layers(self, path, layers, torch_dtype(dtype), trust_remote_code, ends)
+
     def loaded(self, model: nn.Module, tokenizer, source: str) -> LoadedModel:
         """``model`` in eval mode, with its shape read from its config."""
         model.eval()
@@ -201,7 +214,7 @@ class DecoderFamily(ModelFamily):
                 f"weights of that kind. Compress the original parent instead of a child."
             )
         parent_sublayer = layer_sublayer(parent.model.model.layers[layer], part)
-        reference = next(parent.model.parameters())
+        reference = next(parent.model.model.layers[layer].parameters())  # the layer's own: others may be on meta
         config = self.child_config(parent.model.config, parent.shape.blocks)
         child = self.empty_sublayer(config, spec).to(dtype=reference.dtype, device=reference.device)
         return init_sublayer(parent_sublayer, child, spec, calibration, methods)

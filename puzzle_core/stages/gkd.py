@@ -9,8 +9,10 @@ the parent before and after). ``gkd/index.json`` lists the results. Checkpoints 
 they are deleted once its final weights are exported.
 
 Under ``torchrun`` (started by hand, or by the ``torchrun`` executor's ``nproc``) the
-processes train each child together with DDP instead of sharing children out: one
-child's uptraining is the unit of work, and it is the one that needs the speed-up.
+processes train each child together instead of sharing children out: one child's
+uptraining is the unit of work, and it is the one that needs the speed-up. With
+``gkd.sharding: ddp`` every process holds the child and the parent; with ``fsdp`` each
+holds 1/N of both (FSDP2), so a parent that does not fit one device can be distilled.
 """
 
 from __future__ import annotations

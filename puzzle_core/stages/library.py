@@ -17,6 +17,7 @@ from puzzle_core.activations import ActivationStore, CaptureSettings
 from puzzle_core.bld import (
     BLOCKS,
     BLDTrainer,
+    ParentLayers,
     TrainSettings,
     plan_library,
     resolve_subspace,
@@ -26,13 +27,14 @@ from puzzle_core.config import unstructure
 from puzzle_core.devices import resolve_device
 from puzzle_core.errors import UserError
 from puzzle_core.library_view import write_library_view
+from puzzle_core.parents import resolve_parent
 
 
 def library_parts(ctx) -> tuple[ActivationStore, TrainSettings, Any]:
     """The run's activation store (planned), BLD settings and loss, as the stage uses them."""
     config, section = ctx.config, ctx.config.library
     capture = CaptureSettings.from_config(config)
-    store = ActivationStore(ctx.run_dir, capture, ctx.parent.shape.num_layers)
+    store = ActivationStore(ctx.run_dir, capture, ctx.parent_architecture[1].num_layers)
     store.plan(ctx.corpus)
     if not store.split_shards("train"):
         raise UserError("library.tokens gives no training sequences; raise it to at least one sequence (seq_len).")
@@ -54,7 +56,7 @@ def library_parts(ctx) -> tuple[ActivationStore, TrainSettings, Any]:
 
 def run(ctx) -> list[Path]:
     section = ctx.config.library
-    shape = ctx.parent.shape
+    family, shape = ctx.parent_architecture
     spaces = [ctx.variant_provider.variants(shape, layer) for layer in range(shape.num_layers)]
     plan = plan_library(section.mode, shape, spaces, resolve_subspace(section, shape.num_layers))
     executor = ctx.registries.record(section.executor).create(section.executor.options)
@@ -63,11 +65,12 @@ def run(ctx) -> list[Path]:
     store, settings, loss = library_parts(ctx)
     if driver:
         store.write_meta(shape.hidden_size)
-    runner = ctx.family.layer_runner(ctx.parent.model)
-    parent_device = next(ctx.parent.model.parameters()).device
-
     def capture(shard) -> None:
-        store.capture(runner, shard, section.batch_size, parent_device)  # returns at once if it is complete
+        if store.is_complete(shard):
+            return
+        parent = ctx.parent  # capturing runs the whole parent: loaded here, on the first shard missing
+        store.capture(family.layer_runner(parent.model), shard, section.batch_size,
+                      next(parent.model.parameters()).device)
 
     def capture_missing() -> None:
         for shard in store.shards:
@@ -75,7 +78,10 @@ def run(ctx) -> list[Path]:
 
     executor.run(store.jobs(), lambda job: capture(job.payload), "capturing activations", context=ctx)
     device = resolve_device(section.device, ctx.role.local_rank, "library.device")
-    trainer = BLDTrainer(ctx.run_dir, ctx.family, ctx.parent, store, settings, loss, device, capture_missing,
+    # Once the activations are captured a BLD job needs one parent layer: a process that did not capture holds
+    # that layer alone, never the whole parent (one that did reuses the parent it has).
+    parent = ParentLayers(shape, lambda layer: ctx.parent_layers([layer]))
+    trainer = BLDTrainer(ctx.run_dir, family, parent, store, settings, loss, device, capture_missing,
                          progress=ctx.role.rank == 0)
     jobs = trainer.jobs(plan, store.settings.seq_len, section.units_per_pass)
     executor.run(jobs, trainer.run, "training blocks (BLD)", context=ctx)
@@ -87,7 +93,7 @@ def run(ctx) -> list[Path]:
         plan,
         trainer,
         {
-            "parent": ctx.parent.source,
+            "parent": str(resolve_parent(ctx.config.parent, ctx.registries)[1]),
             "num_layers": shape.num_layers,
             "seq_len": store.settings.seq_len,
             "train_tokens": store.tokens("train"),

@@ -5,6 +5,11 @@ One executor job per layer writes ``scores/shards/layer_<i>.json``; a shard whos
 resumed or widened run scores only what is missing. The shards are merged into
 ``scores/scores.json`` (``{"layer_i": {block_id: {scorer: value}}, "_meta": {...}}``)
 and the run's library view is rewritten with the scores as ``metrics.<scorer>``.
+
+With ``scoring.sharding: layers`` under torchrun the processes instead split the parent's
+layers (:class:`~puzzle_core.scoring_pipeline.PipelineScoringEngine`): each loads only
+its own layers (the first also the embeddings, the last the head), every block is scored
+by all of them together, and the last writes the shards.
 """
 
 from __future__ import annotations
@@ -54,16 +59,21 @@ def read_shard(path: Path, key: str) -> dict | None:
 class LayerScoring:
     """The work of one job: score every block of a layer. Built lazily in whichever process runs it."""
 
-    def __init__(self, ctx, layers: list[list[str]], scorers: dict[str, Any], keys: dict[int, str]):
+    def __init__(self, ctx, layers: list[list[str]], scorers: dict[str, Any], keys: dict[int, str], parent=None):
         self.ctx = ctx
+        self._parent = parent  # None: the run's whole parent, loaded on first use
         self.layers = layers
         self.scorers = scorers
         self.keys = keys
         self.parent_blocks = [BlockSpec.parse(blocks[0]) for blocks in layers]  # the index lists the parent first
 
     @cached_property
+    def parent(self):
+        return self._parent if self._parent is not None else self.ctx.parent
+
+    @cached_property
     def runner(self):
-        return self.ctx.family.layer_runner(self.ctx.parent.model)
+        return self.ctx.family.layer_runner(self.parent.model)
 
     @cached_property
     def session(self) -> ScoringSession:
@@ -82,7 +92,7 @@ class LayerScoring:
         if spec == parent_spec:
             return self.runner.sublayer(layer, part)
         ctx = self.ctx
-        module = ctx.family.init_sublayer(ctx.parent, layer, spec, None, method=ctx.variant_provider.init_method)
+        module = ctx.family.init_sublayer(self.parent, layer, spec, None, method=ctx.variant_provider.init_method)
         state = weights.get((layer, part))
         if state is not None:
             module.load_state_dict(state)
@@ -91,7 +101,11 @@ class LayerScoring:
                 f"The block library has no trained weights for {spec.id} at {layer_key(layer)}. Re-run "
                 f"`puzzle run CONFIG --stage library` so every block in library/index.json is trained."
             )
-        return module.to(dtype=next(ctx.parent.model.parameters()).dtype).eval()
+        return module.to(dtype=self.dtype).eval()
+
+    @property
+    def dtype(self):
+        return next(p for p in self.parent.model.parameters() if p.device.type != "meta").dtype
 
     def block_modules(self, layer: int, block: BlockSpec):
         from puzzle_core.bld import load_sublayers
@@ -116,21 +130,66 @@ class LayerScoring:
                 bar.set_postfix_str(block_id, refresh=False)
                 attention, ffn = self.block_modules(layer, BlockSpec.parse(block_id))
                 scores[block_id] = session.score(layer, attention, ffn)
-                bad = [name for name, value in scores[block_id].items() if not math.isfinite(value)]
-                if bad:
-                    raise UserError(
-                        f"Scoring {block_id} at {layer_key(layer)} gave a non-finite {', '.join(bad)}: its trained "
-                        f"weights are broken (diverged BLD?). Delete its files under library/blocks/ and re-run "
-                        f"`puzzle run CONFIG --resume` to retrain and rescore it."
-                    )
+                check_finite(layer, block_id, scores[block_id])
         atomic_write_json(path, {"key": self.keys[layer], "layer": layer, "parent": session.reference(),
                                  "scores": scores})
+
+
+def score_split_parent(ctx, layers: list[list[str]], scorers: dict[str, Any], keys: dict[int, str],
+                       pending: list[int]) -> None:
+    """Every pending layer scored by all processes together, the parent's layers split among them."""
+    import torch.distributed as dist
+
+    from puzzle_core.gkd import join_process_group
+    from puzzle_core.scoring_pipeline import PipelineScoringEngine, layer_ranges
+
+    join_process_group(ctx.role.local_rank)
+    dist.barrier()  # every process has read which shards are pending before any is written
+    rank, size = dist.get_rank(), dist.get_world_size()
+    sources = {scorer.data(ctx).key: scorer.data(ctx) for scorer in scorers.values()}
+    if len(sources) > 1:
+        raise UserError(
+            f"scoring.sharding: layers scores every scorer on one data set, but these scorers use {len(sources)} "
+            f"({', '.join(sources)}). Score them in separate runs, or use scoring.sharding: jobs."
+        )
+    own = layer_ranges(len(layers), size)[rank]
+    parent = ctx.parent_layers(list(own), ends=True)
+    work = LayerScoring(ctx, layers, scorers, keys, parent)
+    device = next(p.device for p in parent.model.parameters() if p.device.type != "meta")
+    (source,) = sources.values()
+    engine = PipelineScoringEngine(work.runner, source.load(), hidden_size=parent.shape.hidden_size,
+                                   dtype=work.dtype, keep_log_probs=any(s.needs_parent_log_probs for s in scorers.values()),
+                                   references=scorers, device=device)
+    for layer in pending:
+        scores = {}
+        for block_id in tqdm(layers[layer], desc=f"scoring {layer_key(layer)}", unit="block", leave=False,
+                             disable=not engine.last, dynamic_ncols=True):
+            modules = work.block_modules(layer, BlockSpec.parse(block_id)) if layer in own else (None, None)
+            result = engine.score(layer, *modules, scorers)
+            if result is not None:
+                scores[block_id] = result
+                check_finite(layer, block_id, result)
+        if engine.last:
+            atomic_write_json(shard_path(ctx.run_dir, layer), {"key": keys[layer], "layer": layer,
+                                                               "parent": engine.reference, "scores": scores})
+    dist.barrier()  # the shards are written before the driver merges them
+
+
+def check_finite(layer: int, block_id: str, scores: dict[str, float]) -> None:
+    bad = [name for name, value in scores.items() if not math.isfinite(value)]
+    if bad:
+        raise UserError(
+            f"Scoring {block_id} at {layer_key(layer)} gave a non-finite {', '.join(bad)}: its trained weights are "
+            f"broken (diverged BLD?). Delete its files under library/blocks/ and re-run `puzzle run CONFIG --resume` "
+            f"to retrain and rescore it."
+        )
 
 
 def shard_keys(ctx, layers: list[list[str]]) -> dict[int, str]:
     """What a layer's scores depend on: the trained library, the data, the scorers and the blocks."""
     scoring = unstructure(ctx.config.scoring)
     scoring.pop("executor")  # how jobs run does not change their results
+    scoring.pop("sharding")
     common = {"library": ctx.hashes["library"], "scoring": scoring}
     return {i: stable_hash({**common, "layer": i, "blocks": blocks}) for i, blocks in enumerate(layers)}
 
@@ -146,7 +205,9 @@ def run(ctx) -> list[Path]:
     scorers = {choice.name: ctx.registries.record(choice).create(choice.options) for choice in section.scorers}
     keys = shard_keys(ctx, layers)
     pending = [i for i in range(len(layers)) if read_shard(shard_path(ctx.run_dir, i), keys[i]) is None]
-    if pending:
+    if pending and section.sharding == "layers" and ctx.role.distributed:
+        score_split_parent(ctx, layers, scorers, keys, pending)
+    elif pending:
         # a block at layer i runs layers i..N-1 and the head (about one more layer's worth)
         jobs = [Job(id=layer_key(i), cost=len(layers[i]) * (len(layers) - i + 1), payload=i) for i in pending]
         work = LayerScoring(ctx, layers, scorers, keys)

@@ -12,6 +12,12 @@ block of a layer is the first one listed), the fixed costs and scenario from
   "totals"}, "solutions": [{"name", "file", "solver", "main", "status", "objective_value"}],
   "frontier": {"json", "png"} | null}``, main solutions first;
 - ``frontier.json`` and ``frontier.png`` when ``search.speedups`` lists two or more budgets.
+
+With ``search.fit_memory`` the whole child's ``stats.memory_mib`` (weights + KV cache at
+the scenario's batch) is bounded by the device memory the cost stage recorded; with
+``search.largest_batch: <cost model>`` the parent's and every solution's entry in
+``index.json`` get ``largest_batch``: the largest batch that fits that cost model's GPU,
+with its throughput and memory there (priced from the parent's config, no weights read).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from puzzle_core.frontier import plot_frontier, sweep
 from puzzle_core.library import BlockLibrary
 from puzzle_core.library_view import COSTS, build_library_view
 from puzzle_core.rundir import RunDir, atomic_write_json
-from puzzle_core.search import SearchProblem, SearchWarning, build_problem, run_solver
+from puzzle_core.search import Constraint, SearchProblem, SearchWarning, build_problem, run_solver
 from puzzle_core.schema import SearchSection
 
 SOLUTIONS = "solutions"
@@ -66,6 +72,43 @@ def section_problem(
     )
 
 
+def memory_bound(run_dir: RunDir) -> Constraint:
+    """``stats.memory_mib <= `` the device memory the cost stage recorded."""
+    costs_path = run_dir.path(*COSTS)
+    capacity = (json.loads(costs_path.read_text()) if costs_path.is_file() else {}).get("memory_check", {}).get(
+        "capacity_mib")
+    if capacity is None:
+        raise UserError(
+            "search.fit_memory bounds the child's memory by the device's, but the cost model of this run does not "
+            "know the device's memory (costs/costs.json has no memory_check). Use a cost model of a GPU (h100), or "
+            "set search.fit_memory: false and bound stats.memory_mib in search.constraints yourself."
+        )
+    return Constraint.parse(f"stats.memory_mib<={capacity}")
+
+
+def batch_fitter(ctx, num_layers: int):
+    """``fit(chosen)``: the largest batch that fits ``search.largest_batch``'s GPU (``chosen=None``: the parent)."""
+    from puzzle_core.blocks import BlockSpec
+    from puzzle_core.costing import largest_batch
+    from puzzle_core.library import layer_key
+
+    choice = ctx.config.search.largest_batch
+    model = ctx.registries.record(choice).create(choice.options)
+    family, shape = ctx.parent_architecture
+    scenario = ctx.config.scenario
+
+    def fit(chosen: dict[str, str] | None) -> dict:
+        blocks = None if chosen is None else [BlockSpec.parse(chosen[layer_key(i)]) for i in range(num_layers)]
+        best = largest_batch(model, shape, scenario, family, blocks)
+        if best is None:
+            return {"cost_model": choice.name, "batch_size": 0}
+        total = best.summary()
+        return {"cost_model": choice.name, "batch_size": best.scenario.batch_size,
+                **{k: total[k] for k in ("tokens_per_s", "tokens_per_s_per_gpu", "memory_mib", "runtime_ms")}}
+
+    return fit
+
+
 def solution_name(solver: str, rank: int) -> str:
     """``mip`` for the best solution, ``mip_1``, ``mip_2``... for the diverse runners-up."""
     return solver if rank == 0 else f"{solver}_{rank}"
@@ -80,10 +123,13 @@ def run(ctx) -> list[Path]:
             f"search.solver and search.baselines name a solver twice ({', '.join(names)}); list each solver once."
         )
     library, fixed, scenario = run_library(run_dir)
+    if section.fit_memory:
+        section = attrs.evolve(section, constraints=[*section.constraints, memory_bound(run_dir)])
     problem = section_problem(library, section, fixed, scenario)
     out = run_dir.path(SOLUTIONS)
     written: list[Path] = []
     entries: list[dict] = []
+    fitted = batch_fitter(ctx, library.num_layers) if section.largest_batch is not None else None
     solvers = {
         choice.name: ctx.registries.record(choice).create(choice.options) for choice in [section.solver, *section.baselines]
     }
@@ -108,11 +154,15 @@ def run(ctx) -> list[Path]:
                     "main": main,
                     "status": solution.status,
                     "objective_value": solution.objective_value,
+                    **({"largest_batch": fitted(solution.chosen)} if fitted else {}),
                 }
             )
+            fit = entries[-1].get("largest_batch")
             print(
                 f"    {solution_name(name, rank)}: {problem.objective} = {solution.objective_value:.6g} "
                 f"({solution.status}, {solution.solve_seconds:.2f}s)"
+                + (f"; largest batch on {fit['cost_model']}: {fit['batch_size']}"
+                   + (f", {fit['tokens_per_s']:,.0f} tokens/s" if fit["batch_size"] else "") if fit else "")
             )
 
     frontier_files = None
@@ -132,7 +182,8 @@ def run(ctx) -> list[Path]:
             "objective": str(problem.objective),
             "minimize": problem.minimize,
             "constraints": [str(c) for c in problem.constraints],
-            "parent": {"objective_value": problem.objective_value(problem.parent), "totals": problem.totals(problem.parent)},
+            "parent": {"objective_value": problem.objective_value(problem.parent), "totals": problem.totals(problem.parent),
+                       **({"largest_batch": fitted(None)} if fitted else {})},
             "solutions": entries,
             "frontier": frontier_files,
         },
