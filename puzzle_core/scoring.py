@@ -227,6 +227,21 @@ def label_log_probs(child: ModelOutputs, labels: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the engine
 
 
+def parent_outputs(hidden: torch.Tensor, runner: LayerRunner, batch: ScoringBatch, references: Mapping[str, Scorer],
+                   totals: dict[str, list[float]], keep_log_probs: bool) -> StreamedOutputs:
+    """The parent's outputs on ``batch`` from its last hidden states, kept for every block's scores; each
+    reference scorer's parent-vs-parent value is added to ``totals`` (value, count)."""
+    outputs = StreamedOutputs(hidden, runner, labels=batch.labels)
+    for name, scorer in references.items():
+        value, count = scorer.batch_score(outputs, outputs, batch)
+        totals[name][0] += value
+        totals[name][1] += count
+    parent = StreamedOutputs(hidden, runner, labels=batch.labels, log_probs=outputs.log_probs if keep_log_probs else None)
+    if keep_log_probs:
+        parent.neg_entropy, parent.mass = _entropy_terms(parent.log_probs)
+    return parent
+
+
 class ReplaceOneBlockEngine:
     """The parent's run over fixed data, cached so that a block at layer ``i`` costs itself, layers ``i+1..N-1``
     and the head."""
@@ -276,18 +291,9 @@ class ReplaceOneBlockEngine:
             for layer in range(self.num_layers):
                 entering.append(hidden)
                 hidden = self.runner.layer(layer, hidden, context)
-            outputs = StreamedOutputs(hidden, self.runner, labels=batch.labels)
-            for name, scorer in references.items():
-                value, count = scorer.batch_score(outputs, outputs, batch)
-                totals[name][0] += value
-                totals[name][1] += count
-            parent = StreamedOutputs(hidden, self.runner, labels=batch.labels,
-                                     log_probs=outputs.log_probs if self.keep_log_probs else None)
-            if self.keep_log_probs:
-                parent.neg_entropy, parent.mass = _entropy_terms(parent.log_probs)
             self.entering.append(entering)
             self.contexts.append(context)
-            self.parent.append(parent)
+            self.parent.append(parent_outputs(hidden, self.runner, batch, references, totals, self.keep_log_probs))
         self.reference = {name: value / max(count, 1e-30) for name, (value, count) in totals.items()}
 
     def _check_size(self, hidden: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from puzzle_core.interfaces import LayerRunner, Scorer, ScoringBatch
-from puzzle_core.scoring import StreamedOutputs, _entropy_terms, merge_batches, to_device
+from puzzle_core.scoring import StreamedOutputs, merge_batches, parent_outputs, to_device
 
 
 def layer_ranges(num_layers: int, size: int) -> list[range]:
@@ -85,16 +85,7 @@ class PipelineScoringEngine:
             if not self.last:
                 dist.send(hidden.contiguous(), self.rank + 1)
                 continue
-            outputs = StreamedOutputs(hidden, self.runner, labels=batch.labels)
-            for name, scorer in references.items():
-                value, count = scorer.batch_score(outputs, outputs, batch)
-                totals[name][0] += value
-                totals[name][1] += count
-            parent = StreamedOutputs(hidden, self.runner, labels=batch.labels,
-                                     log_probs=outputs.log_probs if self.keep_log_probs else None)
-            if self.keep_log_probs:
-                parent.neg_entropy, parent.mass = _entropy_terms(parent.log_probs)
-            self.parent.append(parent)
+            self.parent.append(parent_outputs(hidden, self.runner, batch, references, totals, self.keep_log_probs))
         if self.last:
             self.reference = {name: value / max(count, 1e-30) for name, (value, count) in totals.items()}
 
