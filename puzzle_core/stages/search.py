@@ -16,36 +16,32 @@ block of a layer is the first one listed), the fixed costs and scenario from
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from puzzle_core import layout
 from puzzle_core.errors import UserError
 from puzzle_core.frontier import plot_frontier, sweep
+from puzzle_core.layout import FrontierFiles, SearchParent, SolutionEntry, SolutionsIndex
 from puzzle_core.library import BlockLibrary
-from puzzle_core.library_view import COSTS, build_library_view
+from puzzle_core.library_view import build_library_view
 from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.search import SearchProblem, SearchWarning, build_problem, run_solver
 from puzzle_core.schema import SearchSection
 
-SOLUTIONS = "solutions"
-
-
 def run_library(run_dir: RunDir) -> tuple[BlockLibrary, dict[str, float], dict[str, Any] | None]:
     """The run's merged library, its fixed costs and its scenario (``None`` before the cost stage)."""
-    try:
-        library = build_library_view(run_dir)
-    except FileNotFoundError:
+    if layout.read_library_index(run_dir) is None:
         raise UserError(
-            f"{run_dir.root} has no block library yet (library/index.json). Run the library, score and cost stages "
-            f"first: `puzzle run CONFIG --run-dir {run_dir.root}`."
-        ) from None
-    costs_path = run_dir.path(*COSTS)
-    costs = json.loads(costs_path.read_text()) if costs_path.is_file() else {}
-    return library, dict(costs.get("fixed", {})), costs.get("scenario")
+            f"{run_dir.root} has no block library yet ({layout.LIBRARY_INDEX}). Run the library, score and cost "
+            f"stages first: `puzzle run CONFIG --run-dir {run_dir.root}`."
+        )
+    library = build_library_view(run_dir)
+    costs = layout.read_costs(run_dir)
+    return library, dict(costs.fixed) if costs else {}, costs.scenario if costs else None
 
 
 def section_problem(
@@ -81,9 +77,9 @@ def run(ctx) -> list[Path]:
         )
     library, fixed, scenario = run_library(run_dir)
     problem = section_problem(library, section, fixed, scenario)
-    out = run_dir.path(SOLUTIONS)
+    out = run_dir.path(layout.SOLUTIONS)
     written: list[Path] = []
-    entries: list[dict] = []
+    entries: list[SolutionEntry] = []
     solvers = {
         choice.name: ctx.registries.record(choice).create(choice.options) for choice in [section.solver, *section.baselines]
     }
@@ -97,18 +93,17 @@ def run(ctx) -> list[Path]:
             warnings.warn(f"Baseline {name} found no solution: {exc}", SearchWarning, stacklevel=2)
             continue
         for rank, solution in enumerate(solutions):
-            path = out / f"{solution_name(name, rank)}.json"
-            atomic_write_json(path, solution.to_json())
+            path = layout.write_solution(run_dir, solution_name(name, rank), solution)
             written.append(path)
             entries.append(
-                {
-                    "name": solution_name(name, rank),
-                    "file": path.name,
-                    "solver": name,
-                    "main": main,
-                    "status": solution.status,
-                    "objective_value": solution.objective_value,
-                }
+                SolutionEntry(
+                    name=solution_name(name, rank),
+                    file=path.name,
+                    solver=name,
+                    main=main,
+                    status=solution.status,
+                    objective_value=solution.objective_value,
+                )
             )
             print(
                 f"    {solution_name(name, rank)}: {problem.objective} = {solution.objective_value:.6g} "
@@ -119,23 +114,22 @@ def run(ctx) -> list[Path]:
     if len(section.speedups) >= 2:
         base = section_problem(library, section, fixed, scenario, speedup=False)
         frontier = sweep(base, solvers, section.speedups, scenario)
-        json_path, png_path = out / "frontier.json", out / "frontier.png"
+        json_path, png_path = layout.frontier_paths(run_dir)
         atomic_write_json(json_path, frontier.to_json())
         plot_frontier(frontier, png_path)
         written += [json_path, png_path]
-        frontier_files = {"json": json_path.name, "png": png_path.name}
+        frontier_files = FrontierFiles(json=json_path.name, png=png_path.name)
 
-    index_path = out / "index.json"
-    atomic_write_json(
-        index_path,
-        {
-            "objective": str(problem.objective),
-            "minimize": problem.minimize,
-            "constraints": [str(c) for c in problem.constraints],
-            "parent": {"objective_value": problem.objective_value(problem.parent), "totals": problem.totals(problem.parent)},
-            "solutions": entries,
-            "frontier": frontier_files,
-        },
+    index_path = layout.write_solutions_index(
+        run_dir,
+        SolutionsIndex(
+            objective=str(problem.objective),
+            minimize=problem.minimize,
+            constraints=[str(c) for c in problem.constraints],
+            parent=SearchParent(problem.objective_value(problem.parent), problem.totals(problem.parent)),
+            solutions=entries,
+            frontier=frontier_files,
+        ),
     )
     written.append(index_path)
     for stale in out.iterdir():  # results of an earlier search with other settings
