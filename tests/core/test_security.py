@@ -6,7 +6,7 @@
   ``allow_pickle=True``, ``weights_only=False`` or ``use_safetensors=False``; and
   ``trust_remote_code`` is never set to a literal ``True`` (it only passes the user's
   ``parent.trust_remote_code`` on, see ``test_parent_never_trusts_remote_code_unless_asked``
-  in ``tests/test_model_cli.py``).
+  in ``tests/core/test_model_cli.py``).
 - **Behaviour**: a pickle whose loading would create a marker file, placed where a parent,
   a child or a library block is expected, is refused with a clear error (exit code 2) and
   the marker never appears; next to safetensors weights it is simply ignored.
@@ -28,7 +28,7 @@ import torch
 
 from puzzle_core.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("puzzle_core", "plugins", "benchmarks", "examples")
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal", "pickletools"}
 BLOCKS = ["attn_noop+ffn_64", "attn_linear+ffn_linear", "attn_g4+ffn_noop", "attn_g2+ffn_128"]

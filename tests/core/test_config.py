@@ -24,7 +24,7 @@ from puzzle_core.records import ScorerPlugin, SolverPlugin
 from puzzle_core.registry import get_registries
 from puzzle_core.schema import PuzzleConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 

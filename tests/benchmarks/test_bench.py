@@ -20,7 +20,7 @@ from puzzle_core.rundir import RunDir, atomic_write, link_missing
 from puzzle_core.schema import PuzzleConfig
 from puzzle_core.search import InfeasibleError, LayerRule, build_problem, run_solver
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
