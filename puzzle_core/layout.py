@@ -36,8 +36,8 @@ from typing import Any, Literal
 
 import attrs
 
-from puzzle_core.config import CONVERTER
-from puzzle_core.errors import UserError
+from puzzle_core.config import CONVERTER, structure
+from puzzle_core.errors import ConfigError, UserError
 from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.search import Solution
 
@@ -161,11 +161,11 @@ def _load(path: Path) -> Any:
 
 def _structure(data: Any, type_: Any, path: Path) -> Any:
     try:
-        return CONVERTER.structure(data, type_)
-    except Exception as exc:  # cattrs raises grouped errors; one line names the file
+        return structure(data, type_)
+    except ConfigError as exc:
         raise UserError(
-            f"{path} does not have the layout this version of puzzle reads ({exc!r}). Re-run the stage that "
-            f"writes it (`puzzle run CONFIG --resume` after deleting the file)."
+            f"{path} is not in the layout this version of puzzle reads ({'; '.join(exc.problems)}). Delete it and "
+            f"re-run `puzzle run CONFIG --resume` to rewrite it."
         ) from None
 
 

@@ -83,8 +83,9 @@ def test_a_renamed_field_is_a_user_error_naming_the_file(tiny_run, tmp_path):
     data = json.loads(copy.path(layout.GKD_INDEX).read_text())
     data["children"][0]["validation_kl"] = data["children"][0].pop("kl_before")
     copy.path(layout.GKD_INDEX).write_text(json.dumps(data))
-    with pytest.raises(UserError, match=str(copy.path(layout.GKD_INDEX))):
+    with pytest.raises(UserError, match=str(copy.path(layout.GKD_INDEX))) as error:
         layout.read_gkd_results(copy)
+    assert "$[0].validation_kl: unknown key" in str(error.value) and "$[0].kl_before: required" in str(error.value)
     copy.path(layout.COSTS).write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         layout.read_costs(copy)
