@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import attrs
 
-from puzzle_core.config import CONVERTER, structure
+from puzzle_core.config import CONVERTER, Number, structure
 from puzzle_core.errors import ConfigError, UserError
 from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.search import Solution
@@ -333,8 +333,8 @@ class CostTable:
     cost_model: str | None = None
     options: dict[str, Any] = attrs.Factory(dict)
     scenario: dict[str, Any] = attrs.Factory(dict)
-    fixed: dict[str, float] = attrs.Factory(dict)  # embedding, final norm, LM head
-    layers: dict[str, dict[str, dict[str, float]]] = attrs.Factory(dict)  # layer_<i> -> block -> stat -> value
+    fixed: dict[str, Number] = attrs.Factory(dict)  # embedding, final norm, LM head
+    layers: dict[str, dict[str, dict[str, Number]]] = attrs.Factory(dict)  # layer_<i> -> block -> stat -> value
     memory_check: MemoryCheck | None = None
 
 
@@ -371,7 +371,7 @@ class SearchParent:
     """The parent's value of the objective and its totals, for comparison."""
 
     objective_value: float
-    totals: dict[str, float]
+    totals: dict[str, Number]
 
 
 @attrs.frozen
@@ -556,7 +556,7 @@ class ModelEvaluation:
     phase: Literal["assembled", "gkd"] | None
     path: str | None  # relative to the run directory; None for the parent
     params: int
-    metrics: dict[str, float]
+    metrics: dict[str, Number]
     seconds: float  # loading + every evaluator
     fingerprint: str = ""
     reused: dict[str, str] = attrs.Factory(dict)  # evaluator -> model whose numbers it copied (same architecture)
@@ -630,8 +630,8 @@ class ChildSummary:
     accuracy_preserved_chance_adjusted_before_gkd: dict[str, Any] | None
     accuracy: dict[str, Any] | None  # per task and mean: paired comparisons with the parent
     accuracy_before_gkd: dict[str, Any] | None
-    eval: dict[str, float]
-    eval_before_gkd: dict[str, float]
+    eval: dict[str, Number]
+    eval_before_gkd: dict[str, Number]
     gkd: GKDSummary | None
 
 
@@ -640,7 +640,7 @@ class ParentSummary:
     params: int | None
     throughput_tok_s: float | None
     accuracy: dict[str, Any]  # per task: metric, items, chance, accuracy interval
-    eval: dict[str, float]
+    eval: dict[str, Number]
 
 
 @attrs.frozen(kw_only=True)
