@@ -60,6 +60,7 @@ import yaml
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from puzzle_core import layout
 from puzzle_core.bld import BLDTrainer, Unit, UnitPass, job_seed, unit_cost, unit_inputs
 from puzzle_core.activations import ActivationStore
 from puzzle_core.config import structure, unstructure
@@ -181,8 +182,9 @@ def baseline_rss_mib() -> float:
 
 
 def index_records(run_dir: Path) -> list[dict]:
-    index = json.loads((run_dir / "library" / "index.json").read_text())
-    return [record for layer in index["layers"] for record in layer["trained"].values()]
+    """Every trained unit's record in the run's library index, as the result rows store them."""
+    index = layout.read_library_index(RunDir(run_dir), required=True)
+    return [unstructure(record) for layer in index.layers for record in layer.trained.values()]
 
 
 def full_build(args, ctx_parent_bytes: int, hidden: int) -> dict:
@@ -267,13 +269,13 @@ def speedup(args, trainer: BLDTrainer) -> dict:
     total over the busier rank's share (shares recomputed exactly as the executor splits).
     """
     variants = {"ffn_fractions": [0.5], "include_linear": False, "include_no_op": True}
-    source = next((args.run_root / "full" / "activations").iterdir())
+    source = next(layout.activations_dir(RunDir(args.run_root / "full")).iterdir())
     timings, cpu = {}, {}
     for name, executor in (("local", {"name": "local", "threads": 1}),
                            ("torchrun", {"name": "torchrun", "nproc": 2, "threads": 1})):
         run_dir = args.run_root / f"speedup-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        target = run_dir / "activations" / source.name
+        target = layout.activations_dir(RunDir(run_dir), source.name)
         shutil.copytree(source, target, copy_function=os.link)  # the same captured activations, no copy
         timings[name] = run_stage(run_config(args, executor, 1, variants), run_dir)["wall_s"]
         cpu[name] = {record["job"]: record["cpu_s"] for record in index_records(run_dir)}
@@ -479,12 +481,12 @@ def stage_part(args) -> dict:
                                      capture_dir)
                 captures.append({"tokens": tokens, "executor": executor["name"], **measured})
                 save_rows(args, {"captures": captures, "arms": rows})
-                captured[executor["name"]] = capture_dir / "activations"
+                captured[executor["name"]] = layout.activations_dir(RunDir(capture_dir))
                 print(f"capture {tokens} tokens ({executor['name']}): {measured['wall_s']:.0f} s wall, "
                       f"{measured['cpu_s']:.0f} s CPU", flush=True)
             run_dir = root / str(tokens) / arm
             shutil.rmtree(run_dir, ignore_errors=True)
-            link_missing(captured[executor["name"]], run_dir / "activations")
+            link_missing(captured[executor["name"]], layout.activations_dir(RunDir(run_dir)))
             measured = run_stage(demo_config(args, tokens, overlay), run_dir)
             records = index_records(run_dir)
             row = {"tokens": tokens, "arm": arm, "overlay": overlay, "units": len(records), **measured,

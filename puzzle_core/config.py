@@ -38,6 +38,15 @@ def _structure_float(value: Any, _type: type) -> float:
         raise ValueError(f"expected float, got {value!r}") from None
 
 
+Number = int | float  # a count read back stays an int (num_params: 36992), a measurement a float
+
+
+def _structure_number(value: Any, _type: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
 def _structure_int(value: Any, _type: type) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"expected int, got {value!r}")
@@ -136,6 +145,7 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook_func(_is_literal, _structure_literal)
     converter.register_structure_hook(float, _structure_float)
     converter.register_structure_hook(int, _structure_int)
+    converter.register_structure_hook(Number, _structure_number)
     converter.register_structure_hook(str, structure_str)
     converter.register_structure_hook(bool, _structure_bool)
     converter.register_structure_hook(Path, lambda v, _: Path(structure_str(v, str)))

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import attrs
 
+from puzzle_core import layout
 from puzzle_core.config import CONVERTER, unstructure
 from puzzle_core.interfaces import EvalContext, Evaluator, LoadedModel
 from puzzle_core.rundir import atomic_write_json
@@ -33,7 +34,7 @@ def eval_context(ctx) -> EvalContext:
         scenario=ctx.config.scenario,
         threads=ctx.config.threads,
         seed=ctx.config.seed,
-        cache_dir=ctx.run_dir.path("eval", "cache"),
+        cache_dir=ctx.run_dir.path(layout.EVAL_CACHE),
     )
 
 

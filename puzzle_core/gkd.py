@@ -40,57 +40,12 @@ from puzzle_core.config import CONVERTER
 from puzzle_core.devices import resolve_device
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import DistillationLoss, LoadedModel, ModelFamily
+from puzzle_core.layout import GKDLog, TrainPoint, ValidationPoint
 from puzzle_core.rundir import atomic_path, atomic_write_json
 from puzzle_core.schema import GKDSection
 
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "state.json"  # written last: a checkpoint folder without it is incomplete
-
-
-# ---------------------------------------------------------------- records
-
-
-@attrs.frozen
-class TrainPoint:
-    """One optimizer step: the mean objective and each weighted term's mean."""
-
-    step: int
-    tokens: int
-    lr: float
-    loss: float
-    terms: dict[str, float]
-
-
-@attrs.frozen
-class ValidationPoint:
-    """Mean per-token KL(parent || child) on the validation split after ``step`` steps."""
-
-    step: int
-    tokens: int
-    kl: float
-
-
-@attrs.define
-class GKDLog:
-    """The curves of one GKD run (``gkd/<child>/log.json``)."""
-
-    train: list[TrainPoint] = attrs.Factory(list)
-    validation: list[ValidationPoint] = attrs.Factory(list)
-
-
-@attrs.frozen
-class GKDResult:
-    """What one child's uptraining achieved (``gkd/<child>/result.json``)."""
-
-    child: str
-    steps: int
-    tokens: int
-    kl_before: float
-    kl_after: float
-    lora_rank: int
-    train_seconds: float
-    tokens_per_second: float
-    fingerprint: str
 
 
 # ---------------------------------------------------------------- distributed seam

@@ -15,46 +15,32 @@ from, so it is checksummed like every artifact without being any one stage's out
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from puzzle_core import layout
 from puzzle_core.blocks import BlockSpec
 from puzzle_core.config import stable_hash
 from puzzle_core.library import BlockLibrary, layer_key
 from puzzle_core.rundir import RunDir, sha256_file
 
-INDEX = ("library", "index.json")
-SCORES = ("scores", "scores.json")
-COSTS = ("costs", "costs.json")
-VIEW = ("library", "library.json")
 VIEW_RECORD = "library_view"  # the view's manifest entry
-
-
-def _read(run_dir: RunDir, parts: tuple[str, str]) -> dict | None:
-    path = run_dir.path(*parts)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def layer_blocks(index: dict) -> list[list[str]]:
-    """Block ids per layer from a library index."""
-    return [list(layer["blocks"]) for layer in index["layers"]]
 
 
 def build_library_view(run_dir: RunDir) -> BlockLibrary:
     """The merged library of a run directory (stats and metrics filled where known)."""
-    index = _read(run_dir, INDEX)
-    if index is None:
-        raise FileNotFoundError(run_dir.path(*INDEX))
-    scores = (_read(run_dir, SCORES) or {})
-    costs = (_read(run_dir, COSTS) or {}).get("layers", {})
+    index = layout.read_library_index(run_dir, required=True)
+    scores = layout.read_scores(run_dir)
+    costs = layout.read_costs(run_dir)
+    score_layers = scores.layers if scores is not None else {}
+    cost_layers = costs.layers if costs is not None else {}
     layers = []
-    for i, blocks in enumerate(layer_blocks(index)):
+    for i, blocks in enumerate(index.layer_blocks()):
         variants = {}
         for block_id in blocks:
             spec = BlockSpec.parse(block_id)
             variants[block_id] = {
-                "stats": dict(costs.get(layer_key(i), {}).get(block_id, {})),
-                "metrics": dict(scores.get(layer_key(i), {}).get(block_id, {})),
+                "stats": dict(cost_layers.get(layer_key(i), {}).get(block_id, {})),
+                "metrics": dict(score_layers.get(layer_key(i), {}).get(block_id, {})),
                 "attention": spec.attention.id,
                 "ffn": spec.ffn.id,
             }
@@ -64,9 +50,9 @@ def build_library_view(run_dir: RunDir) -> BlockLibrary:
 
 def write_library_view(run_dir: RunDir, driver: bool = True) -> Path:
     """Rewrite ``library/library.json`` from the stage files and (the ``driver`` only) record it in the manifest."""
-    path = run_dir.path(*VIEW)
+    path = run_dir.path(layout.LIBRARY_VIEW)
     build_library_view(run_dir).write(path)
     if driver:  # the manifest is the driver's
-        sources = {"/".join(parts): run_dir.path(*parts) for parts in (INDEX, SCORES, COSTS)}
+        sources = {name: run_dir.path(name) for name in (layout.LIBRARY_INDEX, layout.SCORES, layout.COSTS)}
         run_dir.mark_done(VIEW_RECORD, stable_hash({k: sha256_file(p) for k, p in sources.items() if p.is_file()}), [path])
     return path

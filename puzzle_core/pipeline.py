@@ -26,6 +26,7 @@ from typing import Callable, Literal, Sequence
 import attrs
 import yaml
 
+from puzzle_core import layout
 from puzzle_core.choices import PluginChoice
 from puzzle_core.config import stable_hash, unstructure
 from puzzle_core.data import TokenizedCorpus
@@ -63,14 +64,14 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("library", ("parent", "seed", "data", "library"), "puzzle_core.stages.library", "blockwise local distillation",
-          caches=("activations", "library/blocks")),
-    Stage("score", ("scoring",), "puzzle_core.stages.score", "replace-1-block scores", caches=("scores/shards",)),
+          caches=(layout.ACTIVATIONS, layout.LIBRARY_BLOCKS)),
+    Stage("score", ("scoring",), "puzzle_core.stages.score", "replace-1-block scores", caches=(layout.SCORE_SHARDS,)),
     Stage("cost", ("scenario", "costs"), "puzzle_core.stages.cost", "per-block costs for the scenario"),
     Stage("search", ("search",), "puzzle_core.stages.search", "choosing one block per layer"),
     Stage("assemble", (), "puzzle_core.stages.assemble", "building and exporting the children"),
     Stage("gkd", ("gkd",), "puzzle_core.stages.gkd", "global knowledge distillation"),
     Stage("evaluate", ("evaluation",), "puzzle_core.stages.evaluate", "evaluating parent and children",
-          caches=("eval/models/parent.json", "eval/items/parent")),
+          caches=layout.parent_evaluation()),
     Stage("report", (), "puzzle_core.stages.report", "report and plots"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -228,7 +229,7 @@ class RunContext(StageContext):
                 "Workers re-run a pipeline stage, but no stage is running. Call the executor from a stage, or "
                 "start the workers yourself (e.g. under torchrun)."
             )
-        config_path = self.run_dir.path("workers", f"{self.stage}.yaml")
+        config_path = layout.worker_config(self.run_dir, self.stage)
         atomic_write(config_path, yaml.safe_dump(unstructure(self.config), sort_keys=False))
         return ["run", str(config_path), "--run-dir", str(self.run_dir.root), "--stage", self.stage, "--resume"]
 
@@ -285,7 +286,7 @@ def run_pipeline(
         if not worker:
             remove_temp_files(rundir.root)
             if config_text is not None:
-                atomic_write(rundir.path("config.yaml"), config_text)
+                atomic_write(rundir.path(layout.CONFIG), config_text)
         torch.set_num_threads(max(1, config.threads))
         seed_everything(config.seed)
         ctx = RunContext(config, rundir, role=role)

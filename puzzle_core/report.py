@@ -21,28 +21,22 @@ the better-behaved score there). Perplexities, KL and throughput never count.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from puzzle_core import layout
 from puzzle_core.blocks import BlockSpec
 from puzzle_core.config import unstructure
 from puzzle_core.evaluation import TaskItems, read_task_items
+from puzzle_core.layout import ChildSummary, GKDLog, GKDSummary, ParentSummary, Summary
 from puzzle_core.library import layer_key
-from puzzle_core.library_view import layer_blocks
 from puzzle_core.rundir import RunDir
 from puzzle_core.stats import PairedScores, accuracy_interval, compare_tasks
 
 ACCURACY_METRICS = ("acc_norm", "acc", "exact_match", "accuracy", "mc2", "mc1", "f1")
 THROUGHPUT = "throughput_tok_s"
 KL = "kl_to_parent"
-REPORT_DIR = "report"
-
-
-def _read(run_dir: RunDir, *parts: str) -> Any:
-    path = run_dir.path(*parts)
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ---------------------------------------------------------------- accuracy
@@ -92,7 +86,7 @@ def paired_accuracy(parent: Mapping[str, TaskItems], child: Mapping[str, TaskIte
 
 
 def model_items(run_dir: RunDir, model: str) -> dict[str, TaskItems]:
-    return read_task_items(run_dir.path("eval", "items", model))
+    return read_task_items(layout.eval_items_dir(run_dir, model))
 
 
 # ---------------------------------------------------------------- summary
@@ -104,75 +98,76 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def build_summary(run_dir: RunDir, scenario: Mapping[str, Any] | None = None) -> dict:
+def build_summary(run_dir: RunDir, scenario: Mapping[str, Any] | None = None) -> Summary:
     """``summary.json``: parent, children (with before/after GKD), scenario, and how to read them."""
-    children = (_read(run_dir, "children", "index.json") or {}).get("children", [])
-    evaluations = (_read(run_dir, "eval", "results.json") or {}).get("models", {})
-    gkd = {entry["child"]: entry for entry in (_read(run_dir, "gkd", "index.json") or {}).get("children", [])}
-    solutions = {e["name"]: e for e in (_read(run_dir, "solutions", "index.json") or {}).get("solutions", [])}
-    costs = _read(run_dir, "costs", "costs.json") or {}
+    results = layout.read_eval_results(run_dir)
+    evaluations = results.models if results is not None else {}
+    gkd = layout.read_gkd_results(run_dir)
+    solutions = layout.read_solutions_index(run_dir)
+    costs = layout.read_costs(run_dir) or layout.CostTable()
 
-    parent_eval = evaluations.get("parent", {})
-    parent_metrics = parent_eval.get("metrics", {})
+    parent_eval = evaluations.get("parent")
+    parent_metrics = parent_eval.metrics if parent_eval is not None else {}
     parent_throughput = parent_metrics.get(THROUGHPUT)
     parent_items = model_items(run_dir, "parent")
     entries = []
-    for child in children:
-        name = child["name"]
-        assembled = evaluations.get(name, {}).get("metrics", {})
-        after = evaluations.get(name + "+gkd", {}).get("metrics")
+    for child in layout.read_children(run_dir):
+        name = child.name
+        assembled = evaluations[name].metrics if name in evaluations else {}
+        after = evaluations[layout.uptrained(name)].metrics if layout.uptrained(name) in evaluations else None
         final = after if after is not None else assembled
         throughput = final.get(THROUGHPUT, assembled.get(THROUGHPUT))
         trained = gkd.get(name)
         accuracy_before = paired_accuracy(parent_items, model_items(run_dir, name))
-        accuracy = paired_accuracy(parent_items, model_items(run_dir, name + "+gkd")) if after is not None \
+        accuracy = paired_accuracy(parent_items, model_items(run_dir, layout.uptrained(name))) if after is not None \
             else accuracy_before
+        listed = solutions.entry(name) if solutions is not None else None
         entries.append(
-            {
-                "name": name,
-                "solver": child["solver"],
-                "main": solutions.get(name, {}).get("main"),
-                "blocks": child["blocks"],
-                "params": child["params"],
-                "predicted_speedup": child.get("predicted_speedup"),
-                "measured_speedup": final.get("measured_speedup", _ratio(throughput, parent_throughput)),
-                "throughput_tok_s": throughput,
-                "kl_to_parent": final.get(KL),
-                "kl_to_parent_before_gkd": assembled.get(KL),
-                "kl_to_parent_after_gkd": after.get(KL) if after is not None else None,
-                "accuracy_preserved": _mean_of(accuracy, "preserved"),
-                "accuracy_preserved_chance_adjusted": _mean_of(accuracy, "chance_adjusted"),
-                "accuracy_preserved_before_gkd": _mean_of(accuracy_before, "preserved"),
-                "accuracy_preserved_chance_adjusted_before_gkd": _mean_of(accuracy_before, "chance_adjusted"),
-                "accuracy": accuracy,
-                "accuracy_before_gkd": accuracy_before,
-                "eval": final,
-                "eval_before_gkd": assembled,
-                "gkd": None
+            ChildSummary(
+                name=name,
+                solver=child.solver,
+                main=listed.main if listed is not None else None,
+                blocks=child.blocks,
+                params=child.params,
+                predicted_speedup=child.predicted_speedup,
+                measured_speedup=final.get("measured_speedup", _ratio(throughput, parent_throughput)),
+                throughput_tok_s=throughput,
+                kl_to_parent=final.get(KL),
+                kl_to_parent_before_gkd=assembled.get(KL),
+                kl_to_parent_after_gkd=after.get(KL) if after is not None else None,
+                accuracy_preserved=_mean_of(accuracy, "preserved"),
+                accuracy_preserved_chance_adjusted=_mean_of(accuracy, "chance_adjusted"),
+                accuracy_preserved_before_gkd=_mean_of(accuracy_before, "preserved"),
+                accuracy_preserved_chance_adjusted_before_gkd=_mean_of(accuracy_before, "chance_adjusted"),
+                accuracy=accuracy,
+                accuracy_before_gkd=accuracy_before,
+                eval=final,
+                eval_before_gkd=assembled,
+                gkd=None
                 if trained is None
-                else {
-                    "steps": trained["steps"],
-                    "tokens": trained["tokens"],
-                    "lora_rank": trained["lora_rank"],
-                    "validation_kl_before": trained["kl_before"],
-                    "validation_kl_after": trained["kl_after"],
-                    "tokens_per_second": trained["tokens_per_second"],
-                },
-            }
+                else GKDSummary(
+                    steps=trained.steps,
+                    tokens=trained.tokens,
+                    lora_rank=trained.lora_rank,
+                    validation_kl_before=trained.kl_before,
+                    validation_kl_after=trained.kl_after,
+                    tokens_per_second=trained.tokens_per_second,
+                ),
+            )
         )
     accuracy = parent_accuracy(parent_items)
-    return {
-        "parent": {
-            "params": parent_eval.get("params"),
-            "throughput_tok_s": parent_throughput,
-            "accuracy": accuracy,
-            "eval": parent_metrics,
-        },
-        "children": entries,
-        "scenario": dict(scenario if scenario is not None else costs.get("scenario", {})),
-        "cost_model": costs.get("cost_model"),
-        "accuracy_metrics": [f"{task}.{entry['metric']}" for task, entry in accuracy.items()],
-        "notes": {
+    return Summary(
+        parent=ParentSummary(
+            params=parent_eval.params if parent_eval is not None else None,
+            throughput_tok_s=parent_throughput,
+            accuracy=accuracy,
+            eval=parent_metrics,
+        ),
+        children=entries,
+        scenario=dict(scenario if scenario is not None else costs.scenario),
+        cost_model=costs.cost_model,
+        accuracy_metrics=[f"{task}.{entry['metric']}" for task, entry in accuracy.items()],
+        notes={
             "measured_speedup": "median over rounds of parent time / child time, the two run alternately by the "
             "evaluate stage (its spread is in eval.measured_speedup_q1/_q3/_min/_max)",
             "predicted_speedup": "parent runtime / child runtime under the cost model",
@@ -186,7 +181,7 @@ def build_summary(run_dir: RunDir, scenario: Mapping[str, Any] | None = None) ->
             "accuracy": "per task and mean: parent, child, difference, preserved, chance_adjusted, each with its "
             "paired bootstrap 95% interval",
         },
-    }
+    )
 
 
 def _mean_of(accuracy: Mapping | None, statistic: str) -> dict | None:
@@ -226,9 +221,10 @@ def layer_map(run_dir: RunDir, blocks: Sequence[str]) -> list[dict]:
     Falls back to the whole block's relative runtime when the library has no pair to
     separate attention from FFN; the relative runtimes are ``None`` when the run has no costs.
     """
-    costs = (_read(run_dir, "costs", "costs.json") or {}).get("layers", {})
-    index = _read(run_dir, "library", "index.json")
-    parents = [ids[0] for ids in layer_blocks(index)] if index else [None] * len(blocks)  # parent block first
+    found = layout.read_costs(run_dir)
+    costs = found.layers if found is not None else {}
+    index = layout.read_library_index(run_dir)
+    parents = index.parent_blocks() if index is not None else [None] * len(blocks)
     rows = []
     for i, block_id in enumerate(blocks):
         spec, layer_costs = BlockSpec.parse(block_id), costs.get(layer_key(i), {})
@@ -285,7 +281,7 @@ def _pareto(points: list[tuple[float, float]], lower_is_better: bool) -> list[tu
     return sorted(front)
 
 
-def plot_frontier(summary: Mapping, path: Path) -> Path:
+def plot_frontier(summary: Summary, path: Path) -> Path:
     """Quality (KL to the parent; accuracy when measured) against throughput, before and after GKD.
 
     A child's architecture does not change in GKD, so both of its points sit at its final
@@ -294,42 +290,41 @@ def plot_frontier(summary: Mapping, path: Path) -> Path:
     from matplotlib.lines import Line2D
 
     plt = _pyplot()
-    parent = summary["parent"]
-    measured = parent.get("throughput_tok_s") is not None
-    base = parent.get("throughput_tok_s") if measured else 1.0
+    measured = summary.parent.throughput_tok_s is not None
+    base = summary.parent.throughput_tok_s if measured else 1.0
 
     def x_of(child):
         if measured:
-            return child.get("throughput_tok_s")
-        return child.get("predicted_speedup")
+            return child.throughput_tok_s
+        return child.predicted_speedup
 
     def kl(key):
-        return lambda child: None if child[key] is None or child[key].get(KL) is None else (child[key][KL], None, None)
+        return lambda child: None if getattr(child, key).get(KL) is None else (getattr(child, key)[KL], None, None)
 
     def preserved(key):
         def value(child):
-            found = child[key]
+            found = getattr(child, key)
             return None if found is None or found["value"] is None else \
                 tuple(None if v is None else 100 * v for v in (found["value"], found["low"], found["high"]))
         return value
 
     panels = [("KL to parent (lower is better)", kl("eval_before_gkd"), kl("eval"), True, 0.0)]
-    if any((c["accuracy_preserved_before_gkd"] or {}).get("value") is not None for c in summary["children"]):
+    if any((c.accuracy_preserved_before_gkd or {}).get("value") is not None for c in summary.children):
         panels.append(("accuracy preserved, % (mean over tasks, 95% CI)", preserved("accuracy_preserved_before_gkd"),
                        preserved("accuracy_preserved"), False, 100.0))
     figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels) + 2.4, 4.4), squeeze=False)
     handles = [Line2D([], [], marker="*", color="black", markersize=13, linestyle="none", label="parent")]
-    solvers = list(dict.fromkeys(child["solver"] for child in summary["children"]))
+    solvers = list(dict.fromkeys(child.solver for child in summary.children))
     for axis, (label, before_of, after_of, lower, parent_value) in zip(axes[0], panels):
         points = [(base, parent_value)]
         axis.scatter([base], [parent_value], marker="*", s=220, color="black", zorder=5)
-        for number, child in enumerate(summary["children"]):
+        for number, child in enumerate(summary.children):
             x = x_of(child)
             if x is None:
                 continue
-            color, marker = f"C{number % 10}", MARKERS[solvers.index(child["solver"]) % len(MARKERS)]
+            color, marker = f"C{number % 10}", MARKERS[solvers.index(child.solver) % len(MARKERS)]
             before = before_of(child)
-            after = after_of(child) if child["gkd"] else None
+            after = after_of(child) if child.gkd else None
             for found, filled in ((before, False), (after, True)):
                 if found is None:
                     continue
@@ -345,8 +340,7 @@ def plot_frontier(summary: Mapping, path: Path) -> Path:
                               arrowprops={"arrowstyle": "->", "color": color, "lw": 1.2})
             if axis is axes[0][0]:
                 handles.append(Line2D([], [], marker=marker, color=color, linestyle="none", markersize=8,
-                                      label=child["name"] if child["name"] == child["solver"]
-                                      else f"{child['name']} ({child['solver']})"))
+                                      label=child.name if child.name == child.solver else f"{child.name} ({child.solver})"))
         front = _pareto(points, lower)
         if len(front) > 1:
             axis.plot(*zip(*front), linestyle="--", color="grey", linewidth=1, zorder=1)
@@ -359,7 +353,7 @@ def plot_frontier(summary: Mapping, path: Path) -> Path:
         Line2D([], [], color="grey", linestyle="--", label="frontier"),
     ]
     figure.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-    scenario = summary.get("scenario") or {}
+    scenario = summary.scenario
     if scenario:
         figure.suptitle(
             f"Quality vs throughput — scenario: batch {scenario.get('batch_size')}, prefill {scenario.get('prefill_len')}, "
@@ -425,19 +419,19 @@ def _moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def plot_gkd(curves: Mapping[str, Any], path: Path) -> Path:
+def plot_gkd(curves: Mapping[str, GKDLog], path: Path) -> Path:
     """Training objective and validation KL against tokens, one line per uptrained child."""
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for number, (name, log) in enumerate(curves.items()):
         color = f"C{number % 10}"
-        if log["train"]:
-            tokens, losses = [p["tokens"] for p in log["train"]], [p["loss"] for p in log["train"]]
+        if log.train:
+            tokens, losses = [p.tokens for p in log.train], [p.loss for p in log.train]
             if len(losses) > 20:  # noisy per-step values, faint, under a moving average
                 left.plot(tokens, losses, color=color, linewidth=0.6, alpha=0.3)
                 losses = _moving_average(losses, max(2, len(losses) // 20))
             left.plot(tokens, losses, color=color, label=name, linewidth=1.2)
-        right.plot([p["tokens"] for p in log["validation"]], [p["kl"] for p in log["validation"]], color=color,
+        right.plot([p.tokens for p in log.validation], [p.kl for p in log.validation], color=color,
                    marker="o", markersize=3, label=name)
     left.set_title("GKD training objective", fontsize=10)
     right.set_title("validation KL to parent", fontsize=10)
@@ -492,9 +486,9 @@ def _comparison_rows(accuracy: Mapping) -> list[list[str]]:
     return rows + [row(f"**mean of {len(accuracy['tasks'])} tasks**", accuracy["mean"])]
 
 
-def accuracy_section(summary: Mapping) -> list[str]:
+def accuracy_section(summary: Summary) -> list[str]:
     """Parent accuracies and, per child before and after GKD, the paper's Table 2 with paired intervals."""
-    parent = summary["parent"]["accuracy"]
+    parent = summary.parent.accuracy
     if not parent:
         return []
     out = ["## Accuracy", "",
@@ -507,28 +501,28 @@ def accuracy_section(summary: Mapping) -> list[str]:
                   [[task, e["metric"], str(e["items"]), _fmt(100 * e["chance"], ".1f"),
                     percent_interval(e["accuracy"])] for task, e in parent.items()]), ""]
     header = ["task", "parent", "child", "difference, points (95% CI)", "preserved (95% CI)", "chance-adjusted (95% CI)"]
-    for child in summary["children"]:
-        for label, accuracy in (("as assembled", child["accuracy_before_gkd"]),
-                                ("after GKD", child["accuracy"] if child["gkd"] else None)):
+    for child in summary.children:
+        for label, accuracy in (("as assembled", child.accuracy_before_gkd),
+                                ("after GKD", child.accuracy if child.gkd else None)):
             if accuracy is None:
                 continue
-            out += [f"### `{child['name']}` {label}", "", _table(header, _comparison_rows(accuracy)), ""]
+            out += [f"### `{child.name}` {label}", "", _table(header, _comparison_rows(accuracy)), ""]
             if accuracy["unpaired"]:
                 out += [f"Not compared (items differ from the parent's): {', '.join(accuracy['unpaired'])}.", ""]
     return out
 
 
-def render_markdown(summary: Mapping, parent_source: str, plots: Mapping[str, str]) -> str:
+def render_markdown(summary: Summary, parent_source: str, plots: Mapping[str, str]) -> str:
     """The human-readable report; ``plots`` maps plot kind to its file name next to the report."""
-    parent, children, scenario = summary["parent"], summary["children"], summary["scenario"]
+    parent, children, scenario = summary.parent, summary.children, summary.scenario
     out = [
         "# Puzzle run report",
         "",
-        f"**Parent:** `{parent_source}` — {_millions(parent['params'])} parameters, "
-        f"{_fmt(parent['throughput_tok_s'], '.1f', ' tokens/s')} measured.",
+        f"**Parent:** `{parent_source}` — {_millions(parent.params)} parameters, "
+        f"{_fmt(parent.throughput_tok_s, '.1f', ' tokens/s')} measured.",
         "",
         "**Scenario:** " + (", ".join(f"{k} = {v}" for k, v in scenario.items()) or "–")
-        + (f"; cost model `{summary['cost_model']}`." if summary.get("cost_model") else "."),
+        + (f"; cost model `{summary.cost_model}`." if summary.cost_model else "."),
         "",
         "## Children",
         "",
@@ -542,15 +536,15 @@ def render_markdown(summary: Mapping, parent_source: str, plots: Mapping[str, st
                  "KL after GKD", "accuracy preserved (95% CI)", "chance-adjusted (95% CI)"],
                 [
                     [
-                        f"`{c['name']}`" + (" (main)" if c.get("main") else ""),
-                        c["solver"],
-                        _millions(c["params"]),
-                        _fmt(c["predicted_speedup"], ".2f", "x"),
-                        _fmt(c["measured_speedup"], ".2f", "x"),
-                        _fmt(c["kl_to_parent_before_gkd"]),
-                        _fmt(c["kl_to_parent_after_gkd"]),
-                        percent_interval(c["accuracy_preserved"]),
-                        percent_interval(c["accuracy_preserved_chance_adjusted"]),
+                        f"`{c.name}`" + (" (main)" if c.main else ""),
+                        c.solver,
+                        _millions(c.params),
+                        _fmt(c.predicted_speedup, ".2f", "x"),
+                        _fmt(c.measured_speedup, ".2f", "x"),
+                        _fmt(c.kl_to_parent_before_gkd),
+                        _fmt(c.kl_to_parent_after_gkd),
+                        percent_interval(c.accuracy_preserved),
+                        percent_interval(c.accuracy_preserved_chance_adjusted),
                     ]
                     for c in children
                 ],
@@ -558,26 +552,26 @@ def render_markdown(summary: Mapping, parent_source: str, plots: Mapping[str, st
             "",
             "KL is the mean per-token KL(parent || child) on the test split. Accuracy preserved is child / parent "
             "accuracy, averaged over the evaluation tasks"
-            + (f" ({', '.join(summary['accuracy_metrics'])})" if summary["accuracy_metrics"] else
+            + (f" ({', '.join(summary.accuracy_metrics)})" if summary.accuracy_metrics else
                " (none was measured: add the `lm_eval` evaluator)")
             + ", after GKD when GKD ran; chance-adjusted is the share of the parent's above-chance accuracy the "
             "child keeps. Intervals: paired bootstrap, 95%.",
             "",
         ]
     out += accuracy_section(summary)
-    paired = {task for c in children for found in (c["accuracy"], c["accuracy_before_gkd"]) if found
-              for task in found["tasks"]} | set(parent["accuracy"])
+    paired = {task for c in children for found in (c.accuracy, c.accuracy_before_gkd) if found
+              for task in found["tasks"]} | set(parent.accuracy)
     metric_names = sorted(
         name
-        for name in {*parent["eval"], *(m for c in children for m in (*c["eval"], *c["eval_before_gkd"]))}
+        for name in {*parent.eval, *(m for c in children for m in (*c.eval, *c.eval_before_gkd))}
         if name.rpartition(".")[0] not in paired  # per-task accuracies are in the Accuracy section
     )
     if metric_names:
-        rows = [["parent", *(_fmt(parent["eval"].get(m)) for m in metric_names)]]
+        rows = [["parent", *(_fmt(parent.eval.get(m)) for m in metric_names)]]
         for c in children:
-            rows.append([f"{c['name']}", *(_fmt(c["eval_before_gkd"].get(m)) for m in metric_names)])
-            if c["gkd"]:
-                rows.append([f"{c['name']} + GKD", *(_fmt(c["eval"].get(m)) for m in metric_names)])
+            rows.append([c.name, *(_fmt(c.eval_before_gkd.get(m)) for m in metric_names)])
+            if c.gkd:
+                rows.append([f"{c.name} + GKD", *(_fmt(c.eval.get(m)) for m in metric_names)])
         out += ["## Other measurements", "", _table(["model", *metric_names], rows), ""]
     if plots.get("frontier"):
         out += ["## Quality vs throughput", "",
@@ -589,7 +583,7 @@ def render_markdown(summary: Mapping, parent_source: str, plots: Mapping[str, st
                 "Each child's attention and FFN variant per layer, coloured by runtime relative to the parent's "
                 "sub-block under the cost model (the paper's Figure 6).", "",
                 f"![layer map]({plots['layer_map']})", ""]
-    trained = [c for c in children if c["gkd"]]
+    trained = [c for c in children if c.gkd]
     if trained:
         out += [
             "## Global distillation (GKD)",
@@ -597,9 +591,9 @@ def render_markdown(summary: Mapping, parent_source: str, plots: Mapping[str, st
             _table(
                 ["child", "steps", "tokens", "LoRA rank", "validation KL before", "validation KL after", "tokens/s"],
                 [
-                    [c["name"], str(c["gkd"]["steps"]), str(c["gkd"]["tokens"]), str(c["gkd"]["lora_rank"] or "full"),
-                     _fmt(c["gkd"]["validation_kl_before"]), _fmt(c["gkd"]["validation_kl_after"]),
-                     _fmt(c["gkd"]["tokens_per_second"], ".0f")]
+                    [c.name, str(c.gkd.steps), str(c.gkd.tokens), str(c.gkd.lora_rank or "full"),
+                     _fmt(c.gkd.validation_kl_before), _fmt(c.gkd.validation_kl_after),
+                     _fmt(c.gkd.tokens_per_second, ".0f")]
                     for c in trained
                 ],
             ),
@@ -612,6 +606,6 @@ def render_markdown(summary: Mapping, parent_source: str, plots: Mapping[str, st
     if children:
         out += ["## Blocks of each child", ""]
         for c in children:
-            out += [f"- `{c['name']}`: " + ", ".join(f"{i}:`{b}`" for i, b in enumerate(c["blocks"]))]
+            out += [f"- `{c.name}`: " + ", ".join(f"{i}:`{b}`" for i, b in enumerate(c.blocks))]
         out += [""]
     return "\n".join(out)

@@ -65,3 +65,27 @@ def registries():
     from puzzle_core.registry import get_registries
 
     return get_registries()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, session_cache):
+    """A run directory made by every stage of ``configs/tiny.yaml`` (smaller budgets, one baseline,
+    GKD of the main child only, KL the only evaluator), shared by the session: copy it before changing it."""
+    import yaml
+
+    from puzzle_core.config import structure
+    from puzzle_core.pipeline import run_pipeline
+    from puzzle_core.rundir import RunDir
+    from puzzle_core.schema import PuzzleConfig
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").read_text())
+    config["library"].update(tokens=512, shard_tokens=512)
+    config["scoring"]["tokens"] = 128
+    config["search"]["baselines"] = ["greedy"]
+    config["gkd"].update(tokens=256, children="main")
+    config["evaluation"] = {"evaluators": [{"name": "kl_to_parent", "tokens": 128, "seq_len": 32}]}
+    root = tmp_path_factory.mktemp("tiny-run") / "run"
+    with pytest.MonkeyPatch.context() as patch:  # session scope: before the per-test fixtures
+        patch.setenv("PUZZLE_CACHE", str(session_cache))
+        run_pipeline(structure(config, PuzzleConfig), root, echo=lambda _: None)
+    return RunDir(root)

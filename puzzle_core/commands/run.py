@@ -65,7 +65,9 @@ def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tup
 
 def _remove_if_untouched(run_dir: Path) -> None:
     """Delete a run directory this command made when the failed run left nothing in it but its config copy."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
+    from puzzle_core.layout import CONFIG
+
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {CONFIG}:
         shutil.rmtree(run_dir)
 
 

@@ -17,7 +17,6 @@ UserError. The merged ``library/library.json`` view is refreshed afterwards.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -27,27 +26,24 @@ from puzzle_core.blocks import BlockSpec
 from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
 from puzzle_core.library import layer_key
-from puzzle_core.library_view import COSTS, INDEX, layer_blocks, write_library_view
-from puzzle_core.rundir import atomic_write_json
+from puzzle_core.layout import CostTable, MemoryCheck, read_library_index, write_costs
+from puzzle_core.library_view import write_library_view
 
 
-def _memory_check(capacity_mib: float, fixed: dict, parent_blocks: list[dict], offered: list[list[dict]]) -> dict:
+def _memory_check(capacity_mib: float, fixed: dict, parent_blocks: list[dict], offered: list[list[dict]]) -> MemoryCheck:
     parent = fixed["memory_mib"] + sum(cost["memory_mib"] for cost in parent_blocks)
     smallest = fixed["memory_mib"] + sum(min(cost["memory_mib"] for cost in layer) for layer in offered)
-    return {
-        "capacity_mib": capacity_mib,
-        "parent_mib": parent,
-        "parent_fits": parent <= capacity_mib,
-        "smallest_child_mib": smallest,
-        "smallest_child_fits": smallest <= capacity_mib,
-    }
+    return MemoryCheck(
+        capacity_mib=capacity_mib,
+        parent_mib=parent,
+        parent_fits=parent <= capacity_mib,
+        smallest_child_mib=smallest,
+        smallest_child_fits=smallest <= capacity_mib,
+    )
 
 
 def run(ctx) -> list[Path]:
-    index_path = ctx.run_dir.path(*INDEX)
-    if not index_path.is_file():
-        raise UserError(f"{index_path} does not exist. Run `puzzle run CONFIG --stage library` before the cost stage.")
-    per_layer = layer_blocks(json.loads(index_path.read_text()))
+    per_layer = read_library_index(ctx.run_dir, required=True).layer_blocks()
     shape, family, scenario = ctx.parent.shape, ctx.family, ctx.config.scenario
     choice = ctx.config.costs.model
     model = ctx.registries.record(choice).create(choice.options)
@@ -61,33 +57,33 @@ def run(ctx) -> list[Path]:
             costs[block_id] = model.block_costs(shape, BlockSpec.parse(block_id), scenario, family)
     fixed = model.fixed_costs(shape, scenario, family)
 
-    result = {
-        "cost_model": choice.name,
-        "options": unstructure(choice.options) if choice.options is not None else {},
-        "scenario": unstructure(scenario),
-        "fixed": fixed,
-        "layers": {layer_key(i): {block_id: costs[block_id] for block_id in layer} for i, layer in enumerate(per_layer)},
-    }
     capacity = model.memory_capacity_mib(scenario)
+    check = None
     if capacity is not None:
         check = _memory_check(
             capacity, fixed, [costs[i] for i in parent_ids], [[costs[b] for b in layer] for layer in per_layer]
         )
-        result["memory_check"] = check
-        if not check["smallest_child_fits"]:
+        if not check.smallest_child_fits:
             raise UserError(
-                f"Even the smallest child the block library allows needs {check['smallest_child_mib']:.0f} MiB "
+                f"Even the smallest child the block library allows needs {check.smallest_child_mib:.0f} MiB "
                 f"for this scenario (weights + KV cache), more than the {capacity:.0f} MiB that cost model "
                 f"'{choice.name}' gives the device. Reduce scenario.batch_size or the sequence lengths, use a "
                 f"smaller dtype / kv_dtype, or offer smaller block variants."
             )
-        if not check["parent_fits"]:
+        if not check.parent_fits:
             print(
-                f"note: the parent needs {check['parent_mib']:.0f} MiB for this scenario, more than the "
+                f"note: the parent needs {check.parent_mib:.0f} MiB for this scenario, more than the "
                 f"{capacity:.0f} MiB available; the search should constrain stats.memory_mib to make the child fit.",
                 file=sys.stderr,
             )
-    path = ctx.run_dir.path(*COSTS)
-    atomic_write_json(path, result)
+    table = CostTable(
+        cost_model=choice.name,
+        options=unstructure(choice.options) if choice.options is not None else {},
+        scenario=unstructure(scenario),
+        fixed=fixed,
+        layers={layer_key(i): {block_id: costs[block_id] for block_id in layer} for i, layer in enumerate(per_layer)},
+        memory_check=check,
+    )
+    path = write_costs(ctx.run_dir, table)
     write_library_view(ctx.run_dir, ctx.role.is_driver)
     return [path]

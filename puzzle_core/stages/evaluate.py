@@ -22,7 +22,6 @@ twin's numbers are copied, and ``reused`` says so.
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import sys
 import time
@@ -32,31 +31,15 @@ from typing import Callable, Literal
 import attrs
 from tqdm.auto import tqdm
 
+from puzzle_core import layout
 from puzzle_core.choices import EvaluatorChoice
-from puzzle_core.config import CONVERTER, stable_hash, structure, unstructure
+from puzzle_core.config import stable_hash, structure, unstructure
 from puzzle_core.evaluation import eval_context, evaluate_all
 from puzzle_core.interfaces import LoadedModel, parameter_count
-from puzzle_core.rundir import RunDir, atomic_write_json
-from puzzle_core.stages.gkd import child_dir, read_children, read_results
+from puzzle_core.layout import EvalResults, ModelEvaluation
+from puzzle_core.rundir import RunDir
 
-RESULTS = ("eval", "results.json")
 DEFAULT_EVALUATORS = ("kl_to_parent", "throughput")
-GKD_SUFFIX = "+gkd"
-
-
-@attrs.frozen
-class ModelEvaluation:
-    """One evaluated model: which it is, where its weights are, and its numbers."""
-
-    role: Literal["parent", "child"]
-    child: str | None
-    phase: Literal["assembled", "gkd"] | None
-    path: str | None  # relative to the run directory; None for the parent
-    params: int
-    metrics: dict[str, float]
-    seconds: float  # loading + every evaluator
-    fingerprint: str = ""
-    reused: dict[str, str] = attrs.Factory(dict)  # evaluator -> model whose numbers it copied (same architecture)
 
 
 @attrs.frozen
@@ -80,30 +63,16 @@ def candidates(ctx) -> list[Candidate]:
     """The parent, then each child as assembled and (when GKD ran for it) after GKD."""
     run_dir: RunDir = ctx.run_dir
     dtype = ctx.config.parent.dtype
-    uptrained = read_results(run_dir)
+    uptrained = layout.read_gkd_results(run_dir)
     found = [Candidate("parent", "parent", None, None, None, lambda: ctx.parent)]
-    for child in read_children(run_dir):
+    for child in layout.read_children(run_dir):
         found.append(Candidate(child.name, "child", child.name, "assembled", child.path,
                                lambda p=child.path: ctx.family.load_child(run_dir.path(p), dtype=dtype)))
         if child.name in uptrained:
-            final = child_dir(run_dir, child.name) / "final"
-            found.append(Candidate(child.name + GKD_SUFFIX, "child", child.name, "gkd",
-                                   str(final.relative_to(run_dir.root)),
+            final = layout.gkd_final(run_dir, child.name)
+            found.append(Candidate(layout.uptrained(child.name), "child", child.name, "gkd", layout.relative(run_dir, final),
                                    lambda f=final: ctx.family.load_child(f, dtype=dtype)))
     return found
-
-
-def items_folder(run_dir: RunDir, model: str) -> Path:
-    """Where a model's per-item scores go: ``eval/items/<model>/``."""
-    return run_dir.path("eval", "items", model)
-
-
-def read_evaluations(run_dir: RunDir) -> dict[str, ModelEvaluation]:
-    """``{model: evaluation}`` from ``eval/results.json`` (empty before the stage ran)."""
-    path = run_dir.path(*RESULTS)
-    if not path.is_file():
-        return {}
-    return CONVERTER.structure(json.loads(path.read_text())["models"], dict[str, ModelEvaluation])
 
 
 PARENT_SECTIONS = ("parent", "seed", "threads", "data", "scenario", "evaluation")
@@ -134,11 +103,11 @@ def run(ctx) -> list[Path]:
     bar = tqdm(todo, desc="evaluating", unit="model", file=sys.stderr, dynamic_ncols=True)
     for candidate in bar:
         bar.set_postfix_str(candidate.key)
-        path = run_dir.path("eval", "models", f"{candidate.key}.json")
-        items_dir = items_folder(run_dir, candidate.key)
+        path = layout.eval_model_path(run_dir, candidate.key)
+        items_dir = layout.eval_items_dir(run_dir, candidate.key)
         fingerprint = model_fingerprint(ctx, candidate)
-        if path.is_file():
-            previous = CONVERTER.structure(json.loads(path.read_text()), ModelEvaluation)
+        previous = layout.read_model_evaluation(run_dir, candidate.key)
+        if previous is not None:
             if previous.fingerprint == fingerprint:
                 results[candidate.key] = previous
                 written += [path, *sorted(items_dir.glob("*.json"))]
@@ -164,16 +133,12 @@ def run(ctx) -> list[Path]:
             fingerprint=fingerprint,
             reused={name: candidate.child for name, _ in reused},
         )
-        atomic_write_json(path, CONVERTER.unstructure(evaluation))
+        layout.write_model_evaluation(run_dir, candidate.key, evaluation)
         results[candidate.key] = evaluation
         written += [path, *sorted(items_dir.glob("*.json"))]
         if candidate.role == "child":
             del model
             gc.collect()
     bar.close()
-    results_path = run_dir.path(*RESULTS)
-    atomic_write_json(
-        results_path,
-        {"evaluators": [unstructure(c) for c in choices], "models": CONVERTER.unstructure(results)},
-    )
+    results_path = layout.write_eval_results(run_dir, EvalResults([unstructure(c) for c in choices], results))
     return [results_path, *written]

@@ -17,62 +17,36 @@ holds 1/N of both (FSDP2), so a parent that does not fit one device can be disti
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from pathlib import Path
 
-from puzzle_core.config import CONVERTER, stable_hash
+from puzzle_core import layout
+from puzzle_core.config import stable_hash
 from puzzle_core.gkd import (
     DistillationObjective,
     DistillRun,
-    GKDLog,
-    GKDResult,
     barrier,
     distill,
     is_main_process,
     join_process_group,
     world,
 )
+from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Job, LoadedModel
-from puzzle_core.rundir import RunDir, atomic_dir, atomic_write_json
-from puzzle_core.stages.assemble import CHILDREN_INDEX, ChildRecord
-
-GKD_INDEX = ("gkd", "index.json")
+from puzzle_core.layout import ChildRecord, GKDResult
+from puzzle_core.rundir import RunDir, atomic_dir
 
 
 class GKDWarning(UserWarning):
     """Uptraining finished but did not bring the child closer to the parent."""
 
 
-def read_children(run_dir: RunDir) -> list[ChildRecord]:
-    """The assembled children, in the order the assemble stage listed them."""
-    data = json.loads(run_dir.path(*CHILDREN_INDEX).read_text())
-    return CONVERTER.structure(data["children"], list[ChildRecord])
-
-
-def child_dir(run_dir: RunDir, name: str) -> Path:
-    return run_dir.path("gkd", name)
-
-
-def read_results(run_dir: RunDir) -> dict[str, GKDResult]:
-    """``{child: result}`` for every child listed in ``gkd/index.json`` (empty before the stage)."""
-    path = run_dir.path(*GKD_INDEX)
-    if not path.is_file():
-        return {}
-    entries = json.loads(path.read_text())["children"]
-    return {e["child"]: CONVERTER.structure(e, GKDResult) for e in entries}
-
-
-def read_log(run_dir: RunDir, name: str) -> GKDLog | None:
-    path = child_dir(run_dir, name) / "log.json"
-    return CONVERTER.structure(json.loads(path.read_text()), GKDLog) if path.is_file() else None
-
-
-def _outputs(directory: Path) -> list[Path]:
+def _outputs(run_dir: RunDir, child: str) -> list[Path]:
     """What the manifest checks for one child: everything but the transient checkpoints."""
+    checkpoints = layout.gkd_checkpoints(run_dir, child)
     return [
-        p for p in sorted(directory.rglob("*")) if p.is_file() and "checkpoints" not in p.relative_to(directory).parts
+        p for p in sorted(layout.gkd_dir(run_dir, child).rglob("*")) if p.is_file() and not p.is_relative_to(checkpoints)
     ]
 
 
@@ -80,7 +54,6 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
     """Train one child and write its folder; skipped when its result matches this config."""
     section = ctx.config.gkd
     run_dir: RunDir = ctx.run_dir
-    directory = child_dir(run_dir, child.name)
     seq_len = section.seq_len or ctx.config.data.seq_len
     # Checkpoints stay valid while the child and the data layout stay the same, so a run
     # that diverged can resume its last good checkpoint with a lower learning rate.
@@ -94,12 +67,13 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
         }
     )
     result_fingerprint = stable_hash({"stage": ctx.hashes["gkd"], "child": child.name})
-    result_path = directory / "result.json"
-    if result_path.is_file() and (directory / "final" / "config.json").is_file():
-        if json.loads(result_path.read_text()).get("fingerprint") == result_fingerprint:
-            if is_main_process():  # a run killed after the result, before the clean-up below, left them
-                shutil.rmtree(directory / "checkpoints", ignore_errors=True)
-            return
+    final = layout.gkd_final(run_dir, child.name)
+    checkpoints = layout.gkd_checkpoints(run_dir, child.name)
+    done = layout.read_gkd_result(run_dir, child.name)
+    if done is not None and done.fingerprint == result_fingerprint and (final / "config.json").is_file():
+        if is_main_process():  # a run killed after the result, before the clean-up below, left them
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        return
 
     student = ctx.family.load_child(run_dir.path(child.path), dtype=ctx.config.parent.dtype)
     objective = DistillationObjective.from_config(section, ctx.registries)
@@ -107,7 +81,7 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
         corpus=ctx.corpus,
         seq_len=seq_len,
         seed=ctx.config.seed,
-        checkpoint_dir=directory / "checkpoints",
+        checkpoint_dir=checkpoints,
         fingerprint=fingerprint,
         label=f"GKD {child.name}",
         local_rank=ctx.role.local_rank,
@@ -116,9 +90,9 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
     if is_main_process():
         trained = LoadedModel(model=model.cpu().eval(), tokenizer=student.tokenizer, shape=student.shape,
                               source=f"{child.name} after GKD")
-        with atomic_dir(directory / "final") as tmp:
+        with atomic_dir(final) as tmp:
             ctx.family.export(trained, tmp)
-        atomic_write_json(directory / "log.json", CONVERTER.unstructure(log))
+        layout.write_gkd_log(run_dir, child.name, log)
         result = GKDResult(
             child=child.name,
             steps=totals["steps"],
@@ -130,7 +104,7 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
             tokens_per_second=totals["tokens"] / max(totals["train_seconds"], 1e-9),
             fingerprint=result_fingerprint,
         )
-        atomic_write_json(result_path, CONVERTER.unstructure(result))
+        layout.write_gkd_result(run_dir, result)
         if result.kl_after > result.kl_before:
             warnings.warn(
                 f"GKD raised the validation KL of child '{child.name}' from {result.kl_before:.4g} to "
@@ -139,7 +113,7 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
                 GKDWarning,
                 stacklevel=2,
             )
-        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+        shutil.rmtree(checkpoints, ignore_errors=True)
     barrier()
 
 
@@ -147,7 +121,7 @@ def selected_children(ctx) -> list[ChildRecord]:
     section = ctx.config.gkd
     if not section.enabled:
         return []
-    children = read_children(ctx.run_dir)
+    children = layout.read_children(ctx.run_dir)
     return children[:1] if section.children == "main" else children
 
 
@@ -167,9 +141,12 @@ def run(ctx) -> list[Path]:
         choice = ctx.config.gkd.executor
         executor = ctx.registries.record(choice).create(choice.options)
         executor.run(jobs, lambda job: uptrain_child(ctx, by_name[job.payload]), description="GKD", context=ctx)
-    results = [json.loads((child_dir(run_dir, c.name) / "result.json").read_text()) for c in children]
-    index_path = run_dir.path(*GKD_INDEX)
+    results = [layout.read_gkd_result(run_dir, c.name) for c in children]
+    missing = [c.name for c, result in zip(children, results) if result is None]
+    if missing:
+        raise UserError(f"GKD left no result for child(ren) {', '.join(missing)}; re-run the gkd stage with --resume.")
+    index_path = run_dir.path(layout.GKD_INDEX)
     if is_main_process():
-        atomic_write_json(index_path, {"children": results})
+        layout.write_gkd_results(run_dir, results)
     barrier()
-    return [index_path] + [p for c in children for p in _outputs(child_dir(run_dir, c.name))]
+    return [index_path] + [p for c in children for p in _outputs(run_dir, c.name)]

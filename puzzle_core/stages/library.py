@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from puzzle_core.activations import ActivationStore, CaptureSettings
+from puzzle_core import layout
 from puzzle_core.bld import (
-    BLOCKS,
     BLDTrainer,
     ParentLayers,
     TrainSettings,
@@ -103,7 +103,7 @@ def run(ctx) -> list[Path]:
         },
     )
     write_library_view(ctx.run_dir)
-    blocks = ctx.run_dir.path(*BLOCKS)
+    blocks = ctx.run_dir.path(layout.LIBRARY_BLOCKS)
     blocks.mkdir(parents=True, exist_ok=True)  # also when no variant needs training
     _remove_stale_blocks(blocks, {trainer.weights_path(u) for u in plan.units})
     store.remove_others()

@@ -10,32 +10,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from puzzle_core import layout
 from puzzle_core.config import unstructure
-from puzzle_core.report import REPORT_DIR, build_summary, layer_map, plot_frontier, plot_gkd, plot_layer_map, render_markdown
-from puzzle_core.rundir import RunDir, atomic_write, atomic_write_json
-from puzzle_core.stages.gkd import read_log
+from puzzle_core.report import build_summary, layer_map, plot_frontier, plot_gkd, plot_layer_map, render_markdown
+from puzzle_core.rundir import RunDir, atomic_write
 
 
 def write_report(run_dir: RunDir, scenario: dict, parent_source: str) -> list[Path]:
     """Render everything from the run directory's artifacts; returns the files written."""
     summary = build_summary(run_dir, scenario)
-    folder = run_dir.path(REPORT_DIR)
-    written = [folder / "summary.json"]
-    atomic_write_json(written[0], summary)
+    written = [layout.write_summary(run_dir, summary)]
     plots = {}
-    if summary["children"] or summary["parent"]["eval"]:
-        written.append(plot_frontier(summary, folder / "frontier.png"))
-        plots["frontier"] = "frontier.png"
-    if summary["children"]:
-        maps = {c["name"]: layer_map(run_dir, c["blocks"]) for c in summary["children"]}
-        written.append(plot_layer_map(maps, folder / "layer_map.png"))
-        plots["layer_map"] = "layer_map.png"
-    curves = {c["name"]: read_log(run_dir, c["name"]) for c in summary["children"] if c["gkd"]}
-    curves = {name: unstructure(log) for name, log in curves.items() if log is not None}
+    if summary.children or summary.parent.eval:
+        written.append(plot_frontier(summary, layout.report_file(run_dir, layout.FRONTIER_PLOT)))
+        plots["frontier"] = layout.FRONTIER_PLOT
+    if summary.children:
+        maps = {c.name: layer_map(run_dir, c.blocks) for c in summary.children}
+        written.append(plot_layer_map(maps, layout.report_file(run_dir, layout.LAYER_MAP_PLOT)))
+        plots["layer_map"] = layout.LAYER_MAP_PLOT
+    curves = {c.name: layout.read_gkd_log(run_dir, c.name) for c in summary.children if c.gkd}
+    curves = {name: log for name, log in curves.items() if log is not None}
     if curves:
-        written.append(plot_gkd(curves, folder / "gkd.png"))
-        plots["gkd"] = "gkd.png"
-    markdown = folder / "report.md"
+        written.append(plot_gkd(curves, layout.report_file(run_dir, layout.GKD_PLOT)))
+        plots["gkd"] = layout.GKD_PLOT
+    markdown = layout.report_file(run_dir, layout.REPORT_PAGE)
     atomic_write(markdown, render_markdown(summary, parent_source, plots))
     written.append(markdown)
     return written

@@ -14,7 +14,6 @@ by all of them together, and the last writes the shards.
 
 from __future__ import annotations
 
-import json
 import math
 from functools import cached_property
 from pathlib import Path
@@ -22,38 +21,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from puzzle_core import layout
 from puzzle_core.blocks import BlockSpec, SubBlockSpec
 from puzzle_core.config import stable_hash, unstructure
 from puzzle_core.errors import UserError
 from puzzle_core.interfaces import Job, Part
 from puzzle_core.library import layer_key
-from puzzle_core.library_view import INDEX, SCORES, layer_blocks, write_library_view
-from puzzle_core.rundir import atomic_write_json
+from puzzle_core.layout import Scores, ScoreShard, read_library_index, read_score_shard, score_shard, write_score_shard
+from puzzle_core.library_view import write_library_view
 from puzzle_core.scoring import ScoringSession
-
-SHARDS = ("scores", "shards")
-
-
-def read_index(run_dir) -> list[list[str]]:
-    path = run_dir.path(*INDEX)
-    if not path.is_file():
-        raise UserError(
-            f"{path} does not exist: scoring needs the block library. Run `puzzle run CONFIG --stage library` first."
-        )
-    return layer_blocks(json.loads(path.read_text()))
-
-
-def shard_path(run_dir, layer: int) -> Path:
-    return run_dir.path(*SHARDS, f"{layer_key(layer)}.json")
-
-
-def read_shard(path: Path, key: str) -> dict | None:
-    """A finished shard with this key, or ``None`` (missing, stale or unreadable)."""
-    try:
-        shard = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return shard if isinstance(shard, dict) and shard.get("key") == key else None
 
 
 class LayerScoring:
@@ -119,8 +95,7 @@ class LayerScoring:
 
     def __call__(self, job: Job) -> None:
         layer = job.payload
-        path = shard_path(self.ctx.run_dir, layer)
-        if read_shard(path, self.keys[layer]) is not None:
+        if read_score_shard(self.ctx.run_dir, layer, self.keys[layer]) is not None:
             return  # done earlier, or by another process
         session = self.session
         scores = {}
@@ -131,8 +106,7 @@ class LayerScoring:
                 attention, ffn = self.block_modules(layer, BlockSpec.parse(block_id))
                 scores[block_id] = session.score(layer, attention, ffn)
                 check_finite(layer, block_id, scores[block_id])
-        atomic_write_json(path, {"key": self.keys[layer], "layer": layer, "parent": session.reference(),
-                                 "scores": scores})
+        write_score_shard(self.ctx.run_dir, ScoreShard(self.keys[layer], layer, session.reference(), scores))
 
 
 def score_split_parent(ctx, layers: list[list[str]], scorers: dict[str, Any], keys: dict[int, str],
@@ -170,8 +144,7 @@ def score_split_parent(ctx, layers: list[list[str]], scorers: dict[str, Any], ke
                 scores[block_id] = result
                 check_finite(layer, block_id, result)
         if engine.last:
-            atomic_write_json(shard_path(ctx.run_dir, layer), {"key": keys[layer], "layer": layer,
-                                                               "parent": engine.reference, "scores": scores})
+            write_score_shard(ctx.run_dir, ScoreShard(keys[layer], layer, engine.reference, scores))
     dist.barrier()  # the shards are written before the driver merges them
 
 
@@ -201,10 +174,10 @@ def run(ctx) -> list[Path]:
         raise UserError("scoring.scorers is empty; list at least one scorer, e.g. [kl].")
     if len(set(names)) != len(names):
         raise UserError(f"scoring.scorers names a scorer twice ({names}); list each once.")
-    layers = read_index(ctx.run_dir)
+    layers = read_library_index(ctx.run_dir, required=True).layer_blocks()
     scorers = {choice.name: ctx.registries.record(choice).create(choice.options) for choice in section.scorers}
     keys = shard_keys(ctx, layers)
-    pending = [i for i in range(len(layers)) if read_shard(shard_path(ctx.run_dir, i), keys[i]) is None]
+    pending = [i for i in range(len(layers)) if read_score_shard(ctx.run_dir, i, keys[i]) is None]
     if pending and section.sharding == "layers" and ctx.role.distributed:
         score_split_parent(ctx, layers, scorers, keys, pending)
     elif pending:
@@ -224,16 +197,17 @@ def write_scores(ctx, layers: list[list[str]], scorers: dict[str, Any], keys: di
     shards = []
     parent_scores: dict[str, float] = {}
     for i in range(len(layers)):
-        path = shard_path(ctx.run_dir, i)
-        shard = read_shard(path, keys[i])
+        shard = read_score_shard(ctx.run_dir, i, keys[i])
         if shard is None:
-            raise UserError(f"Scoring shard {path} is missing or stale after scoring; re-run with --resume.")
-        merged[layer_key(i)] = {block_id: shard["scores"][block_id] for block_id in layers[i]}
-        parent_scores = parent_scores or shard.get("parent", {})
-        shards.append(path)
+            raise UserError(
+                f"Scoring shard {score_shard(ctx.run_dir, i)} is missing or stale after scoring; re-run with --resume."
+            )
+        merged[layer_key(i)] = {block_id: shard.scores[block_id] for block_id in layers[i]}
+        parent_scores = parent_scores or shard.parent
+        shards.append(score_shard(ctx.run_dir, i))
     choices = {choice.name: choice for choice in ctx.config.scoring.scorers}
     records = {name: ctx.registries.scorers.get(name) for name in scorers}
-    merged["_meta"] = {
+    meta = {
         "scorers": {
             name: {
                 "description": records[name].description,
@@ -247,7 +221,6 @@ def write_scores(ctx, layers: list[list[str]], scorers: dict[str, Any], keys: di
         },
         "method": "replace-1-block: each block alone in the otherwise-parent model",
     }
-    path = ctx.run_dir.path(*SCORES)
-    atomic_write_json(path, merged)
+    path = layout.write_scores(ctx.run_dir, Scores(layers=merged, meta=meta))
     write_library_view(ctx.run_dir)
     return [path, *shards]

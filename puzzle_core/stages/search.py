@@ -22,36 +22,32 @@ with its throughput and memory there (priced from the parent's config, no weight
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from puzzle_core import layout
 from puzzle_core.errors import UserError
 from puzzle_core.frontier import plot_frontier, sweep
+from puzzle_core.layout import FrontierFiles, LargestBatch, SearchParent, SolutionEntry, SolutionsIndex
 from puzzle_core.library import BlockLibrary
-from puzzle_core.library_view import COSTS, build_library_view
+from puzzle_core.library_view import build_library_view
 from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.search import Constraint, SearchProblem, SearchWarning, build_problem, run_solver
 from puzzle_core.schema import SearchSection
 
-SOLUTIONS = "solutions"
-
-
 def run_library(run_dir: RunDir) -> tuple[BlockLibrary, dict[str, float], dict[str, Any] | None]:
     """The run's merged library, its fixed costs and its scenario (``None`` before the cost stage)."""
-    try:
-        library = build_library_view(run_dir)
-    except FileNotFoundError:
+    if layout.read_library_index(run_dir) is None:
         raise UserError(
-            f"{run_dir.root} has no block library yet (library/index.json). Run the library, score and cost stages "
-            f"first: `puzzle run CONFIG --run-dir {run_dir.root}`."
-        ) from None
-    costs_path = run_dir.path(*COSTS)
-    costs = json.loads(costs_path.read_text()) if costs_path.is_file() else {}
-    return library, dict(costs.get("fixed", {})), costs.get("scenario")
+            f"{run_dir.root} has no block library yet ({layout.LIBRARY_INDEX}). Run the library, score and cost "
+            f"stages first: `puzzle run CONFIG --run-dir {run_dir.root}`."
+        )
+    library = build_library_view(run_dir)
+    costs = layout.read_costs(run_dir)
+    return library, dict(costs.fixed) if costs else {}, costs.scenario if costs else None
 
 
 def section_problem(
@@ -74,9 +70,8 @@ def section_problem(
 
 def memory_bound(run_dir: RunDir) -> Constraint:
     """``stats.memory_mib <= `` the device memory the cost stage recorded."""
-    costs_path = run_dir.path(*COSTS)
-    capacity = (json.loads(costs_path.read_text()) if costs_path.is_file() else {}).get("memory_check", {}).get(
-        "capacity_mib")
+    costs = layout.read_costs(run_dir)
+    capacity = costs.memory_check.capacity_mib if costs and costs.memory_check else None
     if capacity is None:
         raise UserError(
             "search.fit_memory bounds the child's memory by the device's, but the cost model of this run does not "
@@ -97,14 +92,14 @@ def batch_fitter(ctx, num_layers: int):
     family, shape = ctx.parent_architecture
     scenario = ctx.config.scenario
 
-    def fit(chosen: dict[str, str] | None) -> dict:
+    def fit(chosen: dict[str, str] | None) -> LargestBatch:
         blocks = None if chosen is None else [BlockSpec.parse(chosen[layer_key(i)]) for i in range(num_layers)]
         best = largest_batch(model, shape, scenario, family, blocks)
         if best is None:
-            return {"cost_model": choice.name, "batch_size": 0}
+            return LargestBatch(choice.name, 0)
         total = best.summary()
-        return {"cost_model": choice.name, "batch_size": best.scenario.batch_size,
-                **{k: total[k] for k in ("tokens_per_s", "tokens_per_s_per_gpu", "memory_mib", "runtime_ms")}}
+        return LargestBatch(choice.name, best.scenario.batch_size,
+                            **{k: total[k] for k in ("tokens_per_s", "tokens_per_s_per_gpu", "memory_mib", "runtime_ms")})
 
     return fit
 
@@ -126,9 +121,9 @@ def run(ctx) -> list[Path]:
     if section.fit_memory:
         section = attrs.evolve(section, constraints=[*section.constraints, memory_bound(run_dir)])
     problem = section_problem(library, section, fixed, scenario)
-    out = run_dir.path(SOLUTIONS)
+    out = run_dir.path(layout.SOLUTIONS)
     written: list[Path] = []
-    entries: list[dict] = []
+    entries: list[SolutionEntry] = []
     fitted = batch_fitter(ctx, library.num_layers) if section.largest_batch is not None else None
     solvers = {
         choice.name: ctx.registries.record(choice).create(choice.options) for choice in [section.solver, *section.baselines]
@@ -143,50 +138,48 @@ def run(ctx) -> list[Path]:
             warnings.warn(f"Baseline {name} found no solution: {exc}", SearchWarning, stacklevel=2)
             continue
         for rank, solution in enumerate(solutions):
-            path = out / f"{solution_name(name, rank)}.json"
-            atomic_write_json(path, solution.to_json())
+            path = layout.write_solution(run_dir, solution_name(name, rank), solution)
             written.append(path)
             entries.append(
-                {
-                    "name": solution_name(name, rank),
-                    "file": path.name,
-                    "solver": name,
-                    "main": main,
-                    "status": solution.status,
-                    "objective_value": solution.objective_value,
-                    **({"largest_batch": fitted(solution.chosen)} if fitted else {}),
-                }
+                SolutionEntry(
+                    name=solution_name(name, rank),
+                    file=path.name,
+                    solver=name,
+                    main=main,
+                    status=solution.status,
+                    objective_value=solution.objective_value,
+                    largest_batch=fitted(solution.chosen) if fitted else None,
+                )
             )
-            fit = entries[-1].get("largest_batch")
+            fit = entries[-1].largest_batch
             print(
                 f"    {solution_name(name, rank)}: {problem.objective} = {solution.objective_value:.6g} "
                 f"({solution.status}, {solution.solve_seconds:.2f}s)"
-                + (f"; largest batch on {fit['cost_model']}: {fit['batch_size']}"
-                   + (f", {fit['tokens_per_s']:,.0f} tokens/s" if fit["batch_size"] else "") if fit else "")
+                + (f"; largest batch on {fit.cost_model}: {fit.batch_size}"
+                   + (f", {fit.tokens_per_s:,.0f} tokens/s" if fit.batch_size else "") if fit else "")
             )
 
     frontier_files = None
     if len(section.speedups) >= 2:
         base = section_problem(library, section, fixed, scenario, speedup=False)
         frontier = sweep(base, solvers, section.speedups, scenario)
-        json_path, png_path = out / "frontier.json", out / "frontier.png"
+        json_path, png_path = layout.frontier_paths(run_dir)
         atomic_write_json(json_path, frontier.to_json())
         plot_frontier(frontier, png_path)
         written += [json_path, png_path]
-        frontier_files = {"json": json_path.name, "png": png_path.name}
+        frontier_files = FrontierFiles(json=json_path.name, png=png_path.name)
 
-    index_path = out / "index.json"
-    atomic_write_json(
-        index_path,
-        {
-            "objective": str(problem.objective),
-            "minimize": problem.minimize,
-            "constraints": [str(c) for c in problem.constraints],
-            "parent": {"objective_value": problem.objective_value(problem.parent), "totals": problem.totals(problem.parent),
-                       **({"largest_batch": fitted(None)} if fitted else {})},
-            "solutions": entries,
-            "frontier": frontier_files,
-        },
+    index_path = layout.write_solutions_index(
+        run_dir,
+        SolutionsIndex(
+            objective=str(problem.objective),
+            minimize=problem.minimize,
+            constraints=[str(c) for c in problem.constraints],
+            parent=SearchParent(problem.objective_value(problem.parent), problem.totals(problem.parent),
+                                fitted(None) if fitted else None),
+            solutions=entries,
+            frontier=frontier_files,
+        ),
     )
     written.append(index_path)
     for stale in out.iterdir():  # results of an earlier search with other settings

@@ -118,7 +118,7 @@ def test_a_third_party_executor_tells_its_workers_they_are_not_the_driver(site_p
 
 
 def test_only_executor_plugins_read_launcher_environment_variables():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     readers = []
     for path in [*root.glob("puzzle_core/**/*.py"), *root.glob("plugins/**/*.py")]:
         if path.name.endswith("_executor.py"):

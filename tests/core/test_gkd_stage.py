@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from puzzle_core import gkd as gkd_core
-from puzzle_core.config import CONVERTER, structure
+from puzzle_core.config import structure
 from puzzle_core.pipeline import RunContext
 from puzzle_core.rundir import RunDir
 from puzzle_core.schema import GKDSection, PuzzleConfig
 from puzzle_core.stages import evaluate, gkd, report
-from puzzle_core.stages.assemble import CHILDREN_INDEX, ChildRecord
+from puzzle_core.layout import ChildRecord, read_eval_results, read_gkd_results, write_children
 from test_gkd import CHILD_BLOCKS, make_child, make_setup
 
 SEQ_LEN = 16
@@ -44,8 +44,7 @@ def ctx(tmp_path):
         family.export(child, context.run_dir.path("children", name))
         records.append(ChildRecord(name=name, solver=name, blocks=list(blocks), path=f"children/{name}",
                                    params=sum(p.numel() for p in child.model.parameters()), predicted_speedup=1.5))
-    path = context.run_dir.path(*CHILDREN_INDEX)
-    path.write_text(json.dumps({"children": CONVERTER.unstructure(records)}))
+    write_children(context.run_dir, records)
     return context
 
 
@@ -53,7 +52,7 @@ def test_gkd_evaluate_report_stages(ctx, monkeypatch):
     run_dir = ctx.run_dir
     ctx.stage = "gkd"
     outputs = gkd.run(ctx)
-    results = gkd.read_results(run_dir)
+    results = read_gkd_results(run_dir)
     assert set(results) == {"mip", "greedy"}
     for name, result in results.items():
         assert result.kl_after < result.kl_before, name
@@ -86,7 +85,7 @@ def test_gkd_evaluate_report_stages(ctx, monkeypatch):
 
     monkeypatch.setattr(Throughput, "evaluate", spy)
     evaluate.run(ctx)
-    evaluations = evaluate.read_evaluations(run_dir)
+    evaluations = read_eval_results(run_dir).models
     assert set(evaluations) == {"parent", "mip", "mip+gkd", "greedy", "greedy+gkd"}
     # GKD changed weights, not the architecture: throughput is timed for the parent and the assembled children only
     assert len(timed) == 3
@@ -117,7 +116,7 @@ def test_gkd_main_only_and_disabled(ctx):
     main_only = structure({"children": "main", "tokens": 256, "batch_size": 4, "device": "cpu"}, GKDSection)
     ctx.config = attrs.evolve(ctx.config, gkd=main_only)
     gkd.run(ctx)
-    assert set(gkd.read_results(ctx.run_dir)) == {"mip"}
+    assert set(read_gkd_results(ctx.run_dir)) == {"mip"}
     ctx.config = attrs.evolve(ctx.config, gkd=attrs.evolve(main_only, enabled=False))
     assert [p.name for p in gkd.run(ctx)] == ["index.json"]
-    assert gkd.read_results(ctx.run_dir) == {}
+    assert read_gkd_results(ctx.run_dir) == {}

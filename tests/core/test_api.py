@@ -15,7 +15,7 @@ from fake_distributions import site_packages  # noqa: F401  (fixture)
 from puzzle_core import api
 from puzzle_core.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A third-party cost-model plugin as written against the first release: a new GPU from its
 # datasheet (NVIDIA L40S, dense figures). Moving to puzzle_core.api changed its imports only.

@@ -21,7 +21,7 @@ from puzzle_core.registry import get_registries
 from puzzle_core.schema import load_config
 from puzzle_core.search import build_problem, run_solver
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "puzzle-example-plugin"
 DISTRIBUTION = "puzzle-example-plugin"
 

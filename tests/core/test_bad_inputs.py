@@ -11,10 +11,10 @@ are not models (missing, not a folder, no config, unknown model type, no weights
 unsupported or junk GGUF, truncated safetensors), children whose ``block_configs``
 disagree with their weights or whose weights are truncated, and truncated or pickled
 library blocks (refused when assembling by hand; trained again, with a warning, by the
-library stage). Pickled weights in general are in ``tests/test_security.py``.
+library stage). Pickled weights in general are in ``tests/core/test_security.py``.
 
 Random inputs are fuzzed elsewhere with hypothesis: the config loader in
-``tests/test_config.py`` and the library-JSON reader in ``tests/test_library_json.py``.
+``tests/core/test_config.py`` and the library-JSON reader in ``tests/core/test_library_json.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pytest
 from puzzle_core.cli import main
 from puzzle_core.rundir import TEMP_PREFIX
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = "parent:\n  source: tiny-random-llama\nthreads: 1\ndata:\n  corpus: synthetic\n  seq_len: 32\n"
 
 

@@ -97,7 +97,7 @@ def test_arc_easy_items_agree_with_lm_evals_own_command_line(tmp_path):
 
 
 def test_the_suite_end_to_end_through_puzzle_run(tmp_path, capsys):
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml").read_text())
     config["search"]["baselines"] = []
     config["gkd"]["enabled"] = False
     config["evaluation"] = {"evaluators": [{"name": "kl_to_parent", "tokens": 256, "seq_len": 32},

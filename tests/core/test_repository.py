@@ -10,7 +10,7 @@ import pytest
 from puzzle_core.cli import main
 from puzzle_core.schema import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TOP_LEVEL = ("puzzle_core", "plugins", "configs", "benchmarks", "examples", "tests", "docs")
 ROOT_FILES = ("README.md", "CONTRIBUTING.md", "Makefile", "pyproject.toml")

@@ -26,7 +26,7 @@ import yaml
 
 from puzzle_core.api import plugin_registries
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONTRIBUTING = ROOT / "CONTRIBUTING.md"
 
 

@@ -6,7 +6,7 @@
   ``allow_pickle=True``, ``weights_only=False`` or ``use_safetensors=False``; and
   ``trust_remote_code`` is never set to a literal ``True`` (it only passes the user's
   ``parent.trust_remote_code`` on, see ``test_parent_never_trusts_remote_code_unless_asked``
-  in ``tests/test_model_cli.py``).
+  in ``tests/core/test_model_cli.py``).
 - **Behaviour**: a pickle whose loading would create a marker file, placed where a parent,
   a child or a library block is expected, is refused with a clear error (exit code 2) and
   the marker never appears; next to safetensors weights it is simply ignored.
@@ -28,7 +28,7 @@ import torch
 
 from puzzle_core.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("puzzle_core", "plugins", "benchmarks", "examples")
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal", "pickletools"}
 BLOCKS = ["attn_noop+ffn_64", "attn_linear+ffn_linear", "attn_g4+ffn_noop", "attn_g2+ffn_128"]
@@ -199,12 +199,19 @@ def test_a_child_with_only_pickled_weights_is_refused_unopened(trap, child, caps
 
 def test_a_pickle_in_place_of_a_library_block_is_refused_unopened(trap, tmp_path, capsys):
     """A library whose block file was swapped for a pickle (same name): its checksum no longer matches."""
+    from puzzle_core.config import unstructure
+    from puzzle_core.layout import BlockRecord
     from puzzle_core.rundir import sha256_file
 
     write, marker = trap
     run = tmp_path / "run"
     block = write(run / "library" / "blocks" / "layer_000" / "ffn_64.safetensors")
-    record = {"weights": "library/blocks/layer_000/ffn_64.safetensors", "sha256": "0" * 64}
+    record = unstructure(BlockRecord(
+        job="layer_0/ffn_64", layer=0, attention=None, ffn="ffn_64", weights="library/blocks/layer_000/ffn_64.safetensors",
+        sha256="0" * 64, settings_hash="", seed=0, steps=1, tokens=32, train_loss_initial=1.0, train_loss_final=0.5,
+        train_loss_min=0.5, heldout_loss_before=None, heldout_loss_after=None, loss_curve=[0.5], wall_s=1.0, cpu_s=1.0,
+        train_s=1.0, train_cpu_s=1.0, train_tokens_per_s=32.0, peak_memory_mib=None, device="cpu", threads=1,
+    ))
     index = {"mode": "decoupled", "layers": [
         {"attention": ["attn_g2"], "ffn": ["ffn_128", "ffn_64"], "blocks": ["attn_g2+ffn_128", "attn_g2+ffn_64"],
          "trained": {"ffn_64": record} if i == 0 else {}} for i in range(4)]}

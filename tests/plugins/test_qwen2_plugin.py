@@ -26,7 +26,7 @@ from puzzle_core.api.testing import assert_family_conforms
 from puzzle_core.blocks import BlockSpec
 from puzzle_core.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "examples" / "puzzle-qwen2"
 SOURCES = sorted((PACKAGE / "puzzle_qwen2").glob("*.py"))
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 128, 4

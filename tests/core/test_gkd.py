@@ -16,7 +16,7 @@ from puzzle_core.errors import ConfigError, UserError
 from puzzle_core.gkd import DistillationObjective, DistillRun, GKDDiverged, Student, distill, latest_checkpoint
 from puzzle_core.interfaces import DistillationLoss
 from puzzle_core.schema import GKDSection
-from tiny import tiny_parent
+from tests.tiny import tiny_parent
 
 SEQ_LEN = 16
 CHILD_BLOCKS = ("attn_g2+ffn_128", "attn_g4+ffn_64", "attn_linear+ffn_128", "attn_g2+ffn_noop")

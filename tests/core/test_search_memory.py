@@ -34,7 +34,8 @@ def run_dir(tmp_path):
         "scenario": SCENARIO,
         "fixed": {"runtime_ms": 5.0, "memory_mib": 10.0, "num_params": 1000},
         "layers": {key: {b: {"runtime_ms": r, "memory_mib": m, "num_params": int(1000 * m)} for b, r, m, _ in blocks} for key, blocks in layers.items()},
-        "memory_check": {"capacity_mib": 100.0, "parent_mib": 170.0, "parent_fits": False},
+        "memory_check": {"capacity_mib": 100.0, "parent_mib": 170.0, "parent_fits": False, "smallest_child_mib": 10.0,
+                         "smallest_child_fits": True},
     })
     return root
 

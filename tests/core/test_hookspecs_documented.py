@@ -13,7 +13,7 @@ import pytest
 from puzzle_core import hookspecs
 from puzzle_core.records import RECORD_TYPES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 CONTRIBUTING = ROOT / "CONTRIBUTING.md"
 
@@ -24,7 +24,7 @@ HOOKS = sorted(name for name, function in vars(hookspecs).items() if hasattr(fun
 def exercised_hooks() -> set[str]:
     """Hooks named by a test function in tests/, plus the kind hooks the registry test runs per kind."""
     found = set()
-    for path in TESTS.glob("test_*.py"):
+    for path in TESTS.rglob("test_*.py"):
         if path.name == Path(__file__).name:
             continue
         for node in ast.walk(ast.parse(path.read_text())):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import types
@@ -11,7 +12,7 @@ import pytest
 from fake_distributions import site_packages  # noqa: F401  (fixture)
 
 from benchmarks import runner
-from puzzle_core.config import stable_hash, structure, unstructure
+from puzzle_core.config import read_yaml, stable_hash, structure, unstructure
 from puzzle_core.errors import ConfigError, UserError
 from puzzle_core.library import BlockLibrary
 from puzzle_core.pipeline import Stage, run_pipeline
@@ -19,7 +20,7 @@ from puzzle_core.rundir import RunDir, atomic_write, link_missing
 from puzzle_core.schema import PuzzleConfig
 from puzzle_core.search import InfeasibleError, LayerRule, build_problem, run_solver
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
@@ -318,3 +319,18 @@ def test_upgrading_a_plugin_redoes_the_stages_it_produced_and_no_others(tmp_path
     upgraded = run_pipeline(config(gkd={"executor": "acme"}), run, echo=lambda _: None)
     assert upgraded.outcomes == {"first": "skipped", "second": "ran"}  # only the gkd section picks the plugin
     assert first.hashes["first"] == upgraded.hashes["first"] and first.hashes["second"] != upgraded.hashes["second"]
+
+
+def test_an_arm_records_its_main_childs_numbers_from_its_run_directory(tiny_run):
+    arm = structure({"name": "base"}, runner.Arm)
+    planned = runner.PlannedArm(arm, structure(read_yaml(TINY), PuzzleConfig), tiny_run.root)
+    result = runner.arm_result(planned, "ok", None, {"search": "ran"}, 1.0)
+    summary = json.loads((tiny_run.root / "report" / "summary.json").read_text())  # read here without the layout
+    solutions = json.loads((tiny_run.root / "solutions" / "index.json").read_text())
+    main = next(child for child in summary["children"] if child["main"])
+    assert result["child"]["name"] == main["name"] == solutions["solutions"][0]["name"]
+    assert result["child"]["objective_value"] == solutions["solutions"][0]["objective_value"]
+    assert result["metrics"]["predicted_speedup"] == main["predicted_speedup"]
+    assert result["metrics"]["after_gkd"] == main["eval"] and result["metrics"]["assembled"] == main["eval_before_gkd"]
+    assert result["parent"] == summary["parent"] and result["stages"]["search"] == "ran"
+    assert runner.arm_result(planned, "failed", "boom", {}, 1.0)["child"] is None

@@ -52,7 +52,7 @@ from puzzle_core.library_view import VIEW_RECORD
 from puzzle_core.pipeline import STAGE_NAMES
 from puzzle_core.rundir import LOCK, MANIFEST, TEMP_PREFIX, sha256_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("PUZZLE_CRASH_SEED", "9"))
 STARTUP_KILLS = 2
 KILLS_PER_STAGE = {"library": 8, "score": 2, "cost": 2, "search": 2, "assemble": 2, "gkd": 2, "evaluate": 2,

@@ -24,7 +24,7 @@ from puzzle_core.records import ScorerPlugin, SolverPlugin
 from puzzle_core.registry import get_registries
 from puzzle_core.schema import PuzzleConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
@@ -544,7 +544,7 @@ def test_base_problems_are_config_errors(tmp_path, files, problem):
 
 
 def test_the_quality_config_is_the_demo_with_bigger_budgets():
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     demo, quality = (unstructure(load_config(root / "configs" / f"{name}.yaml")) for name in ("demo", "quality"))
     differing = {
         f"{section}.{key}"

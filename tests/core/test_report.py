@@ -171,9 +171,9 @@ def test_report_without_gkd_or_evaluation(run_dir):
         run_dir.path(relative).unlink()
     shutil.rmtree(run_dir.path("eval", "items"))
     summary = build_summary(run_dir)
-    assert summary["parent"]["accuracy"] == {} and summary["children"][0]["accuracy"] is None
-    assert summary["parent"]["throughput_tok_s"] is None
-    assert summary["children"][0]["measured_speedup"] is None and summary["children"][0]["gkd"] is None
+    assert summary.parent.accuracy == {} and summary.children[0].accuracy is None
+    assert summary.parent.throughput_tok_s is None
+    assert summary.children[0].measured_speedup is None and summary.children[0].gkd is None
     written = write_report(run_dir, {}, "parent")
     assert "gkd.png" not in {p.name for p in written}
     assert "GKD did not run" in run_dir.path("report", "report.md").read_text()

@@ -27,7 +27,7 @@ from puzzle_core.search import (
 from puzzle_plugins.greedy_solver import GreedyOptions, GreedySolver
 from puzzle_plugins.mip_solver import MaxParamsSolver, MipOptions, MipSolver
 
-EXAMPLE_PLUGIN = Path(__file__).parents[1] / "examples" / "puzzle-example-plugin" / "puzzle_example_plugin" / "__init__.py"
+EXAMPLE_PLUGIN = Path(__file__).parents[2] / "examples" / "puzzle-example-plugin" / "puzzle_example_plugin" / "__init__.py"
 PATHS = ("stats.runtime_ms", "stats.memory_mib")
 EXACT = MipOptions(gap=0.0, time_limit=30.0)
 

@@ -12,7 +12,7 @@ import torch
 from puzzle_core.blocks import AttentionSpec, FFNSpec
 from puzzle_core.scoring import ReplaceOneBlockEngine
 from puzzle_core.scoring_pipeline import layer_ranges
-from tests.test_scoring import SCORERS, batches, scorers, variant
+from tests.core.test_scoring import SCORERS, batches, scorers, variant
 from tests.tiny import tiny_parent
 
 LAYERS = 5

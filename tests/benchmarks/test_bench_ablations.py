@@ -19,7 +19,7 @@ from puzzle_core.blocks import BlockSpec
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM = ("library", "score", "cost")
 
 
