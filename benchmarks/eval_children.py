@@ -1,0 +1,129 @@
+"""Benchmark: re-evaluate an existing run's children on the evaluation suite, paired with the parent.
+
+Does the suite rank children as their KL to the parent does? For a finished (or
+partly finished) run directory, this evaluates the parent and every child folder it
+holds (``children/<name>`` as assembled, ``gkd/<name>/final`` after GKD) with the
+evaluators of ``--config`` (default: the demo's ``kl_to_parent`` and ``lm_eval`` suite at
+its item limits; ``throughput`` is left out), on the same seeded items for every model,
+and prints per child: KL to the parent, test LM loss, and accuracy preserved per task
+and on the mean, with paired bootstrap 95% intervals (as ``report.md`` does), plus the
+Spearman rank correlation between KL and mean accuracy preserved over the children.
+
+    .venv/bin/python benchmarks/eval_children.py RUN_DIR [--config configs/demo.yaml] [--children mip greedy]
+        [--parent-items OTHER_RUN/eval/items/parent]
+
+``--parent-items`` reuses the parent's per-item scores of another run made with the same
+evaluation settings (they pair only when their items' fingerprints agree) instead of
+evaluating the parent again.
+
+Per-item scores go to ``benchmarks/results/eval_children/<run>/items/<model>/`` and the
+table to ``benchmarks/results/eval_children/<run>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import time
+from pathlib import Path
+
+import attrs
+import torch
+from scipy.stats import spearmanr
+
+from puzzle_core.cache import cache_root
+from puzzle_core.config import unstructure
+from puzzle_core.corpus import load_corpus
+from puzzle_core.evaluation import evaluate_all, read_task_items
+from puzzle_core.interfaces import EvalContext
+from puzzle_core.parents import load_parent
+from puzzle_core.registry import get_registries
+from puzzle_core.report import paired_accuracy, percent_interval
+from puzzle_core.rundir import atomic_write_json
+from puzzle_core.schema import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results" / "eval_children"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
+                        help="evaluators, parent, corpus and threads (default: the demo's)")
+    parser.add_argument("--children", nargs="+", help="only these (names as listed, e.g. mip or mip+gkd)")
+    parser.add_argument("--parent-items", type=Path, help="the parent's items from a run with the same settings")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: benchmarks/results/eval_children)")
+    return parser.parse_args()
+
+
+def child_folders(run_dir: Path) -> dict[str, Path]:
+    """``{model: folder}``: every assembled child, then every child after GKD."""
+    found = {p.name: p for p in sorted((run_dir / "children").iterdir()) if (p / "config.json").is_file()}
+    found.update({f"{p.parent.name}+gkd": p for p in sorted((run_dir / "gkd").glob("*/final"))
+                  if (p / "config.json").is_file()})
+    return found
+
+
+def main() -> None:
+    args = parse_args()
+    config = load_config(args.config)
+    registries = get_registries()
+    torch.set_num_threads(config.threads)
+    family, parent = load_parent(config.parent, registries)
+    corpus = load_corpus(config.data, parent.tokenizer, config.seed, registries)
+    evaluators = [(c.name, registries.record(c).create(c.options)) for c in config.evaluation.evaluators
+                  if c.name != "throughput"]
+    out = args.out / args.run_dir.resolve().name
+    base = EvalContext(parent=parent, corpus=corpus, scenario=config.scenario, threads=config.threads,
+                       seed=config.seed, cache_dir=cache_root() / "eval")
+    children = {n: f for n, f in child_folders(args.run_dir).items() if not args.children or n in args.children}
+    models = {"parent": None, **children}
+    rows = {}
+    if args.parent_items:
+        shutil.copytree(args.parent_items, out / "items" / "parent", dirs_exist_ok=True)
+    for name, folder in models.items():
+        if name == "parent" and args.parent_items:
+            rows[name] = {"folder": None, "metrics": {"kl_to_parent": 0.0}, "seconds": 0.0,
+                          "items_from": str(Path(*args.parent_items.resolve().parts[-4:]))}  # RUN/eval/items/parent
+            continue
+        started = time.perf_counter()
+        model = parent if folder is None else family.load_child(folder, dtype=config.parent.dtype)
+        metrics = evaluate_all(model, evaluators, attrs.evolve(base, items_dir=out / "items" / name))
+        rows[name] = {"folder": None if folder is None else str(folder.relative_to(args.run_dir)), "metrics": metrics,
+                      "seconds": time.perf_counter() - started}
+        print(f"{name}: evaluated in {rows[name]['seconds']:.0f} s", flush=True)
+    parent_items = read_task_items(out / "items" / "parent")
+    for name in models:
+        if name != "parent":
+            rows[name]["accuracy"] = paired_accuracy(parent_items, read_task_items(out / "items" / name))
+    children = [n for n in models if n != "parent" and rows[n]["accuracy"]]
+    kl = [rows[n]["metrics"]["kl_to_parent"] for n in children]
+    preserved = [rows[n]["accuracy"]["mean"]["preserved"]["value"] for n in children]
+    rank = float(spearmanr(kl, preserved).statistic) if len(children) > 2 else math.nan
+    rank = rank if math.isfinite(rank) else None  # undefined when either ranking is all ties
+
+    tasks = sorted(parent_items)
+    print(f"\n{'model':<16}{'KL':>8}{'test loss':>11}  " + "".join(f"{t:>16}" for t in tasks)
+          + f"{'mean preserved':>26}{'chance-adjusted':>26}")
+    for name in models:
+        metrics, accuracy = rows[name]["metrics"], rows[name].get("accuracy")
+        cells = "".join(
+            f"{rows['parent']['metrics'].get(f'{t}.acc_norm', rows['parent']['metrics'].get(f'{t}.acc', float('nan'))):>16.3f}"
+            if accuracy is None else f"{percent_interval(accuracy['tasks'].get(t, {}).get('preserved')):>16}"
+            for t in tasks)
+        mean, adjusted = ("", "") if accuracy is None else (
+            percent_interval(accuracy["mean"]["preserved"]), percent_interval(accuracy["mean"]["chance_adjusted"]))
+        print(f"{name:<16}{metrics.get('kl_to_parent', 0.0):>8.3f}{metrics.get('test_lm_loss', float('nan')):>11.3f}  "
+              f"{cells}{mean:>26}{adjusted:>26}")
+    if rank is not None:
+        print(f"\nSpearman(KL, mean accuracy preserved) over {len(children)} children: {rank:.2f} "
+              f"(-1: the suite ranks them exactly as KL does)")
+    atomic_write_json(out.with_suffix(".json"), unstructure({
+        "run_dir": args.run_dir.name, "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT)
+        else str(args.config), "models": rows, "spearman_kl_vs_preserved": rank}))
+
+
+if __name__ == "__main__":
+    main()
