@@ -39,7 +39,7 @@ from puzzle_core.evaluation import evaluate_all, read_task_items
 from puzzle_core.interfaces import EvalContext
 from puzzle_core.parents import load_parent
 from puzzle_core.registry import get_registries
-from puzzle_core.report import paired_accuracy, percent_interval
+from puzzle_core.report import paired_accuracy, parent_accuracy, percent_interval
 from puzzle_core.rundir import atomic_write_json
 from puzzle_core.schema import load_config
 
@@ -104,14 +104,15 @@ def main() -> None:
     rank = float(spearmanr(kl, preserved).statistic) if len(children) > 2 else math.nan
     rank = rank if math.isfinite(rank) else None  # undefined when either ranking is all ties
 
+    parent_scores = parent_accuracy(parent_items)
     tasks = sorted(parent_items)
     print(f"\n{'model':<16}{'KL':>8}{'test loss':>11}  " + "".join(f"{t:>16}" for t in tasks)
           + f"{'mean preserved':>26}{'chance-adjusted':>26}")
     for name in models:
         metrics, accuracy = rows[name]["metrics"], rows[name].get("accuracy")
+        field = "accuracy" if accuracy is None else "preserved"  # the parent's accuracy, a child's share of it
         cells = "".join(
-            f"{rows['parent']['metrics'].get(f'{t}.acc_norm', rows['parent']['metrics'].get(f'{t}.acc', float('nan'))):>16.3f}"
-            if accuracy is None else f"{percent_interval(accuracy['tasks'].get(t, {}).get('preserved')):>16}"
+            f"{percent_interval((parent_scores if accuracy is None else accuracy['tasks']).get(t, {}).get(field)):>16}"
             for t in tasks)
         mean, adjusted = ("", "") if accuracy is None else (
             percent_interval(accuracy["mean"]["preserved"]), percent_interval(accuracy["mean"]["chance_adjusted"]))

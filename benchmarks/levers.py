@@ -255,7 +255,7 @@ def bld_lr(inputs: Inputs) -> str:
         f"schedule, 5% warm-up), from the {init} init; the best per block in bold. Most often the best: "
         f"{summary(top)}"
         + (f"; the demo's lr {lr(demo)} (`library.lr`): {summary(demo)}." if demo in cells and demo != top else
-           f"; the demo uses it (`library.lr`)." if demo == top else
+           "; the demo uses it (`library.lr`)." if demo == top else
            f"; the demo's lr {lr(demo)} (`library.lr`) was not swept.")
         + f" Not measured: the same sweep from the demo's init ({' / '.join(sorted(demo_inits(inputs.demo)))}), "
         f"and at other token budgets, where the best rate may differ."

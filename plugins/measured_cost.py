@@ -63,6 +63,7 @@ from puzzle_core.api import (
 MIB = 2**20
 METHOD_VERSION = 2  # bump when the measurement changes meaning, to retire old cache entries
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+PROCESS_CLOCK_ON_GPU = "The 'process' clock counts CPU time and cannot time GPU kernels; use clock: wall on CUDA."
 
 
 def _positive(_instance, attribute, value):
@@ -182,7 +183,7 @@ class MeasuredCostModel(CostModel):
                 f"{scenario.tensor_parallel}. Set it to 1, or use an analytic model (h100) for tensor-parallel groups."
             )
         if self.options.clock == "process" and scenario.device.startswith("cuda"):
-            problems.append("The 'process' clock counts CPU time and cannot time GPU kernels; use clock: wall on CUDA.")
+            problems.append(PROCESS_CLOCK_ON_GPU)
         return problems
 
     def _setup(self, scenario: Scenario, family: ModelFamily | None) -> str:
@@ -193,7 +194,7 @@ class MeasuredCostModel(CostModel):
             raise UserError(" ".join(problems))
         device = str(resolve_device(scenario.device, what="scenario.device"))
         if self.options.clock == "process" and device != "cpu":
-            raise UserError("The 'process' clock counts CPU time and cannot time GPU kernels; use clock: wall on CUDA.")
+            raise UserError(PROCESS_CLOCK_ON_GPU)  # scenario.device 'auto' found a GPU
         return device
 
     def _time(self, models, scenario, device: str) -> tuple[list[list[GenerateTiming]], list[float]]:

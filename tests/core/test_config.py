@@ -544,8 +544,7 @@ def test_base_problems_are_config_errors(tmp_path, files, problem):
 
 
 def test_the_quality_config_is_the_demo_with_bigger_budgets():
-    root = ROOT
-    demo, quality = (unstructure(load_config(root / "configs" / f"{name}.yaml")) for name in ("demo", "quality"))
+    demo, quality = (unstructure(load_config(ROOT / "configs" / f"{name}.yaml")) for name in ("demo", "quality"))
     differing = {
         f"{section}.{key}"
         for section, values in quality.items() if isinstance(values, dict)
