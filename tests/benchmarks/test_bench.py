@@ -99,7 +99,7 @@ def reference_arms(base: Path, tmp_path: Path) -> dict[str, str]:
 def test_every_shipped_ablation_resolves_and_shares_the_puzzle_reference_arm(tmp_path):
     hashes = reference_arms(TINY, tmp_path)
     assert set(hashes) == {"search", "baselines", "scoring", "search_space", "gkd_losses", "bld"}
-    shared = {hashes["search"]["mip"], hashes["baselines"]["puzzle"], hashes["search_space"]["full"],
+    shared = {hashes["search"]["mip-1.5x"], hashes["baselines"]["puzzle-1.5x"], hashes["search_space"]["full"],
               hashes["gkd_losses"]["cosine+kl"]}
     assert len(shared) == 1, "identical reference arms run once and are reused by the other ablations"
     assert all(len(set(arms.values())) == len(arms) for arms in hashes.values()), "arms of an ablation differ"
@@ -260,7 +260,7 @@ def test_bench_lists_the_ablations_and_refuses_unknown_ones(tmp_path):
 
     listing = CliRunner().invoke(cli, ["bench", "--list"])
     assert listing.exit_code == 0, listing.output
-    assert "baselines" in listing.output and "layer_drop, uniform_width" in listing.output
+    assert "baselines" in listing.output and "layer_drop-1.25x, uniform_width-1.25x" in listing.output
     missing = CliRunner().invoke(cli, ["bench", "search", "--base", str(tmp_path / "none.yaml")])
     assert missing.exit_code != 0
     unknown_arm = CliRunner().invoke(cli, ["bench", "search", "--arm", "simplex", "--results-dir", str(tmp_path)])
@@ -277,7 +277,7 @@ def test_bench_is_a_plugin_command_that_runs_from_any_directory(tmp_path):
     listing = subprocess.run([sys.executable, "-m", "puzzle_core.cli", "bench", "--list"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
-    assert "search" in listing.stdout and "arms: mip, greedy, max_params" in listing.stdout
+    assert "search" in listing.stdout and "arms: mip-1.25x, greedy-1.25x, max_params-1.25x" in listing.stdout
 
 
 def test_bench_without_a_checkout_says_so(tmp_path):
