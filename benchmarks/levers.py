@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import attrs
 
+from puzzle_core import report
 from puzzle_core.errors import UserError
 from puzzle_core.rundir import atomic_write
 from puzzle_core.schema import GKDSection, PuzzleConfig, load_config
@@ -557,11 +558,11 @@ def render(results: Path = RESULTS, demo: Path = DEMO) -> str:
 
 def splice(readme: str, body: str, path: Path = README) -> str:
     """``readme`` with the text between the markers replaced by ``body``."""
-    start, end = readme.find(START), readme.find(END)
-    if start < 0 or end < start:
+    spliced = report.splice(readme, START, END, body)
+    if spliced is None:
         raise UserError(f"{path} has no '{START}' ... '{END}' pair: put both marker lines where the quality "
                         f"levers section belongs, then run benchmarks/levers.py again.")
-    return readme[: start + len(START)] + "\n" + body + readme[end:]
+    return spliced
 
 
 def main(argv: Sequence[str] | None = None) -> int:

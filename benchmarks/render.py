@@ -1,13 +1,36 @@
-"""An ablation's results as a markdown table and a PNG plot (next to its results JSON)."""
+"""Ablation results as markdown tables and PNG plots, and the README section that gathers them.
+
+``puzzle bench`` writes each ablation's table (``<name>.md``), bar plot (``<name>.png``) and,
+when its arms are solvers at several budgets (``mip-1.25x``, ``mip-1.5x``, ...), a frontier
+plot (``<name>.frontier.png``) next to its results JSON. This script rewrites the "Ablation
+results" section of ``benchmarks/README.md`` from the committed results: every table, with
+the hand-written finding for the ablation (``<name>.finding.md`` next to the JSON) under it.
+
+    .venv/bin/python benchmarks/render.py            # rewrite the section
+    .venv/bin/python benchmarks/render.py --check    # exit 1 if the README differs from the results
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from puzzle_core import report
+from puzzle_core.errors import UserError
 from puzzle_core.report import percent_interval
 from puzzle_core.rundir import atomic_path, atomic_write
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "ablations"
+README = HERE / "README.md"
+START, END = "<!-- ablations:start -->", "<!-- ablations:end -->"
+ORDER = ("search", "baselines", "scoring", "search_space", "gkd_losses", "bld")  # `all`: shared work first
+BUDGETED_ARM = re.compile(r"(?P<method>.+)-(?P<speedup>\d+(?:\.\d+)?)x")  # mip-1.25x: method mip at 1.25x
 
 
 def final_metric(arm: Mapping, name: str) -> float | None:
@@ -31,33 +54,54 @@ def _assembled(arm: Mapping, name: str) -> float | None:
     return ((arm.get("metrics") or {}).get("assembled") or {}).get(name)
 
 
+def _speedup_spread(arm: Mapping) -> str:
+    """The measured speedup's median over paired rounds with its interquartile range."""
+    value = final_metric(arm, "measured_speedup") or (arm.get("metrics") or {}).get("measured_speedup")
+    low, high = final_metric(arm, "measured_speedup_q1"), final_metric(arm, "measured_speedup_q3")
+    if value is None:
+        return "–"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]" if low is not None and high is not None else f"{value:.2f}"
+
+
 def markdown_table(results: Mapping) -> str:
-    """One row per arm: speedups, KL to the parent before / after GKD (and vs the reference), accuracy preserved."""
-    ratios = (results.get("comparison") or {}).get("kl_to_parent_vs_reference", {})
-    accuracy = any((a.get("metrics") or {}).get("accuracy_preserved_before_gkd") for a in results["arms"])
-    headers = ["arm", "solver", "predicted speedup", "measured speedup", "KL assembled", "KL after GKD",
-               f"KL vs {results['reference']}"]
+    """One row per arm: speedups, KL to the parent, accuracy preserved (vs the parent and vs the reference arm).
+
+    The after-GKD columns appear when some arm ran GKD; the accuracy columns when the suite ran.
+    """
+    reference = results["reference"]
+    comparison = results.get("comparison") or {}
+    ratios = comparison.get("kl_to_parent_vs_reference", {})
+    versus = comparison.get("accuracy_vs_reference") or {}
+    arms = results["arms"]
+    trained = any((a.get("metrics") or {}).get("after_gkd") for a in arms)
+    accuracy = any((a.get("metrics") or {}).get("accuracy_preserved_before_gkd") for a in arms)
+    headers = ["arm", "solver", "predicted speedup", "measured speedup [IQR]", "KL assembled"]
+    headers += ["KL after GKD"] if trained else []
+    headers += [f"KL vs {reference}"]
     if accuracy:
-        headers += ["accuracy preserved assembled", "accuracy preserved after GKD", "chance-adjusted after GKD"]
+        headers += ["accuracy preserved assembled", "chance-adjusted assembled"]
+        headers += ["accuracy preserved after GKD", "chance-adjusted after GKD"] if trained else []
+        headers += [f"accuracy vs {reference}, points" if versus else None]
+    headers = [h for h in headers if h]
     headers += ["params", "status"]
     rows = []
-    for arm in results["arms"]:
+    for arm in arms:
         metrics = arm.get("metrics") or {}
         child = arm.get("child") or {}
-        trained = bool(metrics.get("after_gkd"))
-        row = [
-            arm["name"],
-            child.get("solver", "–"),
-            _number(metrics.get("predicted_speedup")),
-            _number(metrics.get("measured_speedup")),
-            _number(_assembled(arm, "kl_to_parent")),
-            _number(final_metric(arm, "kl_to_parent")) if trained else "–",
-            f"{ratios[arm['name']]:.2f}x" if ratios.get(arm["name"]) else "–",
-        ]
+        ran_gkd = bool(metrics.get("after_gkd"))
+        row = [arm["name"], child.get("solver", "–"), _number(metrics.get("predicted_speedup")), _speedup_spread(arm),
+               _number(_assembled(arm, "kl_to_parent"))]
+        row += [_number(final_metric(arm, "kl_to_parent")) if ran_gkd else "–"] if trained else []
+        row += [f"{ratios[arm['name']]:.2f}x" if ratios.get(arm["name"]) else "–"]
         if accuracy:
             row += [percent_interval(metrics.get("accuracy_preserved_before_gkd")),
-                    percent_interval(metrics.get("accuracy_preserved")) if trained else "–",
-                    percent_interval(metrics.get("accuracy_preserved_chance_adjusted")) if trained else "–"]
+                    percent_interval(metrics.get("accuracy_preserved_chance_adjusted_before_gkd"))]
+            if trained:
+                row += [percent_interval(metrics.get("accuracy_preserved")) if ran_gkd else "–",
+                        percent_interval(metrics.get("accuracy_preserved_chance_adjusted")) if ran_gkd else "–"]
+            if versus:
+                mean = versus.get(arm["name"])
+                row += ["–" if mean is None else percent_interval(mean["difference"], signed=True)]
         row += [_number(metrics.get("params")), arm["status"] + (f" ({arm['note']})" if arm.get("note") else "")]
         rows.append(row)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -73,6 +117,10 @@ def parent_line(results: Mapping) -> str:
         return ""
     evaluation = parent.get("eval", {})
     parts = [f"{_number(parent.get('params'))} params", f"{_number(parent.get('throughput_tok_s'))} tok/s measured"]
+    if evaluation.get("measured_speedup_min") is not None:
+        parts.append(f"paired with itself {evaluation['measured_speedup']:.3f}x (range "
+                     f"{evaluation['measured_speedup_min']:.3f}-{evaluation['measured_speedup_max']:.3f}: the "
+                     f"timing noise)")
     tasks = parent.get("accuracy") or {}
     if tasks:
         accuracies = ", ".join(f"{task} {100 * entry['accuracy']['value']:.1f}" for task, entry in tasks.items())
@@ -83,26 +131,105 @@ def parent_line(results: Mapping) -> str:
     return "Parent: " + ", ".join(parts) + "."
 
 
-def write_markdown(results: Mapping, path: Path) -> None:
+def provenance(results: Mapping) -> str:
+    """The command, machine, versions and commit; loud when the tree had uncommitted changes."""
+    env = results["environment"]
+    minutes = sum(a.get("seconds") or 0 for a in results["arms"]) / 60
+    line = (f"Command: `{results['command']}` on {env['base_config']}; {minutes:.1f} min of arm time; "
+            f"{env['device']} ({env['cpu']}, {env['cpu_count']} cores, load {env['load_average'][0]:.1f}), threads "
+            f"{env['threads']}, seeds {env['seeds']}, torch {env['packages'].get('torch')}, commit "
+            f"{str(env.get('git_commit'))[:10]}.")
+    commits = sorted({str(a["git_commit"])[:10] for a in results["arms"] if a.get("git_commit")} -
+                     {str(env.get("git_commit"))[:10]})
+    if commits:
+        line += f" Arms made at earlier commits, reused unchanged: {', '.join(commits)}."
+    if env.get("git_dirty"):
+        changed = ", ".join(env.get("git_changes") or []) or "unknown files"
+        line = (f"**From a checkout with uncommitted changes ({changed}; `--allow-dirty`): these numbers match no "
+                f"commit.**\n\n" + line)
+    return line
+
+
+def ablation_markdown(results: Mapping, level: int = 3, frontier: str | None = None) -> str:
+    """An ablation's heading, description, table, parent line, errors and provenance."""
     env = results["environment"]
     errors = [f"- `{a['name']}` {a['status']}: {a['error']}" for a in results["arms"] if a.get("error")]
-    text = "\n\n".join(
+    return "\n\n".join(
         part
         for part in [
-            f"### Ablation `{results['ablation']}` ({env['budget']} budget)",
+            f"{'#' * level} Ablation `{results['ablation']}` ({env['budget']} budget)",
             results["description"].strip(),
             f"Paper: {results['paper'].strip()}" if results.get("paper") else "",
             markdown_table(results),
+            f"![{results['ablation']} frontier]({frontier})" if frontier else "",
             parent_line(results),
             "\n".join(errors),
-            f"Command: `{results['command']}` on {env['base_config']}; {env['device']} ({env['cpu']}, "
-            f"{env['cpu_count']} cores, load {env['load_average'][0]:.1f}), threads {env['threads']}, seeds "
-            f"{env['seeds']}, torch {env['packages'].get('torch')}, commit {str(env.get('git_commit'))[:10]}"
-            f"{' (dirty)' if env.get('git_dirty') else ''}.",
+            provenance(results),
         ]
         if part
     )
-    atomic_write(path, text + "\n")
+
+
+def write_markdown(results: Mapping, path: Path) -> None:
+    atomic_write(path, ablation_markdown(results) + "\n")
+
+
+def frontier_points(results: Mapping) -> dict[str, list[Mapping]]:
+    """Arms named ``METHOD-SPEEDUPx`` grouped by method, each group in budget order; only methods with 2+ points."""
+    groups: dict[str, list[tuple[float, Mapping]]] = {}
+    for arm in results["arms"]:
+        match = BUDGETED_ARM.fullmatch(arm["name"])
+        if match and arm.get("metrics"):
+            groups.setdefault(match["method"], []).append((float(match["speedup"]), arm))
+    return {method: [arm for _, arm in sorted(points, key=lambda p: p[0])]
+            for method, points in groups.items() if len(points) > 1}
+
+
+def write_frontier(results: Mapping, path: Path) -> bool:
+    """Quality against measured speedup, one line per method (False, and no file, when no method has 2+ budgets).
+
+    Left: chance-adjusted accuracy preserved (mean over tasks, paired 95% interval); right:
+    KL to the parent (log scale). Horizontal bars: the measured speedup's interquartile range.
+    """
+    groups = frontier_points(results)
+    if not groups:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, (accuracy, kl) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, arms in groups.items():
+        x = np.array([final_metric(a, "measured_speedup") or np.nan for a in arms])
+        xerr = np.nan_to_num([x - [final_metric(a, "measured_speedup_q1") or np.nan for a in arms],
+                              [final_metric(a, "measured_speedup_q3") or np.nan for a in arms] - x])
+        key = "accuracy_preserved_chance_adjusted" if any(a["metrics"].get("after_gkd") for a in arms) else \
+            "accuracy_preserved_chance_adjusted_before_gkd"
+        found = [a["metrics"].get(key) or {} for a in arms]
+        y = np.array([100 * f["value"] if f.get("value") is not None else np.nan for f in found])
+        yerr = np.nan_to_num([y - [100 * f["low"] if f.get("low") is not None else np.nan for f in found],
+                              [100 * f["high"] if f.get("high") is not None else np.nan for f in found] - y])
+        accuracy.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=method)
+        kl.errorbar(x, [final_metric(a, "kl_to_parent") or np.nan for a in arms], xerr=xerr, marker="o", capsize=3,
+                    label=method)
+    accuracy.axhline(100.0, color="grey", linewidth=0.8)
+    accuracy.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
+    accuracy.set_ylabel("chance-adjusted accuracy preserved, %\n(mean over tasks, paired 95% CI)")
+    accuracy.set_title("accuracy (higher is better)")
+    kl.set_yscale("log")
+    kl.set_ylabel("KL(parent || child) per token, test split")
+    kl.set_title("KL to the parent (lower is better)")
+    for axis in (accuracy, kl):
+        axis.set_xlabel("measured speedup over the parent (median, IQR)")
+        axis.legend(fontsize=8)
+    figure.suptitle(f"{results['ablation']} ({results['environment']['budget']} budget): quality vs speed")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+    return True
 
 
 def write_plot(results: Mapping, path: Path) -> None:
@@ -153,3 +280,69 @@ def write_plot(results: Mapping, path: Path) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
+
+
+# ---------------------------------------------------------------------------- the README section
+
+
+def result_files(results_dir: Path, name: str) -> dict[str, Path]:
+    return {"full": results_dir / f"{name}.json", "small": results_dir / f"{name}.small.json"}
+
+
+def readme_section(results_dir: Path = RESULTS) -> str:
+    """Every ablation at the full budget (table, frontier plot, finding), then the small budget's tables."""
+    parts = ["<!-- Generated by benchmarks/render.py from benchmarks/results/ablations: rerun the ablations or edit "
+             "the *.finding.md files, not this text. -->"]
+    names = list(ORDER) + sorted({p.name.split(".")[0] for p in results_dir.glob("*.json")} - set(ORDER))
+    for budget, level in (("full", "###"), ("small", "###")):
+        parts.append(f"{level} {budget.capitalize()} budget")
+        for name in names:
+            path = result_files(results_dir, name)[budget]
+            if not path.is_file():
+                parts.append(f"#### Ablation `{name}` ({budget} budget)\n\nNot run at the {budget} budget.")
+                continue
+            results = json.loads(path.read_text())
+            frontier = path.with_suffix(".frontier.png")
+            parts.append(ablation_markdown(results, level=4, frontier=(
+                frontier.relative_to(README.parent).as_posix() if frontier.is_file() and
+                frontier.is_relative_to(README.parent) else None)))
+            finding = results_dir / f"{name}.finding.md"
+            if budget == "full":
+                parts.append(f"**Finding.** {finding.read_text().strip()}" if finding.is_file()
+                             else "**Finding.** Not written yet.")
+    return "\n\n".join(parts) + "\n"
+
+
+def splice(readme: str, body: str, path: Path = README) -> str:
+    spliced = report.splice(readme, START, END, body)
+    if spliced is None:
+        raise UserError(f"{path} has no '{START}' ... '{END}' pair: put both marker lines where the ablation "
+                        f"results belong, then run benchmarks/render.py again.")
+    return spliced
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the ablation results JSON")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--check", action="store_true", help="only check that the README section is up to date")
+    args = parser.parse_args(argv)
+    try:
+        current = args.readme.read_text()
+        updated = splice(current, readme_section(args.results), args.readme)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return UserError.exit_code
+    if args.check:
+        if updated != current:
+            print(f"{args.readme}: the ablation results section is stale; run benchmarks/render.py", file=sys.stderr)
+            return 1
+        print(f"{args.readme}: the ablation results section is up to date")
+        return 0
+    atomic_write(args.readme, updated)
+    print(f"Wrote the ablation results section of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

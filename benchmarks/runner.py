@@ -19,8 +19,10 @@ that agree upstream share one activation cache, one library and one score table,
 arm identical to one run before is free. Rerunning an ablation skips what is finished.
 
 Results go to ``<results>/<ablation>.json`` (``<ablation>.small.json`` for the small
-budget) with a markdown table and a PNG plot next to it; see :func:`arm_result` for what
-each arm records.
+budget) with a markdown table and PNG plots next to it (a frontier plot when arms are
+methods at several budgets, ``mip-1.25x``); see :func:`arm_result` for what each arm
+records. Each records the commit; a checkout with uncommitted changes is refused unless
+``allow_dirty`` (then the tables say so).
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import attrs
 import yaml
 
-from benchmarks.render import final_metric, write_markdown, write_plot
+from benchmarks.render import ORDER, final_metric, write_frontier, write_markdown, write_plot
 from puzzle_core.config import deep_merge, read_yaml, stable_hash, structure, unstructure
 from puzzle_core import layout
 from puzzle_core.errors import UserError
 from puzzle_core.pipeline import STAGE_NAMES, run_pipeline, stage_hashes
+from puzzle_core.report import model_items, paired_accuracy
 from puzzle_core.rundir import MANIFEST, RunDir, atomic_write_json, sha256_file
 from puzzle_core.schema import PuzzleConfig, read_config_data
 from puzzle_core.search import InfeasibleError
@@ -53,7 +56,6 @@ ROOT = HERE.parent
 ABLATIONS = HERE / "ablations"
 BUDGETS = HERE / "budgets.yaml"
 DEFAULT_RESULTS = HERE / "results" / "ablations"
-ORDER = ("search", "baselines", "scoring", "search_space", "gkd_losses", "bld")  # `all`: shared work first
 BudgetName = Literal["small", "full"]
 ARM_REFERENCE = re.compile(r"\{arm:([^{}]+)\}")
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -227,7 +229,7 @@ def donors(planned: list[PlannedArm], current: PlannedArm, root: Path, extra: Se
 # ---------------------------------------------------------------------------- results
 
 
-def environment(budget: BudgetName, base: Path, planned: list[PlannedArm]) -> dict:
+def environment(budget: BudgetName, base: Path, planned: list[PlannedArm], tree: Mapping[str, Any]) -> dict:
     """Versions, machine, threads and seeds: what a number depends on besides the config."""
     import torch
 
@@ -252,9 +254,29 @@ def environment(budget: BudgetName, base: Path, planned: list[PlannedArm]) -> di
         "threads": sorted({p.config.threads for p in planned}),
         "scenario_threads": sorted({p.config.scenario.threads for p in planned}),
         "seeds": sorted({p.config.seed for p in planned}),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **tree,
     }
+
+
+def tree_state(root: Path = ROOT) -> dict:
+    """The checkout's commit and its uncommitted changes to tracked files, the results folders aside.
+
+    A result written from a changed tree matches no commit: ``git_dirty`` marks it (and
+    ``git_changes`` names the files), so the tables can say so.
+    """
+    changed = _git("diff", "--name-only", "HEAD", "--", ".", ":(exclude)benchmarks/results", cwd=root)
+    changes = sorted(line for line in (changed or "").splitlines() if line.strip())
+    return {"git_commit": _git("rev-parse", "HEAD", cwd=root), "git_dirty": bool(changes), "git_changes": changes}
+
+
+def refuse_dirty_tree(tree: Mapping[str, Any], allow_dirty: bool) -> None:
+    if tree["git_dirty"] and not allow_dirty:
+        changed = ", ".join(tree["git_changes"][:5]) + (" ..." if len(tree["git_changes"]) > 5 else "")
+        raise UserError(
+            f"The checkout has uncommitted changes ({changed}), so these results would match no commit. Commit "
+            f"(or stash) them and rerun, or pass --allow-dirty to write results that the tables mark as from a "
+            f"changed tree."
+        )
 
 
 def _cpu_model() -> str:
@@ -267,9 +289,9 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, cwd: Path = ROOT) -> str | None:
     try:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -376,11 +398,13 @@ def run_ablation(
     arms: list[str] | None = None,
     reuse: Sequence[str | Path] = (),
     echo: Callable[[str], None] = print,
+    allow_dirty: bool = False,
 ) -> Path:
     """Run (or reuse) every arm of an ablation; returns the results JSON path.
 
     ``arms`` limits which arms run this time; the others keep their earlier results.
     ``reuse``: more run directories to take finished stages from (a ``puzzle run`` of the base config).
+    Refuses a checkout with uncommitted changes unless ``allow_dirty`` (see :func:`tree_state`).
     """
     ablation = load_ablation(name)
     results_dir = Path(results_dir)
@@ -394,6 +418,8 @@ def run_ablation(
     unknown = sorted(set(arms or []) - {p.arm.name for p in planned})
     if unknown:
         raise UserError(f"{ablation.name} has no arm {unknown}; its arms are {', '.join(p.arm.name for p in planned)}.")
+    tree = tree_state()
+    refuse_dirty_tree(tree, allow_dirty)
     out = results_path(results_dir, ablation.name, budget)
     earlier = {a["name"]: a for a in (_read_json(out) or {}).get("arms", [])}
     results = {
@@ -402,7 +428,7 @@ def run_ablation(
         "paper": ablation.paper,
         "reference": ablation.reference,
         "command": command_line(ablation.name, budget, Path(base) if base is not None else None, results_dir),
-        "environment": environment(budget, base_path, planned),
+        "environment": {**environment(budget, base_path, planned, tree), "allow_dirty": allow_dirty},
         "arms": [],
     }
     for item in planned:
@@ -411,19 +437,53 @@ def run_ablation(
                 results["arms"].append(earlier[item.arm.name])
             continue
         reusable = donors(planned, item, runs_root(results_dir, budget), [Path(p) for p in reuse])
-        results["arms"].append(run_arm(item, reusable, ablation.name, echo))
+        result = {**run_arm(item, reusable, ablation.name, echo), "git_commit": tree["git_commit"]}
+        before = earlier.get(item.arm.name)
+        if before and before["config_hash"] == result["config_hash"] and set(result["stages"].values()) == {"skipped"}:
+            # Nothing ran again: keep how (and at which commit) the arm was made, not the rerun.
+            result.update(stages=before["stages"], seconds=before["seconds"], git_commit=before.get("git_commit"))
+        results["arms"].append(result)
         _write_results(results, out)  # after every arm, so an interrupted ablation keeps what finished
     results["environment"]["load_average_after"] = list(os.getloadavg())
     _write_results(results, out)
     write_markdown(results, out.with_suffix(".md"))
     write_plot(results, out.with_suffix(".png"))
+    write_frontier(results, out.with_suffix(".frontier.png"))
     return out
 
 
 def _write_results(results: dict, out: Path) -> None:
     ratios = compare_with_reference(results["arms"], results["reference"])
-    results["comparison"] = {"kl_to_parent_vs_reference": ratios}
+    results["comparison"] = {"kl_to_parent_vs_reference": ratios,
+                             "accuracy_vs_reference": accuracy_vs_reference(results["arms"], results["reference"])}
     atomic_write_json(out, results)
+
+
+def final_model(arm: Mapping) -> str | None:
+    """The name under which an arm's main child was last evaluated (after GKD when it ran)."""
+    child, metrics = arm.get("child"), arm.get("metrics") or {}
+    if child is None:
+        return None
+    return layout.uptrained(child["name"]) if metrics.get("after_gkd") else child["name"]
+
+
+def accuracy_vs_reference(arms: list[dict], reference: str) -> dict[str, dict | None]:
+    """Per arm, its main child's accuracy paired item by item with the reference arm's (both as last evaluated).
+
+    The mean over tasks of ``difference`` (arm - reference, accuracy points), ``preserved``
+    (arm / reference) and ``chance_adjusted``, each with its paired bootstrap 95% interval;
+    ``None`` where either arm has no evaluated child or their items do not pair.
+    """
+    ref = next((a for a in arms if a["name"] == reference and final_model(a)), None)
+    if ref is None:
+        return {arm["name"]: None for arm in arms}
+    ref_items = model_items(RunDir(ROOT / ref["run_dir"]), final_model(ref))
+    compared = {}
+    for arm in arms:
+        model = final_model(arm)
+        paired = paired_accuracy(ref_items, model_items(RunDir(ROOT / arm["run_dir"]), model)) if model else None
+        compared[arm["name"]] = None if paired is None else paired["mean"]
+    return compared
 
 
 def run_arm(item: PlannedArm, reuse: list[Path], ablation: str, echo: Callable[[str], None]) -> dict:

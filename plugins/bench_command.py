@@ -52,13 +52,16 @@ def benchmarks_runner(suite: Path = SUITE) -> ModuleType:
 @click.option("--reuse", multiple=True, type=click.Path(file_okay=False, exists=True),
               help="A run directory of the base config (repeatable): its finished stages are reused.")
 @click.option("--arm", "arms", multiple=True, help="Run only this arm (repeatable); the others keep earlier results.")
+@click.option("--allow-dirty", is_flag=True,
+              help="Run from a checkout with uncommitted changes (the results and tables say so).")
 @click.option("--list", "list_only", is_flag=True, help="List the ablations and their arms.")
 def bench_command(ablation: str | None, budget: str, base: str | None, results_dir: str | None,
-                  reuse: tuple[str, ...], arms: tuple[str, ...], list_only: bool) -> None:
+                  reuse: tuple[str, ...], arms: tuple[str, ...], allow_dirty: bool, list_only: bool) -> None:
     """Run ABLATION (a name, 'all', or an ablation YAML file): every arm, sharing finished stages.
 
     Writes RESULTS_DIR/ABLATION.json (ABLATION.small.json for the small budget), a markdown
-    table and a PNG plot; rerunning reuses every finished arm.
+    table and a PNG plot; rerunning reuses every finished arm. Results record the commit, so
+    a checkout with uncommitted changes is refused unless --allow-dirty.
     """
     runner = benchmarks_runner()
     if list_only or ablation is None:
@@ -80,6 +83,7 @@ def bench_command(ablation: str | None, budget: str, base: str | None, results_d
             results_dir=results_dir or runner.DEFAULT_RESULTS,
             arms=list(arms) or None,
             reuse=reuse,
+            allow_dirty=allow_dirty,
             echo=lambda message: click.echo(message, err=True),
         )
         click.echo(path.with_suffix(".md").read_text())

@@ -465,6 +465,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def splice(text: str, start: str, end: str, body: str) -> str | None:
+    """``text`` with what lies between the marker lines ``start`` and ``end`` replaced by ``body``; ``None``
+    when the markers are missing (generated sections of hand-written markdown)."""
+    first, last = text.find(start), text.find(end)
+    if first < 0 or last < first:
+        return None
+    return text[: first + len(start)] + "\n" + body + text[last:]
+
+
 def percent_interval(interval: Mapping | None, signed: bool = False) -> str:
     """``98.4% [96.0, 100.9]`` (``+1.2 [...]`` points when ``signed``); ``–`` when not measured."""
     if interval is None or interval["value"] is None:

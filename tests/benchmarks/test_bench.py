@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from fake_distributions import site_packages  # noqa: F401  (fixture)
 
 from benchmarks import runner
@@ -254,7 +255,6 @@ def test_pruning_baselines_explain_what_they_need(registries):
 
 
 def test_bench_lists_the_ablations_and_refuses_unknown_ones(tmp_path):
-    from click.testing import CliRunner
 
     from puzzle_core.cli import cli
 
@@ -334,3 +334,36 @@ def test_an_arm_records_its_main_childs_numbers_from_its_run_directory(tiny_run)
     assert result["metrics"]["after_gkd"] == main["eval"] and result["metrics"]["assembled"] == main["eval_before_gkd"]
     assert result["parent"] == summary["parent"] and result["stages"]["search"] == "ran"
     assert runner.arm_result(planned, "failed", "boom", {}, 1.0)["child"] is None
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_tree_state_names_uncommitted_changes_outside_the_results(tmp_path):
+    git(tmp_path, "init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    for name in ("code.py", "benchmarks/results/search.json"):
+        (tmp_path / name).write_text("1")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-qm", "start")
+    clean = runner.tree_state(tmp_path)
+    assert clean["git_dirty"] is False and len(clean["git_commit"]) == 40
+    (tmp_path / "benchmarks/results/search.json").write_text("2")  # a result being rewritten is not a change
+    (tmp_path / "scratch.txt").write_text("untracked")
+    assert runner.tree_state(tmp_path)["git_dirty"] is False
+    (tmp_path / "code.py").write_text("2")
+    assert runner.tree_state(tmp_path) == {"git_commit": clean["git_commit"], "git_dirty": True,
+                                           "git_changes": ["code.py"]}
+
+
+def test_bench_refuses_a_changed_tree_unless_allowed(tmp_path, monkeypatch):
+    from puzzle_core.cli import cli
+
+    monkeypatch.setattr(runner, "tree_state", lambda: {"git_commit": "abc", "git_dirty": True,
+                                                        "git_changes": ["plugins/search_mip.py"]})
+    refused = CliRunner().invoke(cli, ["bench", "search", "--results-dir", str(tmp_path)])
+    assert refused.exit_code == 2
+    assert "uncommitted changes (plugins/search_mip.py)" in refused.output and "--allow-dirty" in refused.output
+    assert not list(tmp_path.iterdir()), "nothing written"
