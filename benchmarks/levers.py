@@ -25,7 +25,6 @@ import attrs
 
 from puzzle_core import report
 from puzzle_core.errors import UserError
-from puzzle_core.rundir import atomic_write
 from puzzle_core.schema import GKDSection, PuzzleConfig, load_config
 
 HERE = Path(__file__).resolve().parent
@@ -556,15 +555,6 @@ def render(results: Path = RESULTS, demo: Path = DEMO) -> str:
     return "\n".join([intro] + [lever(inputs) for lever in LEVERS] + [not_run])
 
 
-def splice(readme: str, body: str, path: Path = README) -> str:
-    """``readme`` with the text between the markers replaced by ``body``."""
-    spliced = report.splice(readme, START, END, body)
-    if spliced is None:
-        raise UserError(f"{path} has no '{START}' ... '{END}' pair: put both marker lines where the quality "
-                        f"levers section belongs, then run benchmarks/levers.py again.")
-    return spliced
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the benchmark results JSON")
@@ -572,21 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--demo", type=Path, default=DEMO, help="the config whose settings the readings name")
     parser.add_argument("--check", action="store_true", help="only check that the README section is up to date")
     args = parser.parse_args(argv)
-    try:
-        current = args.readme.read_text()
-        updated = splice(current, render(args.results, args.demo), args.readme)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return UserError.exit_code
-    if args.check:
-        if updated != current:
-            print(f"{args.readme}: the quality levers section is stale; run benchmarks/levers.py", file=sys.stderr)
-            return 1
-        print(f"{args.readme}: the quality levers section is up to date")
-        return 0
-    atomic_write(args.readme, updated)
-    print(f"Wrote the quality levers section of {args.readme}")
-    return 0
+    return report.rewrite_section(args.readme, START, END, lambda: render(args.results, args.demo), "quality levers",
+                                  "benchmarks/levers.py", args.check)
 
 
 if __name__ == "__main__":

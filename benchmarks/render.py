@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from puzzle_core import report
-from puzzle_core.errors import UserError
 from puzzle_core.report import percent_interval
 from puzzle_core.rundir import atomic_path, atomic_write
 
@@ -185,6 +184,16 @@ def frontier_points(results: Mapping) -> dict[str, list[Mapping]]:
             for method, points in groups.items() if len(points) > 1}
 
 
+def save(figure, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(title)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+
+
 def write_frontier(results: Mapping, path: Path) -> bool:
     """Quality against measured speedup, one line per method (False, and no file, when no method has 2+ budgets).
 
@@ -224,11 +233,7 @@ def write_frontier(results: Mapping, path: Path) -> bool:
     for axis in (accuracy, kl):
         axis.set_xlabel("measured speedup over the parent (median, IQR)")
         axis.legend(fontsize=8)
-    figure.suptitle(f"{results['ablation']} ({results['environment']['budget']} budget): quality vs speed")
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    save(figure, path, f"{results['ablation']} ({results['environment']['budget']} budget): quality vs speed")
     return True
 
 
@@ -275,11 +280,7 @@ def write_plot(results: Mapping, path: Path) -> None:
     for axis in axes:
         axis.set_xticks(x, names, rotation=30, ha="right")
         axis.legend(fontsize=8)
-    figure.suptitle(f"{results['ablation']} ({results['environment']['budget']} budget)")
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    save(figure, path, f"{results['ablation']} ({results['environment']['budget']} budget)")
 
 
 # ---------------------------------------------------------------------------- the README section
@@ -313,35 +314,14 @@ def readme_section(results_dir: Path = RESULTS) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def splice(readme: str, body: str, path: Path = README) -> str:
-    spliced = report.splice(readme, START, END, body)
-    if spliced is None:
-        raise UserError(f"{path} has no '{START}' ... '{END}' pair: put both marker lines where the ablation "
-                        f"results belong, then run benchmarks/render.py again.")
-    return spliced
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the ablation results JSON")
     parser.add_argument("--readme", type=Path, default=README)
     parser.add_argument("--check", action="store_true", help="only check that the README section is up to date")
     args = parser.parse_args(argv)
-    try:
-        current = args.readme.read_text()
-        updated = splice(current, readme_section(args.results), args.readme)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return UserError.exit_code
-    if args.check:
-        if updated != current:
-            print(f"{args.readme}: the ablation results section is stale; run benchmarks/render.py", file=sys.stderr)
-            return 1
-        print(f"{args.readme}: the ablation results section is up to date")
-        return 0
-    atomic_write(args.readme, updated)
-    print(f"Wrote the ablation results section of {args.readme}")
-    return 0
+    return report.rewrite_section(args.readme, START, END, lambda: readme_section(args.results), "ablation results",
+                                  "benchmarks/render.py", args.check)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,18 @@ the better-behaved score there). Perplexities, KL and throughput never count.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from puzzle_core import layout
 from puzzle_core.blocks import BlockSpec
 from puzzle_core.config import unstructure
+from puzzle_core.errors import UserError
 from puzzle_core.evaluation import TaskItems, read_task_items
 from puzzle_core.layout import ChildSummary, GKDLog, GKDSummary, ParentSummary, Summary
 from puzzle_core.library import layer_key
-from puzzle_core.rundir import RunDir
+from puzzle_core.rundir import RunDir, atomic_write
 from puzzle_core.stats import PairedScores, accuracy_interval, compare_tasks
 
 ACCURACY_METRICS = ("acc_norm", "acc", "exact_match", "accuracy", "mc2", "mc1", "f1")
@@ -472,6 +474,34 @@ def splice(text: str, start: str, end: str, body: str) -> str | None:
     if first < 0 or last < first:
         return None
     return text[: first + len(start)] + "\n" + body + text[last:]
+
+
+def rewrite_section(path: Path, start: str, end: str, render: Callable[[], str], what: str, script: str,
+                    check: bool = False) -> int:
+    """Write (or with ``check`` only compare) the generated section of the markdown file ``path``; an exit code.
+
+    0: written or up to date; 1: stale (``check``); 2: the markers are missing or ``render`` raised a
+    :class:`UserError` (its message printed).
+    """
+    current = path.read_text()
+    try:
+        updated = splice(current, start, end, render())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return UserError.exit_code
+    if updated is None:
+        print(f"error: {path} has no '{start}' ... '{end}' pair: put both marker lines where the {what} section "
+              f"belongs, then run {script} again.", file=sys.stderr)
+        return 2
+    if check:
+        if updated != current:
+            print(f"{path}: the {what} section is stale; run {script}", file=sys.stderr)
+            return 1
+        print(f"{path}: the {what} section is up to date")
+        return 0
+    atomic_write(path, updated)
+    print(f"Wrote the {what} section of {path}")
+    return 0
 
 
 def percent_interval(interval: Mapping | None, signed: bool = False) -> str:
