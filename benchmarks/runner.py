@@ -421,7 +421,9 @@ def run_ablation(
     tree = tree_state()
     refuse_dirty_tree(tree, allow_dirty)
     out = results_path(results_dir, ablation.name, budget)
-    earlier = {a["name"]: a for a in (_read_json(out) or {}).get("arms", [])}
+    previous = _read_json(out) or {}
+    earlier = {a["name"]: a for a in previous.get("arms", [])}
+    earlier_commit = (previous.get("environment") or {}).get("git_commit")  # results that predate per-arm commits
     results = {
         "ablation": ablation.name,
         "description": ablation.description,
@@ -434,14 +436,16 @@ def run_ablation(
     for item in planned:
         if arms and item.arm.name not in arms:
             if item.arm.name in earlier:
-                results["arms"].append(earlier[item.arm.name])
+                kept = earlier[item.arm.name]
+                results["arms"].append({**kept, "git_commit": kept.get("git_commit") or earlier_commit})
             continue
         reusable = donors(planned, item, runs_root(results_dir, budget), [Path(p) for p in reuse])
         result = {**run_arm(item, reusable, ablation.name, echo), "git_commit": tree["git_commit"]}
         before = earlier.get(item.arm.name)
         if before and before["config_hash"] == result["config_hash"] and set(result["stages"].values()) == {"skipped"}:
             # Nothing ran again: keep how (and at which commit) the arm was made, not the rerun.
-            result.update(stages=before["stages"], seconds=before["seconds"], git_commit=before.get("git_commit"))
+            result.update(stages=before["stages"], seconds=before["seconds"],
+                          git_commit=before.get("git_commit") or earlier_commit)
         results["arms"].append(result)
         _write_results(results, out)  # after every arm, so an interrupted ablation keeps what finished
     results["environment"]["load_average_after"] = list(os.getloadavg())
