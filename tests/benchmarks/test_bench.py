@@ -367,3 +367,24 @@ def test_bench_refuses_a_changed_tree_unless_allowed(tmp_path, monkeypatch):
     assert refused.exit_code == 2
     assert "uncommitted changes (plugins/search_mip.py)" in refused.output and "--allow-dirty" in refused.output
     assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_a_rerun_keeps_how_and_at_which_commit_each_arm_was_made(tmp_path, monkeypatch):
+    from puzzle_core.pipeline import STAGE_NAMES
+
+    def skipped_again(item, reuse, ablation, echo):
+        return {"name": item.arm.name, "status": "ok", "error": None, "config_hash": item.config_hash,
+                "stages": dict.fromkeys(STAGE_NAMES, "skipped"), "seconds": 0.1, "child": None, "metrics": None,
+                "parent": None, "run_dir": str(item.run_dir)}
+
+    monkeypatch.setattr(runner, "tree_state", lambda: {"git_commit": "new", "git_dirty": False, "git_changes": []})
+    monkeypatch.setattr(runner, "run_arm", skipped_again)
+    planned = runner.plan(runner.load_ablation("search"), "small", TINY, tmp_path)
+    made = [{**skipped_again(p, [], "search", None), "stages": dict.fromkeys(STAGE_NAMES, "ran"), "seconds": 60.0}
+            for p in planned]
+    made[0]["git_commit"] = "first"  # the others predate per-arm commits: the results' own commit stands for them
+    (tmp_path / "search.small.json").write_text(json.dumps({"environment": {"git_commit": "old"}, "arms": made}))
+    runner.run_ablation("search", results_dir=tmp_path, arms=[p.arm.name for p in planned[:-1]], echo=print)
+    arms = json.loads((tmp_path / "search.small.json").read_text())["arms"]
+    assert [arm["git_commit"] for arm in arms] == ["first"] + ["old"] * (len(planned) - 1)
+    assert all(arm["seconds"] == 60.0 and set(arm["stages"].values()) == {"ran"} for arm in arms)
