@@ -80,7 +80,7 @@ def markdown_table(results: Mapping) -> str:
     if accuracy:
         headers += ["accuracy preserved assembled", "chance-adjusted assembled"]
         headers += ["accuracy preserved after GKD", "chance-adjusted after GKD"] if trained else []
-        headers += [f"accuracy vs {reference}, points" if versus else None]
+        headers += [f"accuracy vs {reference}, points (tasks above chance)" if versus else None]
     headers = [h for h in headers if h]
     headers += ["params", "status"]
     rows = []

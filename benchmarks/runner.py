@@ -46,7 +46,7 @@ from puzzle_core.config import deep_merge, read_yaml, stable_hash, structure, un
 from puzzle_core import layout
 from puzzle_core.errors import UserError
 from puzzle_core.pipeline import STAGE_NAMES, run_pipeline, stage_hashes
-from puzzle_core.report import model_items, paired_accuracy
+from puzzle_core.report import model_items, paired_accuracy, parent_accuracy
 from puzzle_core.rundir import MANIFEST, RunDir, atomic_write_json, sha256_file
 from puzzle_core.schema import PuzzleConfig, read_config_data
 from puzzle_core.search import InfeasibleError
@@ -474,19 +474,25 @@ def final_model(arm: Mapping) -> str | None:
 def accuracy_vs_reference(arms: list[dict], reference: str) -> dict[str, dict | None]:
     """Per arm, its main child's accuracy paired item by item with the reference arm's (both as last evaluated).
 
-    The mean over tasks of ``difference`` (arm - reference, accuracy points), ``preserved``
-    (arm / reference) and ``chance_adjusted``, each with its paired bootstrap 95% interval;
-    ``None`` where either arm has no evaluated child or their items do not pair.
+    Over the tasks on which the parent scores above chance (the tasks the chance-adjusted
+    figure counts; a task where the parent is at or below chance says nothing about what a
+    child kept): the mean over those tasks of ``difference`` (arm - reference, accuracy
+    points), ``preserved`` (arm / reference) and ``chance_adjusted``, each with its paired
+    bootstrap 95% interval, and the ``tasks`` compared. ``None`` where either arm has no
+    evaluated child or their items do not pair.
     """
     ref = next((a for a in arms if a["name"] == reference and final_model(a)), None)
     if ref is None:
         return {arm["name"]: None for arm in arms}
-    ref_items = model_items(RunDir(ROOT / ref["run_dir"]), final_model(ref))
+    ref_dir = RunDir(ROOT / ref["run_dir"])
+    above = {task for task, found in parent_accuracy(model_items(ref_dir, "parent")).items()
+             if found["accuracy"]["value"] > found["chance"]}
+    ref_items = {task: items for task, items in model_items(ref_dir, final_model(ref)).items() if task in above}
     compared = {}
     for arm in arms:
         model = final_model(arm)
         paired = paired_accuracy(ref_items, model_items(RunDir(ROOT / arm["run_dir"]), model)) if model else None
-        compared[arm["name"]] = None if paired is None else paired["mean"]
+        compared[arm["name"]] = None if paired is None else {**paired["mean"], "tasks": sorted(paired["tasks"])}
     return compared
 
 

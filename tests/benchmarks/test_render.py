@@ -48,7 +48,7 @@ def test_the_table_shows_spread_intervals_and_the_comparison_with_the_reference_
     table = render.markdown_table(RESULTS)
     header, _, mip, steeper, *_ = table.splitlines()
     assert "KL after GKD" not in header, "no arm ran GKD"
-    assert "accuracy vs mip-1.5x, points" in header and "chance-adjusted assembled" in header
+    assert "accuracy vs mip-1.5x, points (tasks above chance)" in header and "chance-adjusted assembled" in header
     assert "| 1.80 [1.60, 2.00] |" in steeper and "| -3.1 [-5.0, -1.0] |" in steeper and "| 2.25x |" in steeper
     assert "| 20.0% [10.0, 30.0] |" in steeper and "| +0.0 [+0.0, +0.0] |" in mip
 
