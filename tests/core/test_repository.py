@@ -44,6 +44,15 @@ def test_every_file_the_readme_names_exists():
     assert missing == []
 
 
+@pytest.mark.parametrize("readme", ["README.md", "benchmarks/README.md", "CONTRIBUTING.md"])
+def test_every_relative_link_and_picture_in_the_docs_exists(readme):
+    path = ROOT / readme
+    targets = re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", path.read_text())
+    assert targets, f"{readme} links nothing"
+    missing = sorted(target for target in targets if not (path.parent / target).exists())
+    assert missing == [], f"{readme} links files that do not exist"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_validates(path, capsys):
     assert main(["config", "validate", str(path)]) == 0, capsys.readouterr().err
