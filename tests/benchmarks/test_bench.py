@@ -388,3 +388,12 @@ def test_a_rerun_keeps_how_and_at_which_commit_each_arm_was_made(tmp_path, monke
     arms = json.loads((tmp_path / "search.small.json").read_text())["arms"]
     assert [arm["git_commit"] for arm in arms] == ["first"] + ["old"] * (len(planned) - 1)
     assert all(arm["seconds"] == 60.0 and set(arm["stages"].values()) == {"ran"} for arm in arms)
+
+    fresh = tmp_path / "fresh"  # no earlier results: the arms --arm leaves out are listed as not run
+    runner.run_ablation("search", results_dir=fresh, arms=[planned[0].arm.name], echo=print)
+    arms = json.loads((fresh / "search.small.json").read_text())["arms"]
+    assert [arm["name"] for arm in arms] == [p.arm.name for p in planned]
+    assert [arm["status"] for arm in arms] == ["ok"] + ["not run"] * (len(planned) - 1)
+    assert "| greedy-1.25x | – |" in (fresh / "search.small.md").read_text()
+    assert json.loads((fresh / "search.small.json").read_text())["command"].startswith(
+        "puzzle bench search --budget small --arm mip-1.25x")
