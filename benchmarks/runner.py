@@ -41,7 +41,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import attrs
 import yaml
 
-from benchmarks.render import ORDER, final_metric, write_frontier, write_markdown, write_plot
+from benchmarks.render import ORDER, final_metric, results_path, write_frontier, write_markdown, write_plot
 from puzzle_core.config import deep_merge, read_yaml, stable_hash, structure, unstructure
 from puzzle_core import layout
 from puzzle_core.errors import UserError
@@ -383,10 +383,6 @@ def compare_with_reference(arms: list[dict], reference: str, metric: str = "kl_t
     return ratios
 
 
-def results_path(results_dir: Path, ablation: str, budget: BudgetName) -> Path:
-    return results_dir / (f"{ablation}.json" if budget == "full" else f"{ablation}.{budget}.json")
-
-
 def command_line(ablation: str, budget: BudgetName, base: Path | None, results_dir: Path,
                  arms: Sequence[str] = ()) -> str:
     parts = ["puzzle bench", ablation, "--budget", budget, *(f"--arm {arm}" for arm in arms)]
@@ -432,8 +428,9 @@ def run_ablation(
     refuse_dirty_tree(tree, allow_dirty)
     out = results_path(results_dir, ablation.name, budget)
     previous = _read_json(out) or {}
-    earlier = {a["name"]: a for a in previous.get("arms", []) if a["status"] != NOT_RUN}
-    earlier_commit = (previous.get("environment") or {}).get("git_commit")  # results that predate per-arm commits
+    made_at = (previous.get("environment") or {}).get("git_commit")  # for arms that predate per-arm commits
+    earlier = {a["name"]: {**a, "git_commit": a.get("git_commit") or made_at}
+               for a in previous.get("arms", []) if a["status"] != NOT_RUN}
     results = {
         "ablation": ablation.name,
         "description": ablation.description,
@@ -446,19 +443,14 @@ def run_ablation(
     }
     for item in planned:
         if arms and item.arm.name not in arms:
-            if item.arm.name in earlier:
-                kept = earlier[item.arm.name]
-                results["arms"].append({**kept, "git_commit": kept.get("git_commit") or earlier_commit})
-            else:
-                results["arms"].append(not_run(item))
+            results["arms"].append(earlier.get(item.arm.name) or not_run(item))
             continue
         reusable = donors(planned, item, runs_root(results_dir, budget), [Path(p) for p in reuse])
         result = {**run_arm(item, reusable, ablation.name, echo), "git_commit": tree["git_commit"]}
         before = earlier.get(item.arm.name)
         if before and before["config_hash"] == result["config_hash"] and set(result["stages"].values()) == {"skipped"}:
             # Nothing ran again: keep how (and at which commit) the arm was made, not the rerun.
-            result.update(stages=before["stages"], seconds=before["seconds"],
-                          git_commit=before.get("git_commit") or earlier_commit)
+            result.update(stages=before["stages"], seconds=before["seconds"], git_commit=before["git_commit"])
         results["arms"].append(result)
         _write_results(results, out)  # after every arm, so an interrupted ablation keeps what finished
     results["environment"]["load_average_after"] = list(os.getloadavg())
