@@ -229,15 +229,21 @@ def test_token_budget_below_one_step_is_a_user_error(setup, tmp_path):
         train(family, parent, corpus, tmp_path, section(tokens=32))
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """One torchrun-like process: same data and child as the single-process run, half the batch."""
+def join_group(rank: int, world_size: int, port: int) -> None:
+    """Join the process group as a torchrun process would: torchrun's environment, one thread."""
     import os
-    from pathlib import Path
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
     gkd.join_process_group()
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One torchrun-like process: same data and child as the single-process run, half the batch."""
+    from pathlib import Path
+
+    join_group(rank, world_size, port)
     try:
         family, parent, corpus = make_setup()
         model, log, totals = train(family, parent, corpus, Path(out_dir), section(tokens=1024, batch_size=2))

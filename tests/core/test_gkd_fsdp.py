@@ -11,7 +11,7 @@ import torch
 
 from puzzle_core import gkd
 from puzzle_core.config import unstructure
-from test_gkd import make_child, make_setup, section, train
+from test_gkd import join_group, make_child, make_setup, section, train
 
 # Two processes with 2 sequences each and one process with 4 see the same sequences per step; summation
 # order differs, and Adam magnifies that noise where gradients are ~0 (the DDP test uses the same bounds).
@@ -26,15 +26,11 @@ def free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, settings: dict, stop_after: int | None) -> None:
     """One torchrun-like process training the tiny child with gkd.sharding: fsdp."""
-    import os
-
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
-    torch.set_num_threads(1)
-    gkd.join_process_group()
+    join_group(rank, world_size, port)
     try:
         family, parent, corpus = make_setup()
         if stop_after is not None:  # SIGKILL rank 1 once that step's checkpoint is complete
+            import os
             import signal
 
             original = gkd._Training.save
