@@ -3,14 +3,17 @@
 Part 1, ``measured`` on this machine, in the scenario of ``--config`` (the demo's: 4
 prompts of 128 tokens, 32 generated tokens, fp32, 2 threads). DeciLM children of the
 SmolLM2-135M parent are built from the demo's block space so that the ``measured`` cost
-model predicts about 1.25x, 1.5x, 1.75x and 2x (prediction = fixed costs + the sum of the
+model predicts about 1.25x, 1.5x, 1.75x and 2x, plus the parent itself rebuilt as a DeciLM
+child (``~1.0x``: the parent's weights in the children's code; prediction = fixed costs + the sum of the
 blocks' costs; the blocks are timed in this run, ``--cost-runs`` independent times to
 show how much the prediction itself moves). Each child is then measured end to end by
 the ``throughput`` evaluator the demo uses: ``generate`` paired with the parent round by
 round, speedup = median of per-round ratios with its quartiles and range;
 ``--measurements`` independent measurements per child (interleaved over the children)
 show how well one measurement repeats. Target: predicted within 5% of measured, and one
-child's measurements within +-3% of each other. Cost model and evaluator time the same
+child's measurements within +-3% of each other. Latencies are compared too (predicted ms
+against each model's own measured ms, the parent as loaded included), which splits a
+speedup error into the children's part and the parent's. Cost model and evaluator time the same
 thing (``generate``), with the same threads, clock and statistic (median of paired
 rounds).
 
@@ -68,7 +71,7 @@ GIB = 1024
 # 384 or none), spread over the depth until the predicted speedup is closest to each target.
 RECIPE = ["attn_g9+ffn_768", "attn_noop+ffn_384", "attn_g3+ffn_noop", "attn_noop+ffn_noop", "attn_g9+ffn_384",
           "attn_noop+ffn_1536"]
-TARGETS = (1.25, 1.5, 1.75, 2.0)
+TARGETS = (1.0, 1.25, 1.5, 1.75, 2.0)  # 1.0: no layer replaced, the parent in the children's code
 
 LLAMA_31_70B = {
     "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
@@ -161,7 +164,8 @@ def measured_part(args, registries) -> dict:
                                             lambda blocks: predicted_ms(fixed, costs, blocks)) for target in TARGETS}
 
     throughput_options = {"name": "throughput", "clock": args.clock, **({"repeats": args.rounds} if args.rounds else {})}
-    evaluator = structure(throughput_options, EvaluatorChoice).create(registries)
+    choice = structure(throughput_options, EvaluatorChoice)
+    evaluator = registries.record(choice).create(choice.options)
     context = EvalContext(parent=parent, scenario=scenario, threads=scenario.threads, seed=config.seed)
     models = {name: family.build_child(parent, blocks) for name, blocks in children.items()}
     print(f"measuring {len(models)} children end to end against the parent, {args.measurements} time(s) each...",
@@ -184,11 +188,15 @@ def measured_part(args, registries) -> dict:
             "predicted_speedup": predicted[0],
             "predicted_speedups": predicted,
             "measured_speedup": statistics.median(measured),
+            "measured_ms": statistics.median(m["latency_s"] * 1e3 for m in measurements[name]),
             "measurements": measurements[name],
             "measured_spread": spread(measured),
         }
         row["speedup_error"] = row["predicted_speedup"] / row["measured_speedup"] - 1
+        row["latency_error"] = row["predicted_ms"] / row["measured_ms"] - 1
         rows.append(row)
+    tokens = scenario.batch_size * scenario.decode_len
+    parent_ms = statistics.median(tokens / m["parent_throughput_tok_s"] * 1e3 for ms in measurements.values() for m in ms)
     return {
         "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
         "parent": config.parent.source,
@@ -197,6 +205,8 @@ def measured_part(args, registries) -> dict:
         "throughput_options": attrs.asdict(evaluator.options),
         "cost_runs": [{"fixed": f, "block_costs": c} for f, c in cost_runs],
         "children": rows,
+        "parent_predicted_ms": predicted_ms(fixed, costs, shape.blocks),
+        "parent_measured_ms": parent_ms,  # the parent as loaded (its own family's code), median over every pairing
         "costing_seconds": costing_s,
         "end_to_end_seconds": e2e_s,
     }
@@ -208,7 +218,10 @@ def print_measured(part: dict) -> None:
     print(f"measured cost model vs the throughput evaluator ({part['options']['clock']} clock, "
           f"{part['scenario']['threads']} thread(s); measured = median of {e2e['repeats']} paired rounds; "
           f"IQR and range of the first measurement)")
-    print(f"{'child':7s} {'pred x':>14s} {'meas x':>7s} {'IQR':>13s} {'range':>13s} {'repeats':>15s} {'error':>7s}  blocks")
+    print(f"{'child':7s} {'pred x':>14s} {'meas x':>7s} {'IQR':>13s} {'range':>13s} {'repeats':>15s} {'error':>7s} "
+          f"{'pred ms':>8s} {'meas ms':>8s} {'error':>7s}  blocks")
+    print(f"{'parent':7s} {'':>14s} {'':>7s} {'':>13s} {'':>13s} {'':>15s} {'':>7s} {part['parent_predicted_ms']:8.0f} "
+          f"{part['parent_measured_ms']:8.0f} {part['parent_predicted_ms'] / part['parent_measured_ms'] - 1:+7.1%}  as loaded")
     for row in part["children"]:
         first = row["measurements"][0]
         mix = ", ".join(f"{n}x {b}" for b, n in row["blocks"].items())
@@ -217,7 +230,8 @@ def print_measured(part: dict) -> None:
         print(f"{row['child']:7s} {predicted:>14s} {row['measured_speedup']:6.2f}x "
               f"{first['measured_speedup_q1']:5.2f}-{first['measured_speedup_q3']:5.2f}x "
               f"{first['measured_speedup_min']:5.2f}-{first['measured_speedup_max']:5.2f}x "
-              f"{repeats:>15s} {row['speedup_error']:+7.1%}  {mix}")
+              f"{repeats:>15s} {row['speedup_error']:+7.1%} {row['predicted_ms']:8.0f} {row['measured_ms']:8.0f} "
+              f"{row['latency_error']:+7.1%}  {mix}")
 
 
 # ---------------------------------------------------------------- part 2: analytic models
