@@ -3,19 +3,19 @@
 Part 1, ``measured`` on this machine, in the scenario of ``--config`` (the demo's: 4
 prompts of 128 tokens, 32 generated tokens, fp32, 2 threads). DeciLM children of the
 SmolLM2-135M parent are built from the demo's block space so that the ``measured`` cost
-model predicts about 1.25x, 1.5x, 1.75x and 2x, plus the parent itself rebuilt as a DeciLM
-child (``~1.0x``: the parent's weights in the children's code; prediction = fixed costs + the sum of the
+model predicts about 1.25x, 1.5x, 1.75x and 2x (prediction = fixed costs + the sum of the
 blocks' costs; the blocks are timed in this run, ``--cost-runs`` independent times to
-show how much the prediction itself moves). Each child is then measured end to end by
-the ``throughput`` evaluator the demo uses: ``generate`` paired with the parent round by
-round, speedup = median of per-round ratios with its quartiles and range;
-``--measurements`` independent measurements per child (interleaved over the children)
-show how well one measurement repeats. Target: predicted within 5% of measured, and one
-child's measurements within +-3% of each other. Latencies are compared too (predicted ms
-against each model's own measured ms, the parent as loaded included), which splits a
-speedup error into the children's part and the parent's. Cost model and evaluator time the same
-thing (``generate``), with the same threads, clock and statistic (median of paired
-rounds).
+show how much the prediction itself moves). A fifth child, ``~1.0x``, is the parent
+itself rebuilt in the children's code: what it measures is the code's share of every
+speedup. Each child is then measured end to end by the ``throughput`` evaluator the demo
+uses: ``generate`` paired with the parent round by round, speedup = median of per-round
+ratios with its quartiles and range; ``--measurements`` independent measurements per
+child (interleaved over the children) show how well one measurement repeats. Target:
+predicted within 5% of measured, and one child's measurements within +-3% of each other.
+Latencies are compared too (predicted ms against each model's own measured ms, the
+parent as loaded included), which splits a speedup error into the children's part and
+the parent's. Cost model and evaluator time the same thing (``generate``), with the same
+threads, clock and statistic (median of paired rounds).
 
 Part 2, the analytic roofline models (``h100``, ``rtx4090``), from configs alone:
 per-layer runtimes of Llama-3.1-70B- and -8B-shaped parents, the speedup of
