@@ -71,11 +71,6 @@ LAYER_MAP_PLOT = "layer_map.png"
 GKD_PLOT = "gkd.png"
 
 
-def parent_evaluation() -> tuple[str, str]:
-    """The parent's evaluation and its items: a cache other run directories with the same parent may lend."""
-    return f"{EVAL_MODELS}/parent.json", f"{EVAL_ITEMS}/parent"
-
-
 def worker_config(run_dir: RunDir, stage: str) -> Path:
     return run_dir.path(WORKERS, f"{stage}.yaml")
 

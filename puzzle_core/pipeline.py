@@ -71,7 +71,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("assemble", (), "puzzle_core.stages.assemble", "building and exporting the children"),
     Stage("gkd", ("gkd",), "puzzle_core.stages.gkd", "global knowledge distillation"),
     Stage("evaluate", ("evaluation",), "puzzle_core.stages.evaluate", "evaluating parent and children",
-          caches=layout.parent_evaluation()),
+          caches=(layout.EVAL_MODELS, layout.EVAL_ITEMS)),  # each model's numbers, reused where fingerprints match
     Stage("report", (), "puzzle_core.stages.report", "report and plots"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)

@@ -75,19 +75,34 @@ def candidates(ctx) -> list[Candidate]:
     return found
 
 
-PARENT_SECTIONS = ("parent", "seed", "threads", "data", "scenario", "evaluation")
+EVALUATED_WITH = ("parent", "seed", "threads", "data", "scenario", "evaluation")
 
 
 def model_fingerprint(ctx, candidate: Candidate) -> str:
-    """What a model's numbers depend on: a child's, every stage; the parent's, only the sections it is evaluated with.
+    """What a model's numbers depend on: the sections it is evaluated with, and what made it.
 
-    So run directories that differ upstream (an ablation's arms) reuse one evaluation of
-    the parent (``eval/models/parent.json`` is a cache of this stage).
+    The parent is made by nothing upstream, a child as assembled by the stages up to
+    ``assemble``, a child after GKD by every stage. So run directories that differ only
+    downstream of a model (an ablation's arms: the parent for all, the assembled child for
+    arms that differ in GKD alone) reuse its evaluation: ``eval/`` is a cache of this stage.
     """
+    config = unstructure(ctx.config)
+    evaluated_with = {section: config[section] for section in EVALUATED_WITH}
     if candidate.role == "parent":
-        config = unstructure(ctx.config)
-        return stable_hash({"model": candidate.key, **{section: config[section] for section in PARENT_SECTIONS}})
+        return stable_hash({"model": candidate.key, **evaluated_with})
+    if candidate.phase == "assembled":
+        return stable_hash({"model": candidate.key, "upstream": ctx.hashes["assemble"], **evaluated_with})
     return stable_hash({"stage": ctx.hashes["evaluate"], "model": candidate.key})
+
+
+def forget_others(run_dir: RunDir, models: set[str]) -> None:
+    """Delete evaluations of models this run no longer has (a donor's, or a removed child's)."""
+    for path in run_dir.path(layout.EVAL_MODELS).glob("*.json"):
+        if path.stem not in models:
+            path.unlink()
+    for path in run_dir.path(layout.EVAL_ITEMS).glob("*"):
+        if path.is_dir() and path.name not in models:
+            shutil.rmtree(path)
 
 
 def run(ctx) -> list[Path]:
@@ -140,5 +155,6 @@ def run(ctx) -> list[Path]:
             del model
             gc.collect()
     bar.close()
+    forget_others(run_dir, set(results))
     results_path = layout.write_eval_results(run_dir, EvalResults([unstructure(c) for c in choices], results))
     return [results_path, *written]

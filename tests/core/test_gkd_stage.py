@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import attrs
 import pytest
@@ -11,7 +12,7 @@ import torch
 from puzzle_core import gkd as gkd_core
 from puzzle_core.config import structure
 from puzzle_core.pipeline import RunContext
-from puzzle_core.rundir import RunDir
+from puzzle_core.rundir import RunDir, atomic_write
 from puzzle_core.schema import GKDSection, PuzzleConfig
 from puzzle_core.stages import evaluate, gkd, report
 from puzzle_core.layout import ChildRecord, read_eval_results, read_gkd_results, write_children
@@ -120,3 +121,40 @@ def test_gkd_main_only_and_disabled(ctx):
     ctx.config = attrs.evolve(ctx.config, gkd=attrs.evolve(main_only, enabled=False))
     assert [p.name for p in gkd.run(ctx)] == ["index.json"]
     assert read_gkd_results(ctx.run_dir) == {}
+
+
+def test_runs_that_differ_in_gkd_alone_reuse_the_parent_and_assembled_children_evaluations(ctx, tmp_path, monkeypatch):
+    for stage in (gkd, evaluate):
+        ctx.stage = stage.__name__.rsplit(".", 1)[1]
+        stage.run(ctx)
+    first = read_eval_results(ctx.run_dir).models
+    arm_dir = tmp_path / "arm"
+    shutil.copytree(ctx.run_dir.root, arm_dir)  # the same children and GKD outputs, as a donor lends them
+    atomic_write(arm_dir / "eval" / "models" / "removed.json", "{}")
+    atomic_write(arm_dir / "eval" / "items" / "removed" / "boolq.json", "{}")
+
+    def arm(**sections) -> RunContext:
+        context = RunContext(attrs.evolve(ctx.config, **sections), RunDir(arm_dir))
+        context.__dict__.update(loaded_parent=ctx.loaded_parent, corpus=ctx.corpus)
+        context.stage = "evaluate"
+        return context
+
+    evaluated = []
+    evaluate_all = evaluate.evaluate_all
+
+    def spy(model, pairs, context):
+        evaluated.append(context.items_dir.name)
+        return evaluate_all(model, pairs, context)
+
+    monkeypatch.setattr(evaluate, "evaluate_all", spy)
+    evaluate.run(arm(gkd=attrs.evolve(ctx.config.gkd, lr=1e-3)))
+    assert evaluated == ["mip+gkd", "greedy+gkd"]
+    models = read_eval_results(RunDir(arm_dir)).models
+    assert {name: models[name] for name in ("parent", "mip", "greedy")} == {
+        name: first[name] for name in ("parent", "mip", "greedy")}
+    assert sorted(p.name for p in (arm_dir / "eval" / "models").iterdir()) == sorted(f"{m}.json" for m in first)
+    assert not (arm_dir / "eval" / "items" / "removed").exists()
+
+    evaluated.clear()
+    evaluate.run(arm(search=attrs.evolve(ctx.config.search, speedup=2.0)))  # other children: only the parent stands
+    assert evaluated == ["mip", "mip+gkd", "greedy", "greedy+gkd"]
