@@ -15,6 +15,11 @@ end-to-end measurement pays too). Prefill is the first forward call inside the s
 ``generate`` (timed by hooks); decode is the rest. ``statistic: min`` differences the
 fastest run of each model instead.
 
+Each block's cost also records ``runtime_spread``: the interquartile range of its
+per-round differences over their median. Other work on the machine makes rounds disagree;
+beyond ``NOISY_SPREAD`` the block's cost is not trusted and a ``NoisyCostWarning`` says so
+(a search exploits under-measured blocks: it picks them as bargains).
+
 ``clock: wall`` (default) times wall-clock time, the truth on a dedicated machine.
 ``clock: process`` times this process's CPU time instead: with ``threads: 1`` it equals
 wall time on an idle machine but leaves out the time the OS gives other processes, so
@@ -31,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import statistics
+import warnings
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -61,9 +67,14 @@ from puzzle_core.api import (
 )
 
 MIB = 2**20
-METHOD_VERSION = 2  # bump when the measurement changes meaning, to retire old cache entries
+METHOD_VERSION = 3  # bump when the measurement changes meaning, to retire old cache entries (3: runtime_spread)
+NOISY_SPREAD = 0.25  # a block's runtime_spread beyond which its cost is not trusted
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 PROCESS_CLOCK_ON_GPU = "The 'process' clock counts CPU time and cannot time GPU kernels; use clock: wall on CUDA."
+
+
+class NoisyCostWarning(UserWarning):
+    """A block's timed rounds disagree: its cost, and the search that uses it, are not to be trusted."""
 
 
 def _positive(_instance, attribute, value):
@@ -86,6 +97,14 @@ class MeasuredOptions:
 
 
 # ---------------------------------------------------------------- the cost model
+
+
+def relative_spread(values: Sequence[float]) -> float:
+    """Interquartile range over the median's size (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / max(abs(statistics.median(values)), 1e-9)
 
 
 def _stats(prefill_ms: float, decode_ms: float, num_params: float, memory_bytes: float, kv_bytes: float,
@@ -232,6 +251,7 @@ class MeasuredCostModel(CostModel):
             runtime = max(0.0, self._paired(empty, full, "total_ms"))
             prefill = min(runtime, max(0.0, self._paired(empty, full, "prefill_ms")))
             weight_bytes = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in models]
+            spread = relative_spread([f.total_ms - e.total_ms for e, f in zip(empty, full)])
             return _stats(
                 prefill,
                 runtime - prefill,
@@ -240,11 +260,20 @@ class MeasuredCostModel(CostModel):
                 kv_bytes,
                 kv,
                 ffn_size(block.ffn),
-            )
+            ) | {"runtime_spread": spread}
 
         if block.attention.kind == "no_op" and block.ffn.kind == "no_op":
             return _stats(0.0, 0.0, 0, 0, 0, 0, 0)  # nothing runs but a function call
-        return self._cached(self.cache_key(block.id, shape, scenario, device), measure)
+        costs = self._cached(self.cache_key(block.id, shape, scenario, device), measure)
+        if costs["runtime_spread"] > NOISY_SPREAD:
+            warnings.warn(NoisyCostWarning(
+                f"The measured cost of block {block.id} is not to be trusted: its {self.options.repeats} timed "
+                f"rounds differ by {costs['runtime_spread']:.0%} of their median (interquartile range), as when other "
+                f"work shares the machine. The search would pick under-measured blocks as bargains, and the child "
+                f"would run slower than predicted. Time the costs again on an idle machine ('cache: false' under "
+                f"costs.model measures afresh), or time CPU work alone there ('clock: process')."
+            ), stacklevel=2)
+        return costs
 
     def fixed_costs(self, shape: ModelShape, scenario: Scenario, family: ModelFamily | None) -> dict:
         device = self._setup(scenario, family)

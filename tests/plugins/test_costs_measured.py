@@ -10,7 +10,7 @@ from puzzle_core.errors import UserError
 from puzzle_core.interfaces import ModelShape
 from puzzle_core.schema import Scenario
 from puzzle_core.roofline import block_params, fixed_params, kv_cache_bytes
-from puzzle_plugins.measured_cost import MeasuredCostModel, MeasuredOptions
+from puzzle_plugins.measured_cost import MeasuredCostModel, MeasuredOptions, NoisyCostWarning
 
 SHAPE = ModelShape(
     "llama", 2, 64, 4, 2, 16, 128, 256, True,
@@ -122,13 +122,10 @@ class RoundClock:
         return hook
 
 
-def test_block_cost_is_the_median_paired_difference_of_interleaved_generate_runs(family, monkeypatch):
-    import statistics
-
+def timed_on(clock: RoundClock, family, monkeypatch, **options) -> dict:
+    """One block's costs measured on ``clock`` instead of the machine's."""
     import puzzle_core.timing as timing
 
-    decode = SCENARIO.decode_len  # forward calls per generate(): the prefill and decode - 1 steps
-    clock = RoundClock(round_calls=2 * decode)
     monkeypatch.setitem(timing.CLOCKS, "wall", clock.now)
     build = family.random_model
 
@@ -138,11 +135,32 @@ def test_block_cost_is_the_median_paired_difference_of_interleaved_generate_runs
         return model
 
     monkeypatch.setattr(family, "random_model", timed_model)
-    model = MeasuredCostModel(MeasuredOptions(layers=4, warmup=1, repeats=5, cache=False))
-    costs = model.block_costs(SHAPE, BlockSpec.parse("attn_g4+ffn_64"), SCENARIO, family)
+    model = MeasuredCostModel(MeasuredOptions(layers=4, warmup=1, repeats=5, cache=False, **options))
+    return model.block_costs(SHAPE, BlockSpec.parse("attn_g4+ffn_64"), SCENARIO, family)
+
+
+def test_block_cost_is_the_median_paired_difference_of_interleaved_generate_runs(family, monkeypatch):
+    import statistics
+
+    decode = SCENARIO.decode_len  # forward calls per generate(): the prefill and decode - 1 steps
+    clock = RoundClock(round_calls=2 * decode)
+    with pytest.warns(NoisyCostWarning, match=r"block attn_g4\+ffn_64 .* differ by 112%"):
+        costs = timed_on(clock, family, monkeypatch)
     assert clock.calls == 6 * 2 * decode  # a warm-up round and 5 timed ones, both models in each
     # per round: the 4-layer model's extra 0.5 x 4 units per call, over 4 layers; median over the timed rounds
     per_call = statistics.median(0.5 * s for s in RoundClock.SLOWDOWNS[1:]) * 1e3
     assert costs["runtime_ms"] == pytest.approx(per_call * decode)
     assert costs["prefill_ms"] == pytest.approx(per_call)  # the first forward call of each generate()
     assert costs["decode_ms"] == pytest.approx(per_call * (decode - 1))
+    # the rounds' slowdowns 1, 1.5, 2, 3, 4: quartiles 1.25 and 3.5 around a median of 2
+    assert costs["runtime_spread"] == pytest.approx((3.5 - 1.25) / 2)
+
+
+def test_rounds_that_agree_give_no_spread_and_no_warning(family, monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(RoundClock, "SLOWDOWNS", (7.0, 2.0, 2.0, 2.0, 2.0, 2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoisyCostWarning)
+        costs = timed_on(RoundClock(round_calls=2 * SCENARIO.decode_len), family, monkeypatch)
+    assert costs["runtime_spread"] == pytest.approx(0.0, abs=1e-9) and costs["runtime_ms"] > 0
