@@ -3,7 +3,7 @@
 Reads ``results/bld_sweep.json``, ``results/bld_stage.json`` (``bld.py --part sweep`` /
 ``--part stage``), ``results/gkd_speed.json`` (``gkd.py --part speed``),
 ``results/scoring_tokens.json`` (``scoring.py --compare``) and ``results/scoring*.json``
-(``scoring.py``), and the demo's settings from ``configs/demo.yaml``, and writes the
+(``scoring.py``), when present ``results/gkd_tokens.json`` (``gkd_tokens.py``), and the demo's settings from ``configs/demo.yaml``, and writes the
 "Quality levers" section of ``benchmarks/README.md`` between its marker comments. Every
 number and every comparison in that section comes from those files, so rerun this script
 after a benchmark rewrites its JSON; ``--check`` only says whether the section is stale.
@@ -49,6 +49,8 @@ NOT_RUN = (
     "run faster on this CPU",
     "GKD learning-rate schedules",
 )
+GKD_TOKENS = ("GKD tokens (`gkd_tokens.py`: the same child uptrained for different `gkd.tokens`, KL and the suite "
+              "after)")
 GKD_QUALITY = ("GKD quality per setting (`gkd.py --part quality`: KL to the parent after the same tokens for bf16, "
                "trainable subsets and LoRA)")
 
@@ -80,6 +82,7 @@ class Inputs:
     engine: list[dict]  # every scoring*.json but scoring_tokens.json
     demo: PuzzleConfig
     gkd_quality: bool  # whether `gkd.py --part quality` has written its results
+    gkd_tokens: dict | None  # `gkd_tokens.py`'s results, when it has run
 
 
 def read_inputs(results: Path = RESULTS, demo: Path = DEMO) -> Inputs:
@@ -88,7 +91,8 @@ def read_inputs(results: Path = RESULTS, demo: Path = DEMO) -> Inputs:
     engine = [found.get(path.name) or load(results, path.name) for path in sorted(results.glob("scoring*.json"))
               if path.name != "scoring_tokens.json"]
     return Inputs(found["bld_sweep.json"], found["bld_stage.json"], found["gkd_speed.json"],
-                  found["scoring_tokens.json"], engine, load_config(demo), (results / "gkd_quality.json").is_file())
+                  found["scoring_tokens.json"], engine, load_config(demo), (results / "gkd_quality.json").is_file(),
+                  load(results, "gkd_tokens.json") if (results / "gkd_tokens.json").is_file() else None)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -534,11 +538,54 @@ def scoring_tokens(inputs: Inputs) -> str:
     return section("Scoring tokens vs reference", text, table(headers, body))
 
 
+def interval(found: Mapping, scale: float = 100.0, signed: bool = False) -> str:
+    """``value [low, high]`` of a bootstrap interval, as percentages (or points when ``signed``)."""
+    form = "+.1f" if signed else ".1f"
+    values = [format(found[key] * scale, form) for key in ("value", "low", "high")]
+    return f"{values[0]}{'' if signed else '%'} [{values[1]}, {values[2]}]"
+
+
+def gkd_tokens(inputs: Inputs) -> str | None:
+    if inputs.gkd_tokens is None:
+        return None
+    found, demo = inputs.gkd_tokens, inputs.demo.gkd
+    rows, child = found["rows"], found["child"]
+    first, longest = rows[0], rows[-1]
+    body = [["as assembled", "–", f"{first['validation'][0]['kl']:.3f}", f"{first['kl_to_parent_before_gkd']:.3f}",
+             interval(first["accuracy_preserved_before_gkd"]),
+             interval(first["accuracy_preserved_chance_adjusted_before_gkd"]), "–"]]
+    for row in rows:
+        versus = row["vs_fewest_tokens"]
+        body.append([tokens(row["tokens"]) + (" (demo)" if row["tokens"] == demo.tokens else ""),
+                     f"{row['train_seconds'] / 60:.1f} ({row['tokens_per_second']:.0f} tokens/s)",
+                     f"{row['validation'][-1]['kl']:.3f}", f"{row['kl_to_parent_after_gkd']:.3f}",
+                     interval(row["accuracy_preserved"]), interval(row["accuracy_preserved_chance_adjusted"]),
+                     "0" if row is first else "–" if versus is None else interval(versus["difference"], signed=True)])
+    curve = longest["validation"]
+    marks = [point for point in curve if point["tokens"] and point["tokens"] & (point["tokens"] - 1) == 0]
+    text = (
+        f"The demo's main child ({child['params'] / 1e6:.1f}M parameters, {first['predicted_speedup']:.2f}x "
+        f"predicted, {first['measured_speedup']:.2f}x measured), uptrained from the same assembled weights with "
+        f"each `gkd.tokens` (the demo's other GKD settings, a cosine schedule over each run's own length), on "
+        f"an idle machine. Validation KL is the GKD stage's own (its 2,048 validation tokens); KL to the parent is "
+        f"the evaluation's, on the test split; the last column pairs each child's suite answers with the "
+        f"{tokens(first['tokens'])}-token child's, over the tasks where the parent beats chance "
+        f"({', '.join(found['tasks_above_chance'])}). Along the {tokens(longest['tokens'])}-token run the "
+        f"validation KL went {curve[0]['kl']:.3f} at the start, "
+        + ", ".join(f"{point['kl']:.3f} at {tokens(point['tokens'])}" for point in marks)
+        + (f" and {curve[-1]['kl']:.3f} at the end" if curve[-1] not in marks else "")
+        + f". The demo uptrains {tokens(demo.tokens)} tokens."
+    )
+    headers = ["GKD tokens", "GKD minutes", "validation KL", "KL to parent", "accuracy preserved (95% CI)",
+               "chance-adjusted (95% CI)", f"vs {tokens(first['tokens'])} tokens, points (95% CI)"]
+    return section("GKD tokens", text, table(headers, body))
+
+
 def section(title: str, reading: str, markdown: str) -> str:
     return f"### {title}\n\n{reading}\n\n{markdown}\n"
 
 
-LEVERS = (bld_tokens, bld_lr, bld_init, bf16, stage_time, gkd_speed, scoring_tokens)
+LEVERS = (bld_tokens, bld_lr, bld_init, bf16, stage_time, gkd_speed, gkd_tokens, scoring_tokens)
 
 
 def render(results: Path = RESULTS, demo: Path = DEMO) -> str:
@@ -550,9 +597,9 @@ def render(results: Path = RESULTS, demo: Path = DEMO) -> str:
         "What each lever buys on the SmolLM2-135M parent, and what `configs/demo.yaml` takes from it. "
         + caveat(inputs) + "\n"
     )
-    items = NOT_RUN + (() if inputs.gkd_quality else (GKD_QUALITY,))
+    items = NOT_RUN + (() if inputs.gkd_quality else (GKD_QUALITY,)) + (() if inputs.gkd_tokens else (GKD_TOKENS,))
     not_run = "### Not run yet\n\n" + "\n".join(f"- {item}: not run." for item in items) + "\n"
-    return "\n".join([intro] + [lever(inputs) for lever in LEVERS] + [not_run])
+    return "\n".join([intro] + [text for lever in LEVERS if (text := lever(inputs))] + [not_run])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

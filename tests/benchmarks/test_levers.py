@@ -27,8 +27,10 @@ def test_the_readme_section_is_what_the_committed_results_render(rendered):
 
 
 def test_every_lever_has_a_table_and_the_unmeasured_ones_say_not_run(rendered):
+    tokens_measured = (levers.RESULTS / "gkd_tokens.json").is_file()
     titles = ["BLD tokens per block", "BLD learning rate", "Initialisation before -> after BLD", "bf16 autocast",
-              "Library stage time per arm", "GKD speed per setting", "Scoring tokens vs reference"]
+              "Library stage time per arm", "GKD speed per setting"] + ["GKD tokens"] * tokens_measured + [
+              "Scoring tokens vs reference"]
     for title, following in zip(titles, titles[1:] + ["Not run yet"]):
         part = rendered[rendered.index(f"### {title}\n"):rendered.index(f"### {following}\n")]
         assert "\n|---|" in part, title
@@ -36,8 +38,9 @@ def test_every_lever_has_a_table_and_the_unmeasured_ones_say_not_run(rendered):
     for lever in ("coupled BLD", "broader distillation data mix", "per-layer search rules", "memory"):
         assert lever in not_run
     quality_measured = (levers.RESULTS / "gkd_quality.json").is_file()
-    assert not_run.count(": not run.") == len(levers.NOT_RUN) + (not quality_measured)
+    assert not_run.count(": not run.") == len(levers.NOT_RUN) + (not quality_measured) + (not tokens_measured)
     assert (levers.GKD_QUALITY in not_run) != quality_measured
+    assert (levers.GKD_TOKENS in not_run) != tokens_measured
 
 
 def test_readings_name_the_demo_settings_and_the_recorded_load(rendered):

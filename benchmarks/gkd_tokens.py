@@ -1,0 +1,118 @@
+"""Benchmark: what GKD tokens buy. Finished runs that uptrain the same child for different ``gkd.tokens``.
+
+Each run is a ``puzzle run`` directory whose main child went through GKD and the
+evaluation suite; all must hold the same child (the same blocks). Per run: the GKD
+validation KL curve (``gkd/<child>/log.json``), its training time and rate, the child's
+KL to the parent on the test split and its accuracy preserved and chance-adjusted after
+GKD (``report/summary.json``), and its suite accuracy paired item by item with the run
+that trained the fewest tokens, over the tasks where the parent beats chance. Writes
+``results/gkd_tokens.json``; ``benchmarks/levers.py`` renders it.
+
+    .venv/bin/python benchmarks/gkd_tokens.py RUN_DIR RUN_DIR [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from puzzle_core import layout
+from puzzle_core.errors import UserError
+from puzzle_core.report import model_items, paired_accuracy, parent_accuracy
+from puzzle_core.rundir import RunDir, atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "gkd_tokens.json"
+SUMMARY_KEYS = ("predicted_speedup", "measured_speedup", "kl_to_parent_before_gkd", "kl_to_parent_after_gkd",
+                "accuracy_preserved_before_gkd", "accuracy_preserved_chance_adjusted_before_gkd",
+                "accuracy_preserved", "accuracy_preserved_chance_adjusted")
+
+
+def _read(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {what}. Pass run directories whose pipeline finished "
+                        f"(`puzzle run CONFIG --run-dir DIR` with GKD enabled and the lm_eval evaluator).")
+    return json.loads(path.read_text())
+
+
+def main_child(run_dir: Path) -> dict:
+    """The run's main child as its report summarises it, with its GKD log and result."""
+    summary = _read(run_dir / layout.SUMMARY, "the run's report summary")
+    child = next((c for c in summary["children"] if c.get("main")), None)
+    if child is None or child.get("kl_to_parent_after_gkd") is None:
+        raise UserError(f"{run_dir}: its main child has no GKD result; run it with gkd.enabled: true.")
+    gkd_dir = run_dir / layout.GKD / child["name"]
+    return {**child, "log": _read(gkd_dir / "log.json", "the GKD log"),
+            "result": _read(gkd_dir / "result.json", "the GKD result")}
+
+
+def _portable(path: Path) -> str:
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path.name
+
+
+def compare(runs: Sequence[Path]) -> dict:
+    children = sorted(((run, main_child(run)) for run in runs), key=lambda pair: pair[1]["result"]["tokens"])
+    blocks = {tuple(child["blocks"]) for _, child in children}
+    if len(blocks) != 1:
+        raise UserError("The runs uptrain different children (their main children's blocks differ), so their GKD "
+                        "budgets cannot be compared. Pass runs that share the stages up to `assemble` "
+                        "(`puzzle run ... --reuse FIRST_RUN --set gkd.tokens=N`).")
+    reference_run, reference = children[0]
+    parent_items = model_items(RunDir(reference_run), "parent")
+    above = {task for task, found in parent_accuracy(parent_items).items()
+             if found["accuracy"]["value"] > found["chance"]}
+
+    def items(run: Path, model: str) -> dict:
+        return {task: found for task, found in model_items(RunDir(run), model).items() if task in above}
+
+    reference_items = items(reference_run, layout.uptrained(reference["name"]))
+    rows = []
+    for run, child in children:
+        paired = paired_accuracy(reference_items, items(run, layout.uptrained(child["name"])))
+        result = child["result"]
+        rows.append({
+            "run": _portable(run),
+            "tokens": result["tokens"],
+            "steps": result["steps"],
+            "train_seconds": result["train_seconds"],
+            "tokens_per_second": result["tokens_per_second"],
+            "validation": child["log"]["validation"],
+            **{key: child.get(key) for key in SUMMARY_KEYS},
+            "vs_fewest_tokens": None if paired is None else {**paired["mean"], "tasks": sorted(paired["tasks"])},
+        })
+    return {"child": {"name": reference["name"], "blocks": reference["blocks"], "params": reference["params"]},
+            "tasks_above_chance": sorted(above), "rows": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished run directories, one per GKD budget")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    try:
+        results = compare(args.runs)
+    except UserError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
+               "command": "benchmarks/gkd_tokens.py " + " ".join(_portable(run) for run in args.runs), **results}
+    atomic_write_json(args.out, results)
+    print(f"{'tokens':>9}{'GKD min':>9}{'val KL':>9}{'test KL':>9}{'preserved':>11}{'chance-adj':>12}{'vs fewest':>11}")
+    for row in results["rows"]:
+        versus = row["vs_fewest_tokens"]
+        print(f"{row['tokens']:>9}{row['train_seconds'] / 60:>9.1f}{row['validation'][-1]['kl']:>9.3f}"
+              f"{row['kl_to_parent_after_gkd']:>9.3f}{row['accuracy_preserved']['value']:>11.1%}"
+              f"{row['accuracy_preserved_chance_adjusted']['value']:>12.1%}"
+              f"{'' if versus is None else format(versus['difference']['value'] * 100, '+.1f'):>11}")
+    print(f"\nWrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
