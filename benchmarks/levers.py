@@ -563,11 +563,12 @@ def gkd_tokens(inputs: Inputs) -> str | None:
                      "0" if row is first else "–" if versus is None else interval(versus["difference"], signed=True)])
     curve = longest["validation"]
     marks = [point for point in curve if point["tokens"] and point["tokens"] & (point["tokens"] - 1) == 0]
+    measured = sorted(row["measured_speedup"] for row in rows)
     text = (
-        f"The demo's main child ({child['params'] / 1e6:.1f}M parameters, {first['predicted_speedup']:.2f}x "
-        f"predicted, {first['measured_speedup']:.2f}x measured), uptrained from the same assembled weights with "
-        f"each `gkd.tokens` (the demo's other GKD settings, a cosine schedule over each run's own length), on "
-        f"an idle machine. Validation KL is the GKD stage's own (its 2,048 validation tokens); KL to the parent is "
+        f"The main child of one `configs/demo.yaml` run ({child['params'] / 1e6:.1f}M parameters, {first['predicted_speedup']:.2f}x "
+        f"predicted, {' and '.join(f'{m:.2f}x' for m in measured)} measured by the runs' evaluations), uptrained "
+        f"from the same assembled weights with each `gkd.tokens` (the demo's other GKD settings, a cosine schedule "
+        f"over each run's own length). Validation KL is the GKD stage's own (its 2,048 validation tokens); KL to the parent is "
         f"the evaluation's, on the test split; the last column pairs each child's suite answers with the "
         f"{tokens(first['tokens'])}-token child's, over the tasks where the parent beats chance "
         f"({', '.join(found['tasks_above_chance'])}). Along the {tokens(longest['tokens'])}-token run the "
