@@ -1,11 +1,11 @@
 """Benchmark: what GKD tokens buy. Finished runs that uptrain the same child for different ``gkd.tokens``.
 
 Each run is a ``puzzle run`` directory whose main child went through GKD and the
-evaluation suite; all must hold the same child (the same blocks). Per run: the GKD
-validation KL curve (``gkd/<child>/log.json``), its training time and rate, the child's
+evaluation suite; all must hold the same child (the same blocks). Runs may differ in the
+learning rate too (``gkd.lr``, recorded per row). Per run: the GKD validation KL curve (``gkd/<child>/log.json``), its training time and rate, the child's
 KL to the parent on the test split and its accuracy preserved and chance-adjusted after
 GKD (``report/summary.json``), and its suite accuracy paired item by item with the run
-that trained the fewest tokens, over the tasks where the parent beats chance. Writes
+that trained the fewest tokens (the lowest rate among those), over the tasks where the parent beats chance. Writes
 ``results/gkd_tokens.json``; ``benchmarks/levers.py`` renders it.
 
     .venv/bin/python benchmarks/gkd_tokens.py RUN_DIR RUN_DIR [...]
@@ -25,6 +25,7 @@ from puzzle_core import layout
 from puzzle_core.errors import UserError
 from puzzle_core.report import model_items, paired_accuracy, parent_accuracy
 from puzzle_core.rundir import RunDir, atomic_write_json
+from puzzle_core.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "gkd_tokens.json"
@@ -33,11 +34,15 @@ SUMMARY_KEYS = ("predicted_speedup", "measured_speedup", "kl_to_parent_before_gk
                 "accuracy_preserved", "accuracy_preserved_chance_adjusted")
 
 
-def _read(path: Path, what: str) -> dict:
+def _required(path: Path, what: str) -> Path:
     if not path.is_file():
         raise UserError(f"{path} is missing: {what}. Pass run directories whose pipeline finished "
                         f"(`puzzle run CONFIG --run-dir DIR` with GKD enabled and the lm_eval evaluator).")
-    return json.loads(path.read_text())
+    return path
+
+
+def _read(path: Path, what: str) -> dict:
+    return json.loads(_required(path, what).read_text())
 
 
 def main_child(run_dir: Path) -> dict:
@@ -47,17 +52,22 @@ def main_child(run_dir: Path) -> dict:
     if child is None or child.get("kl_to_parent_after_gkd") is None:
         raise UserError(f"{run_dir}: its main child has no GKD result; run it with gkd.enabled: true.")
     gkd_dir = run_dir / layout.GKD / child["name"]
-    return {**child, "log": _read(gkd_dir / "log.json", "the GKD log"),
+    config = load_config(_required(run_dir / layout.CONFIG, "the run's resolved config"))
+    return {**child, "lr": config.gkd.lr, "log": _read(gkd_dir / "log.json", "the GKD log"),
             "result": _read(gkd_dir / "result.json", "the GKD result")}
 
 
 def _portable(path: Path) -> str:
+    """A run directory as given when relative, else relative to the checkout, else its name: no machine folders."""
     resolved = path.resolve()
+    if not path.is_absolute():
+        return str(path)
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path.name
 
 
 def compare(runs: Sequence[Path]) -> dict:
-    children = sorted(((run, main_child(run)) for run in runs), key=lambda pair: pair[1]["result"]["tokens"])
+    children = sorted(((run, main_child(run)) for run in runs),
+                      key=lambda pair: (pair[1]["result"]["tokens"], pair[1]["lr"]))
     blocks = {tuple(child["blocks"]) for _, child in children}
     if len(blocks) != 1:
         raise UserError("The runs uptrain different children (their main children's blocks differ), so their GKD "
@@ -79,6 +89,7 @@ def compare(runs: Sequence[Path]) -> dict:
         rows.append({
             "run": _portable(run),
             "tokens": result["tokens"],
+            "lr": child["lr"],
             "steps": result["steps"],
             "train_seconds": result["train_seconds"],
             "tokens_per_second": result["tokens_per_second"],

@@ -2,9 +2,10 @@
 
 Reads ``results/bld_sweep.json``, ``results/bld_stage.json`` (``bld.py --part sweep`` /
 ``--part stage``), ``results/gkd_speed.json`` (``gkd.py --part speed``),
-``results/scoring_tokens.json`` (``scoring.py --compare``) and ``results/scoring*.json``
-(``scoring.py``), when present ``results/gkd_tokens.json`` (``gkd_tokens.py``), and the demo's settings from ``configs/demo.yaml``, and writes the
-"Quality levers" section of ``benchmarks/README.md`` between its marker comments. Every
+``results/scoring_tokens.json`` (``scoring.py --compare``), ``results/scoring*.json``
+(``scoring.py``) and, when present, ``results/gkd_tokens.json`` (``gkd_tokens.py``), and the
+demo's settings from ``configs/demo.yaml``, and writes the "Quality levers" section of
+``benchmarks/README.md`` between its marker comments. Every
 number and every comparison in that section comes from those files, so rerun this script
 after a benchmark rewrites its JSON; ``--check`` only says whether the section is stale.
 
@@ -551,12 +552,13 @@ def gkd_tokens(inputs: Inputs) -> str | None:
     found, demo = inputs.gkd_tokens, inputs.demo.gkd
     rows, child = found["rows"], found["child"]
     first, longest = rows[0], rows[-1]
-    body = [["as assembled", "–", f"{first['validation'][0]['kl']:.3f}", f"{first['kl_to_parent_before_gkd']:.3f}",
+    body = [["as assembled", "–", "–", f"{first['validation'][0]['kl']:.3f}", f"{first['kl_to_parent_before_gkd']:.3f}",
              interval(first["accuracy_preserved_before_gkd"]),
              interval(first["accuracy_preserved_chance_adjusted_before_gkd"]), "–"]]
     for row in rows:
         versus = row["vs_fewest_tokens"]
-        body.append([tokens(row["tokens"]) + (" (demo)" if row["tokens"] == demo.tokens else ""),
+        is_demo = (row["tokens"], row["lr"]) == (demo.tokens, demo.lr)
+        body.append([tokens(row["tokens"]) + (" (demo)" if is_demo else ""), lr(row["lr"]),
                      f"{row['train_seconds'] / 60:.1f} ({row['tokens_per_second']:.0f} tokens/s)",
                      f"{row['validation'][-1]['kl']:.3f}", f"{row['kl_to_parent_after_gkd']:.3f}",
                      interval(row["accuracy_preserved"]), interval(row["accuracy_preserved_chance_adjusted"]),
@@ -567,18 +569,18 @@ def gkd_tokens(inputs: Inputs) -> str | None:
     text = (
         f"The main child of one `configs/demo.yaml` run ({child['params'] / 1e6:.1f}M parameters, {first['predicted_speedup']:.2f}x "
         f"predicted, {' and '.join(f'{m:.2f}x' for m in measured)} measured by the runs' evaluations), uptrained "
-        f"from the same assembled weights with each `gkd.tokens` (the demo's other GKD settings, a cosine schedule "
-        f"over each run's own length). Validation KL is the GKD stage's own (its 2,048 validation tokens); KL to the parent is "
+        f"from the same assembled weights with each `gkd.tokens` and `gkd.lr` (the demo's other GKD settings, a "
+        f"cosine schedule over each run's own length). Validation KL is the GKD stage's own (its 2,048 validation tokens); KL to the parent is "
         f"the evaluation's, on the test split; the last column pairs each child's suite answers with the "
-        f"{tokens(first['tokens'])}-token child's, over the tasks where the parent beats chance "
+        f"first row's, over the tasks where the parent beats chance "
         f"({', '.join(found['tasks_above_chance'])}). Along the {tokens(longest['tokens'])}-token run the "
         f"validation KL went {curve[0]['kl']:.3f} at the start, "
         + ", ".join(f"{point['kl']:.3f} at {tokens(point['tokens'])}" for point in marks)
         + (f" and {curve[-1]['kl']:.3f} at the end" if curve[-1] not in marks else "")
-        + f". The demo uptrains {tokens(demo.tokens)} tokens."
+        + f". The demo uptrains {tokens(demo.tokens)} tokens at lr {lr(demo.lr)}."
     )
-    headers = ["GKD tokens", "GKD minutes", "validation KL", "KL to parent", "accuracy preserved (95% CI)",
-               "chance-adjusted (95% CI)", f"vs {tokens(first['tokens'])} tokens, points (95% CI)"]
+    headers = ["GKD tokens", "lr", "GKD minutes", "validation KL", "KL to parent", "accuracy preserved (95% CI)",
+               "chance-adjusted (95% CI)", "vs the first row, points (95% CI)"]
     return section("GKD tokens", text, table(headers, body))
 
 

@@ -19,7 +19,7 @@ def items(task: str, correct: int, chance: float) -> TaskItems:
     return TaskItems(task=task, ids=list(range(20)), metrics={"acc": hits}, chance=[chance] * 20, fingerprint=task)
 
 
-def finished_run(root, name: str, tokens: int, correct: int, blocks=BLOCKS):
+def finished_run(root, name: str, tokens: int, correct: int, blocks=BLOCKS, lr: float = 1e-4):
     """A run's report summary, GKD log and result, and suite items: the parent's and the child's after GKD.
 
     The parent gets 12 of 20 on a two-choice task (above chance) and 4 of 20 on a four-choice
@@ -31,6 +31,7 @@ def finished_run(root, name: str, tokens: int, correct: int, blocks=BLOCKS):
              **{key: CI for key in gkd_tokens.SUMMARY_KEYS if "accuracy" in key},
              "kl_to_parent_after_gkd": 1 / tokens}
     atomic_write_json(run / "report" / "summary.json", {"children": [child]})
+    (run / "config.yaml").write_text(f"gkd:\n  lr: {lr}\n")
     atomic_write_json(run / "gkd" / "mip" / "log.json", {"train": [], "validation": [
         {"step": 0, "tokens": 0, "kl": 1.0}, {"step": tokens // 128, "tokens": tokens, "kl": 64 / tokens}]})
     atomic_write_json(run / "gkd" / "mip" / "result.json", {"tokens": tokens, "steps": tokens // 128,
@@ -43,15 +44,17 @@ def finished_run(root, name: str, tokens: int, correct: int, blocks=BLOCKS):
 
 def test_rows_follow_the_tokens_and_pair_each_child_with_the_fewest_tokens_on_tasks_above_chance(tmp_path):
     long = finished_run(tmp_path, "long", 4096, correct=14)
+    faster = finished_run(tmp_path, "faster", 256, correct=12, lr=3e-4)
     short = finished_run(tmp_path, "short", 256, correct=10)
     out = tmp_path / "gkd_tokens.json"
-    assert gkd_tokens.main([str(long), str(short), "--out", str(out)]) == 0
+    assert gkd_tokens.main([str(long), str(faster), str(short), "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["tasks_above_chance"] == ["two_choice"]
     assert results["child"]["blocks"] == BLOCKS
-    first, second = results["rows"]
-    assert (first["tokens"], second["tokens"]) == (256, 4096)
+    first, same_tokens, second = results["rows"]
+    assert [(r["tokens"], r["lr"]) for r in results["rows"]] == [(256, 1e-4), (256, 3e-4), (4096, 1e-4)]
     assert first["vs_fewest_tokens"]["difference"]["value"] == pytest.approx(0.0)
+    assert same_tokens["vs_fewest_tokens"]["difference"]["value"] == pytest.approx((12 - 10) / 20)
     assert second["vs_fewest_tokens"]["difference"]["value"] == pytest.approx((14 - 10) / 20)
     assert second["validation"][-1]["kl"] == pytest.approx(64 / 4096)
     assert second["kl_to_parent_after_gkd"] == pytest.approx(1 / 4096)
