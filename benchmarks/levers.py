@@ -3,7 +3,7 @@
 Reads ``results/bld_sweep.json``, ``results/bld_stage.json`` (``bld.py --part sweep`` /
 ``--part stage``), ``results/gkd_speed.json`` (``gkd.py --part speed``),
 ``results/scoring_tokens.json`` (``scoring.py --compare``), ``results/scoring*.json``
-(``scoring.py``) and, when present, ``results/gkd_tokens.json`` (``gkd_tokens.py``), and the
+(``scoring.py``) and, when present, ``results/gkd_tokens*.json`` (``gkd_tokens.py``), and the
 demo's settings from ``configs/demo.yaml``, and writes the "Quality levers" section of
 ``benchmarks/README.md`` between its marker comments. Every
 number and every comparison in that section comes from those files, so rerun this script
@@ -83,7 +83,7 @@ class Inputs:
     engine: list[dict]  # every scoring*.json but scoring_tokens.json
     demo: PuzzleConfig
     gkd_quality: bool  # whether `gkd.py --part quality` has written its results
-    gkd_tokens: dict | None  # `gkd_tokens.py`'s results, when it has run
+    gkd_tokens: list[dict]  # `gkd_tokens.py`'s results, one per child (none when it has not run)
 
 
 def read_inputs(results: Path = RESULTS, demo: Path = DEMO) -> Inputs:
@@ -93,7 +93,7 @@ def read_inputs(results: Path = RESULTS, demo: Path = DEMO) -> Inputs:
               if path.name != "scoring_tokens.json"]
     return Inputs(found["bld_sweep.json"], found["bld_stage.json"], found["gkd_speed.json"],
                   found["scoring_tokens.json"], engine, load_config(demo), (results / "gkd_quality.json").is_file(),
-                  load(results, "gkd_tokens.json") if (results / "gkd_tokens.json").is_file() else None)
+                  [load(results, path.name) for path in sorted(results.glob("gkd_tokens*.json"))])
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -546,10 +546,8 @@ def interval(found: Mapping, scale: float = 100.0, signed: bool = False) -> str:
     return f"{values[0]}{'' if signed else '%'} [{values[1]}, {values[2]}]"
 
 
-def gkd_tokens(inputs: Inputs) -> str | None:
-    if inputs.gkd_tokens is None:
-        return None
-    found, demo = inputs.gkd_tokens, inputs.demo.gkd
+def gkd_budget_table(found: Mapping, demo: GKDSection) -> str:
+    """One child's runs: a paragraph on the child and its longest GKD curve, then the table."""
     rows, child = found["rows"], found["child"]
     first, longest = rows[0], rows[-1]
     body = [["as assembled", "–", "–", f"{first['validation'][0]['kl']:.3f}", f"{first['kl_to_parent_before_gkd']:.3f}",
@@ -567,21 +565,32 @@ def gkd_tokens(inputs: Inputs) -> str | None:
     marks = [point for point in curve if point["tokens"] and point["tokens"] & (point["tokens"] - 1) == 0]
     measured = sorted(row["measured_speedup"] for row in rows)
     text = (
-        f"The main child of one `configs/demo.yaml` run ({child['params'] / 1e6:.1f}M parameters, {first['predicted_speedup']:.2f}x "
-        f"predicted, {' and '.join(f'{m:.2f}x' for m in measured)} measured by the runs' evaluations), uptrained "
-        f"from the same assembled weights with each `gkd.tokens` and `gkd.lr` (the demo's other GKD settings, a "
-        f"cosine schedule over each run's own length). Validation KL is the GKD stage's own (its 2,048 validation tokens); KL to the parent is "
-        f"the evaluation's, on the test split; the last column pairs each child's suite answers with the "
-        f"first row's, over the tasks where the parent beats chance "
-        f"({', '.join(found['tasks_above_chance'])}). Along the {tokens(longest['tokens'])}-token run the "
-        f"validation KL went {curve[0]['kl']:.3f} at the start, "
+        f"**The {child['params'] / 1e6:.1f}M child** ({first['predicted_speedup']:.2f}x predicted, "
+        f"{' and '.join(f'{m:.2f}x' for m in measured)} measured by the runs' evaluations; tasks above chance: "
+        f"{', '.join(found['tasks_above_chance'])}). Along the {tokens(longest['tokens'])}-token run at lr "
+        f"{lr(longest['lr'])} the validation KL went {curve[0]['kl']:.3f} at the start, "
         + ", ".join(f"{point['kl']:.3f} at {tokens(point['tokens'])}" for point in marks)
-        + (f" and {curve[-1]['kl']:.3f} at the end" if curve[-1] not in marks else "")
-        + f". The demo uptrains {tokens(demo.tokens)} tokens at lr {lr(demo.lr)}."
+        + (f" and {curve[-1]['kl']:.3f} at the end" if curve[-1] not in marks else "") + "."
     )
     headers = ["GKD tokens", "lr", "GKD minutes", "validation KL", "KL to parent", "accuracy preserved (95% CI)",
                "chance-adjusted (95% CI)", "vs the first row, points (95% CI)"]
-    return section("GKD tokens", text, table(headers, body))
+    return text + "\n\n" + table(headers, body)
+
+
+def gkd_tokens(inputs: Inputs) -> str | None:
+    if not inputs.gkd_tokens:
+        return None
+    demo = inputs.demo.gkd
+    text = (
+        "Main children of `configs/demo.yaml` runs, each uptrained from the same assembled weights with other "
+        "`gkd.tokens` and `gkd.lr` (the demo's other GKD settings, a cosine schedule over each run's own length); "
+        "one table per child (`results/gkd_tokens*.json`). Validation KL is the GKD stage's own (its 2,048 "
+        "validation tokens); KL to the parent is the evaluation's, on the test split; the last column pairs each "
+        "child's suite answers with the first row's, over the tasks where the parent beats chance. The demo "
+        f"uptrains {tokens(demo.tokens)} tokens at lr {lr(demo.lr)}."
+    )
+    tables = "\n\n".join(gkd_budget_table(found, demo) for found in inputs.gkd_tokens)
+    return section("GKD tokens and learning rate", text, tables)
 
 
 def section(title: str, reading: str, markdown: str) -> str:
