@@ -563,7 +563,7 @@ def gkd_budget_table(found: Mapping, demo: GKDSection) -> str:
                      "0" if row is first else "–" if versus is None else interval(versus["difference"], signed=True)])
     curve = longest["validation"]
     marks = [point for point in curve if point["tokens"] and point["tokens"] & (point["tokens"] - 1) == 0]
-    measured = sorted(row["measured_speedup"] for row in rows)
+    measured = sorted({round(row["measured_speedup"], 2) for row in rows})
     text = (
         f"**The {child['params'] / 1e6:.1f}M child** ({first['predicted_speedup']:.2f}x predicted, "
         f"{' and '.join(f'{m:.2f}x' for m in measured)} measured by the runs' evaluations; tasks above chance: "
