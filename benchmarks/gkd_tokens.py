@@ -23,7 +23,7 @@ from typing import Sequence
 
 from puzzle_core import layout
 from puzzle_core.errors import UserError
-from puzzle_core.report import model_items, paired_accuracy, parent_accuracy
+from puzzle_core.report import model_items, paired_accuracy, tasks_above_chance
 from puzzle_core.rundir import RunDir, atomic_write_json
 from puzzle_core.schema import load_config
 
@@ -74,9 +74,7 @@ def compare(runs: Sequence[Path]) -> dict:
                         "budgets cannot be compared. Pass runs that share the stages up to `assemble` "
                         "(`puzzle run ... --reuse FIRST_RUN --set gkd.tokens=N`).")
     reference_run, reference = children[0]
-    parent_items = model_items(RunDir(reference_run), "parent")
-    above = {task for task, found in parent_accuracy(parent_items).items()
-             if found["accuracy"]["value"] > found["chance"]}
+    above = tasks_above_chance(model_items(RunDir(reference_run), "parent"))
 
     def items(run: Path, model: str) -> dict:
         return {task: found for task, found in model_items(RunDir(run), model).items() if task in above}

@@ -46,7 +46,7 @@ from puzzle_core.config import deep_merge, read_yaml, stable_hash, structure, un
 from puzzle_core import layout
 from puzzle_core.errors import UserError
 from puzzle_core.pipeline import STAGE_NAMES, run_pipeline, stage_hashes
-from puzzle_core.report import model_items, paired_accuracy, parent_accuracy
+from puzzle_core.report import model_items, paired_accuracy, tasks_above_chance
 from puzzle_core.rundir import MANIFEST, RunDir, atomic_write_json, sha256_file
 from puzzle_core.schema import PuzzleConfig, read_config_data
 from puzzle_core.search import InfeasibleError
@@ -490,8 +490,7 @@ def accuracy_vs_reference(arms: list[dict], reference: str) -> dict[str, dict | 
     if ref is None:
         return {arm["name"]: None for arm in arms}
     ref_dir = RunDir(ROOT / ref["run_dir"])
-    above = {task for task, found in parent_accuracy(model_items(ref_dir, "parent")).items()
-             if found["accuracy"]["value"] > found["chance"]}
+    above = tasks_above_chance(model_items(ref_dir, "parent"))
     ref_items = {task: items for task, items in model_items(ref_dir, final_model(ref)).items() if task in above}
     compared = {}
     for arm in arms:

@@ -60,6 +60,11 @@ def parent_accuracy(parent: Mapping[str, TaskItems]) -> dict[str, dict]:
     return found
 
 
+def tasks_above_chance(parent: Mapping[str, TaskItems]) -> set[str]:
+    """The tasks on which the parent beats chance: the only ones where a child can keep or lose accuracy."""
+    return {task for task, found in parent_accuracy(parent).items() if found["accuracy"]["value"] > found["chance"]}
+
+
 def paired_accuracy(parent: Mapping[str, TaskItems], child: Mapping[str, TaskItems]) -> dict | None:
     """The child against the parent on the items both answered: per task and the mean over tasks.
 
