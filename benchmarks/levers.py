@@ -539,28 +539,23 @@ def scoring_tokens(inputs: Inputs) -> str:
     return section("Scoring tokens vs reference", text, table(headers, body))
 
 
-def interval(found: Mapping, scale: float = 100.0, signed: bool = False) -> str:
-    """``value [low, high]`` of a bootstrap interval, as percentages (or points when ``signed``)."""
-    form = "+.1f" if signed else ".1f"
-    values = [format(found[key] * scale, form) for key in ("value", "low", "high")]
-    return f"{values[0]}{'' if signed else '%'} [{values[1]}, {values[2]}]"
-
-
 def gkd_budget_table(found: Mapping, demo: GKDSection) -> str:
     """One child's runs: a paragraph on the child and its longest GKD curve, then the table."""
     rows, child = found["rows"], found["child"]
     first, longest = rows[0], rows[-1]
     body = [["as assembled", "–", "–", f"{first['validation'][0]['kl']:.3f}", f"{first['kl_to_parent_before_gkd']:.3f}",
-             interval(first["accuracy_preserved_before_gkd"]),
-             interval(first["accuracy_preserved_chance_adjusted_before_gkd"]), "–"]]
+             report.percent_interval(first["accuracy_preserved_before_gkd"]),
+             report.percent_interval(first["accuracy_preserved_chance_adjusted_before_gkd"]), "–"]]
     for row in rows:
         versus = row["vs_fewest_tokens"]
         is_demo = (row["tokens"], row["lr"]) == (demo.tokens, demo.lr)
         body.append([tokens(row["tokens"]) + (" (demo)" if is_demo else ""), lr(row["lr"]),
                      f"{row['train_seconds'] / 60:.1f} ({row['tokens_per_second']:.0f} tokens/s)",
                      f"{row['validation'][-1]['kl']:.3f}", f"{row['kl_to_parent_after_gkd']:.3f}",
-                     interval(row["accuracy_preserved"]), interval(row["accuracy_preserved_chance_adjusted"]),
-                     "0" if row is first else "–" if versus is None else interval(versus["difference"], signed=True)])
+                     report.percent_interval(row["accuracy_preserved"]),
+                     report.percent_interval(row["accuracy_preserved_chance_adjusted"]),
+                     "0" if row is first else
+                     "–" if versus is None else report.percent_interval(versus["difference"], signed=True)])
     curve = longest["validation"]
     marks = [point for point in curve if point["tokens"] and point["tokens"] & (point["tokens"] - 1) == 0]
     measured = sorted({round(row["measured_speedup"], 2) for row in rows})
