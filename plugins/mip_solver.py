@@ -34,6 +34,7 @@ from puzzle_core.api import (
     check_diversity_count,
     hookimpl,
     infeasible_error,
+    torch_threads,
 )
 
 OBJECTIVE_SCALE = 1e6
@@ -135,7 +136,10 @@ def solve_mip(problem: SearchProblem, options: MipOptions, solver: str) -> list[
     status = mip.OptimizationStatus.LOADED
     while len(results) < problem.num_solutions:
         started = time.perf_counter()
-        status = model.optimize(max_seconds=options.time_limit)
+        # CBC sets the OpenMP thread count of the whole process, torch's included: without this a
+        # search left every later stage of a run (GKD, evaluation) on `options.threads` threads.
+        with torch_threads(0):
+            status = model.optimize(max_seconds=options.time_limit)
         seconds = time.perf_counter() - started
         if status in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
             choice = [int(row[np.argmax([var.x for var in variables])]) for row, variables in zip(indices, x)]

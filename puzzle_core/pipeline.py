@@ -287,7 +287,6 @@ def run_pipeline(
             remove_temp_files(rundir.root)
             if config_text is not None:
                 atomic_write(rundir.path(layout.CONFIG), config_text)
-        torch.set_num_threads(max(1, config.threads))
         seed_everything(config.seed)
         ctx = RunContext(config, rundir, role=role)
         for index, stage in enumerate(wanted, start=1):
@@ -309,6 +308,9 @@ def run_pipeline(
             echo(label)
             started = time.perf_counter()
             seed_everything(config.seed)
+            # every stage starts on the configured threads, whatever a plugin's native library did to
+            # the process-wide count before (CBC, for one, sets OpenMP's)
+            torch.set_num_threads(max(1, config.threads))
             ctx.stage = stage.name
             outputs = stage.runner()(ctx)
             if not worker:

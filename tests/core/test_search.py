@@ -464,3 +464,16 @@ def test_search_section_accepts_strings_mappings_and_layer_rules():
     assert structure(data, SearchSection) == section
     with pytest.raises(UserError, match=r"\$\.constraints\[0\].*not understood"):
         structure({"constraints": ["memory<<3"]}, SearchSection)
+
+
+def test_mip_leaves_the_process_thread_count_alone():
+    """CBC sets OpenMP's process-wide thread count; the stages after a search must not inherit it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        MipSolver(EXACT).solve(build_problem(_ladder(), "metrics.kl", constraints=["stats.runtime_ms<=14"]))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

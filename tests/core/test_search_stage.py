@@ -122,3 +122,35 @@ def test_throughput_constraint_uses_the_scenario(run_dir):
     _run(_config(constraints=["throughput>=200 tokens/s"]), run_dir)  # 8 tokens in <= 40 ms
     solution = json.loads((run_dir / "solutions" / "mip.json").read_text())
     assert solution["totals"]["stats.runtime_ms"] <= 40.0
+
+
+def test_every_stage_starts_on_the_configured_threads(run_dir, monkeypatch):
+    """A plugin's native library may change the process-wide thread count (CBC sets OpenMP's);
+    the stages after it must still run on ``threads``."""
+    import torch
+
+    from puzzle_core import pipeline
+
+    seen: list[int] = []
+    real_runner = pipeline.Stage.runner
+
+    def runner(stage):
+        if stage.name != "search":
+            return lambda ctx: seen.append(torch.get_num_threads()) or []
+        search = real_runner(stage)
+
+        def search_then_change_threads(ctx):
+            outputs = search(ctx)
+            torch.set_num_threads(1)  # as CBC's optimize does to OpenMP
+            return outputs
+
+        return search_then_change_threads
+
+    monkeypatch.setattr(pipeline.Stage, "runner", runner)
+    previous = torch.get_num_threads()
+    try:
+        run_pipeline(structure({"threads": 2, "search": {"speedup": 1.5}}, PuzzleConfig), run_dir,
+                     stages=["search", "assemble"], echo=lambda _: None)
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [2]
