@@ -59,9 +59,9 @@ def main_child(run_dir: Path) -> dict:
 
 def _portable(path: Path) -> str:
     """A run directory as given when relative, else relative to the checkout, else its name: no machine folders."""
-    resolved = path.resolve()
     if not path.is_absolute():
         return str(path)
+    resolved = path.resolve()
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path.name
 
 
