@@ -27,6 +27,7 @@ from puzzle_core.api import (
     UserError,
     hookimpl,
     interleaved,
+    owns_weights,
     scenario_prompt,
     summarise,
     throughput,
@@ -104,7 +105,9 @@ class Throughput(Evaluator):
     batch x decode_len / the model's own time (median, or the fastest with
     ``statistic: min``); ``parent_throughput_tok_s`` the same for the parent, measured
     alongside. Evaluating the parent pairs it with itself: its speedup spread is the
-    measurement's noise. Without a parent in the context only the model is timed.
+    measurement's noise. Without a parent in the context only the model is timed. A model
+    whose weights are still in its memory-mapped checkpoint is timed from a copy in memory
+    of its own, as the children are (``owns_weights``).
     """
 
     architecture_only = True  # fixed-length greedy decoding: the time does not depend on the weights
@@ -115,8 +118,12 @@ class Throughput(Evaluator):
 
     @staticmethod
     def _on(module, device: torch.device, dtype: torch.dtype):
-        """``module`` on the scenario's device and dtype (a copy when it is not: the caller's model stays as it is)."""
-        if _device_of(module) == device and next(module.parameters()).dtype == dtype:
+        """``module`` on the scenario's device and dtype, owning its weights (``owns_weights``).
+
+        A copy when it is not (the caller's model stays as it is): a parent read in place
+        from its checkpoint would otherwise run slower than the children timed against it.
+        """
+        if _device_of(module) == device and next(module.parameters()).dtype == dtype and owns_weights(module):
             return module
         return copy.deepcopy(module).to(device=device, dtype=dtype)
 

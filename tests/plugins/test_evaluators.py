@@ -163,6 +163,23 @@ def test_throughput(workspace, context):
     assert next(workspace["parent"].model.parameters()).dtype == torch.float32  # measured on a copy
 
 
+def test_throughput_times_weights_read_in_place_from_a_copy_of_their_own(workspace, context, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from puzzle_core.timing import owns_weights
+
+    parent = workspace["parent"]
+    parent.model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert not owns_weights(loaded)  # from_pretrained leaves them in the memory-mapped checkpoint
+    timed: list[bool] = []
+    loaded.register_forward_hook(lambda module, _args, _output: timed.append(owns_weights(module)))
+    in_place = LoadedModel(loaded, parent.tokenizer, parent.shape, "in place")
+    evaluator("throughput", warmup=0, repeats=1).evaluate(in_place, attrs.evolve(context, parent=in_place))
+    assert timed and all(timed)  # the model and the parent: both ran from weights of their own
+    assert not owns_weights(loaded)  # the caller's model is left as it was
+
+
 class FakeClock:
     """Time that passes only while models run: ``cost`` units per forward call, times ``slowdown``,
     which grows by 1.7x after every ``round_calls`` forward calls (a machine whose speed keeps changing)."""
