@@ -6,10 +6,11 @@ SmolLM2-135M parent are built from the demo's block space so that the ``measured
 model predicts about 1.25x, 1.5x, 1.75x and 2x (prediction = fixed costs + the sum of the
 blocks' costs; the blocks are timed in this run, ``--cost-runs`` independent times to
 show how much the prediction itself moves). A fifth child, ``~1.0x``, is the parent
-itself rebuilt in the children's code: what it measures is the code's share of every
-speedup. Each child is then measured end to end by the ``throughput`` evaluator the demo
-uses: ``generate`` paired with the parent round by round, speedup = median of per-round
-ratios with its quartiles and range; ``--measurements`` independent measurements per
+itself rebuilt in the children's code: it measures 1.0x when the parent as loaded and
+the children are timed alike (weights in memory of their own, ``owns_weights``). Each
+child is then measured end to end by the ``throughput`` evaluator the demo uses:
+``generate`` paired with the parent round by round, speedup = median of per-round ratios
+with its quartiles and range; ``--measurements`` independent measurements per
 child (interleaved over the children) show how well one measurement repeats. Target:
 predicted within 5% of measured, and one child's measurements within +-3% of each other.
 Latencies are compared too (predicted ms against each model's own measured ms, the
