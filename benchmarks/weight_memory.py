@@ -87,7 +87,7 @@ def main() -> None:
         rows.append({"model": name, "offsets_mod_64": offsets[name], "owns_weights": owned[name],
                      "median_ms": Spread.of(ms[name]).median, "ms": ms[name],
                      "vs_aligned": attrs.asdict(ratio)})
-    print(f"\n{parent.source}, {scenario.batch_size} x ({scenario.prefill_len} + {scenario.decode_len}) tokens, "
+    print(f"\n{config.parent.source}, {scenario.batch_size} x ({scenario.prefill_len} + {scenario.decode_len}) tokens, "
           f"{scenario.dtype}, {scenario.threads} threads, {args.rounds} paired rounds (wall clock)")
     print(f"{'weights':26s} {'offsets mod 64':>15s} {'median ms':>10s}  time / aligned copy [IQR] (range)")
     for row in rows:

@@ -118,9 +118,9 @@ def owns_weights(module) -> bool:
 
     ``from_pretrained`` leaves safetensors weights in the memory-mapped file, at the
     file's unaligned offsets. A CPU runs such a model measurably slower than the same
-    weights in memory of their own (SmolLM2-135M, 2 threads: about 4%; the mapping and
-    the misalignment each cost part of it), while a child the pipeline builds or loads
-    owns its weights. A parent timed in place would lend its slowness to every speedup
+    weights in memory of their own (SmolLM2-135M on 2 threads: about 5%, nearly all of it
+    the mapping's; ``benchmarks/weight_memory.py``), while a child the pipeline builds or
+    loads owns its weights. A parent timed in place would lend its slowness to every speedup
     measured against it, so models are timed from a copy when this is false.
     """
     for tensor in (*module.parameters(), *module.buffers()):
