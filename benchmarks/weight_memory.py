@@ -30,11 +30,11 @@ from pathlib import Path
 import attrs
 import torch
 
+from puzzle_core.devices import torch_threads
 from puzzle_core.parents import load_parent
 from puzzle_core.registry import get_registries
 from puzzle_core.rundir import atomic_write_json
 from puzzle_core.schema import load_config
-from puzzle_core.devices import torch_threads
 from puzzle_core.timing import ALIGNMENT, Spread, TimedGenerate, interleaved, owns_weights, scenario_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,6 @@ def main() -> None:
     config = load_config(args.config)
     _, parent = load_parent(config.parent, get_registries())
     scenario = config.scenario
-    torch.manual_seed(config.seed)
     models = {
         "as loaded": parent.model,
         "own memory, file offsets": at_offsets(parent.model),
