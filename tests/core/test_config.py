@@ -543,12 +543,14 @@ def test_base_problems_are_config_errors(tmp_path, files, problem):
         load_config(tmp_path / "a.yaml")
 
 
-def test_the_quality_config_is_the_demo_with_bigger_budgets():
+def test_the_quality_config_is_the_demo_with_bigger_budgets_and_no_kept_activations():
     demo, quality = (unstructure(load_config(ROOT / "configs" / f"{name}.yaml")) for name in ("demo", "quality"))
     differing = {
         f"{section}.{key}"
         for section, values in quality.items() if isinstance(values, dict)
         for key, value in values.items() if demo[section][key] != value
     }
-    assert differing == {"library.tokens", "scoring.tokens", "gkd.tokens", "gkd.checkpoint_every"}
+    assert differing == {"library.tokens", "library.keep_activations", "scoring.tokens", "gkd.tokens",
+                         "gkd.checkpoint_every"}
+    assert quality["library"]["keep_activations"] is False
     assert quality["library"]["tokens"] == 4 * demo["library"]["tokens"]
