@@ -126,11 +126,11 @@ def _unstructure_plugin_choice(choice: PluginChoice) -> dict:
     return {"name": choice.name, **data}
 
 
-def corpus_choice(value: object) -> CorpusChoice:
-    """``data.corpus`` as a choice: a corpus name, a path (read by the ``files`` corpus) or a mapping."""
+def corpus_choice(value: object, path: str = "$.data.corpus") -> CorpusChoice:
+    """A corpus choice from a corpus name, a path (read by the ``files`` corpus) or a mapping (config key ``path``)."""
     from puzzle_core.config import structure
 
-    return value if isinstance(value, CorpusChoice) else structure(value, CorpusChoice, path="$.data.corpus")
+    return value if isinstance(value, CorpusChoice) else structure(value, CorpusChoice, path=path)
 
 
 CONVERTER.register_structure_hook_func(_is_plugin_choice, _structure_plugin_choice)

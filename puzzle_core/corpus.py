@@ -40,13 +40,18 @@ class SplitDocuments:
     fingerprint: str
 
 
+def open_corpus(source, registries=None):
+    """The :class:`~puzzle_core.interfaces.Corpus` that ``source`` (a corpus choice, a corpus name or a path) picks."""
+    choice = source if isinstance(source, CorpusChoice) else corpus_choice(source)
+    return (registries or get_registries()).record(choice).create(choice.options)
+
+
 def read_splits(
     source, *, seed: int = 0, validation_fraction: float = 0.05, test_fraction: float = 0.05, registries=None
 ) -> SplitDocuments:
     """Read ``source`` (a corpus choice, a corpus name or a path) and split it into train / validation / test."""
     check_fractions(validation_fraction, test_fraction)
     fractions = {"validation": validation_fraction, "test": test_fraction}
-    choice = source if isinstance(source, CorpusChoice) else corpus_choice(source)
-    text = (registries or get_registries()).record(choice).create(choice.options).read(seed)
+    text = open_corpus(source, registries).read(seed)
     fingerprint = digest([text.fingerprint, fractions, FORMAT_VERSION])
     return SplitDocuments(text.name, split_documents(text, fractions), fingerprint)

@@ -50,7 +50,7 @@ class DataSection:
     """Where training, validation and test text comes from."""
 
     # a corpus plugin ('demo': `puzzle data prepare`; 'synthetic': generated text, for tests), or a path (read by 'files')
-    corpus: CorpusChoice = attrs.field(default="demo", converter=corpus_choice)
+    corpus: CorpusChoice = attrs.field(default="demo", converter=lambda value: corpus_choice(value, "$.data.corpus"))
     seq_len: int = 128
     validation_fraction: float = 0.05  # of the text, when the source does not give the splits itself
     test_fraction: float = 0.05
@@ -205,6 +205,10 @@ class GKDSection:
 
     enabled: bool = True
     children: Literal["all", "main"] = "all"  # 'main': only the first child of children/index.json
+    # the text distilled on, like data.corpus (e.g. {name: mix, corpora: [demo, knowledge]}); None: data.corpus.
+    # KL to the parent in the evaluation stays on data.corpus's test split.
+    corpus: CorpusChoice | None = attrs.field(default=None, converter=attrs.converters.optional(
+        lambda value: corpus_choice(value, "$.gkd.corpus")))
     tokens: int = attrs.field(default=65536, validator=at_least(1))  # training tokens per child, all processes
     seq_len: int | None = attrs.field(default=None, validator=attrs.validators.optional(at_least(2)))  # None: data.seq_len
     batch_size: int = attrs.field(default=8, validator=at_least(1))  # sequences per micro-batch and process

@@ -1,4 +1,4 @@
-"""The built-in corpora: ``demo`` (Debian texts), ``synthetic`` (generated) and ``files`` (your own text).
+"""The built-in corpora: ``demo`` (Debian texts), ``synthetic`` (generated), ``files`` (your own text) and ``mix``.
 
 Heavy readers (``datasets``, ``pyarrow``, ``rdata``, ``pysword``) are imported when a corpus
 reads, not when the plugin registers.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from puzzle_core.api import CorpusPlugin, NoOptions, hookimpl
 from puzzle_plugins.corpora.demo import DemoCorpus
 from puzzle_plugins.corpora.files import FilesCorpus, FilesOptions
+from puzzle_plugins.corpora.mix import MixCorpus, MixOptions
 from puzzle_plugins.corpora.synthetic import SyntheticCorpus, SyntheticOptions
 
 
@@ -32,5 +33,11 @@ def puzzle_corpora() -> list[CorpusPlugin]:
             implementation=FilesCorpus,
             options=FilesOptions,
             description="your text: .txt/.jsonl/.parquet files or folders, or a datasets save_to_disk folder",
+        ),
+        CorpusPlugin(
+            name="mix",
+            implementation=MixCorpus,
+            options=MixOptions,
+            description="two or more corpora as one (corpora: [demo, knowledge]), each split by its own rules",
         ),
     ]

@@ -31,6 +31,8 @@ import pluggy
 
 from puzzle_core.blocks import AttentionSpec, BlockSpec, FFNSpec, SubBlockSpec, VariantSpace
 from puzzle_core.cache import cache_root
+from puzzle_core.choices import CorpusChoice
+from puzzle_core.corpus import SplitDocuments, open_corpus, read_splits
 from puzzle_core.data import CorpusSplit, CorpusText, Document, TokenizedCorpus, assign_splits, chunk_documents
 from puzzle_core.decoder.variants import DecoderVariantOptions, DecoderVariants, InitMethods
 from puzzle_core.devices import resolve_device, torch_threads
@@ -193,6 +195,8 @@ __all__ = [
     "ProcessRole",
     "Document",
     "CorpusText",
+    "CorpusChoice",
+    "SplitDocuments",
     "CorpusSplit",
     "TokenizedCorpus",
     "Dtype",
@@ -246,6 +250,8 @@ __all__ = [
     "device_description",
     "summarise",
     "assign_splits",
+    "open_corpus",
+    "read_splits",
     "GPUSpec",
     "RooflineOptions",
     "RooflineCostModel",

@@ -33,15 +33,11 @@ def prepare_command(corpora: tuple[str, ...], force: bool) -> None:
     The demo corpus comes from the Debian packages r-cran-janeaustenr, sword-text-web and
     fortunes, fetched with apt-get (no install needed) into the user cache.
     """
-    from puzzle_core.choices import corpus_choice
-    from puzzle_core.corpus import read_splits
-    from puzzle_core.registry import get_registries
+    from puzzle_core.corpus import open_corpus, read_splits
 
-    registries = get_registries()
     for name in corpora or [DataSection().corpus.name]:
-        choice = corpus_choice(name)
-        registries.record(choice).create(choice.options).prepare(force=force, echo=lambda m: click.echo(m, err=True))
-        documents = read_splits(choice)
+        open_corpus(name).prepare(force=force, echo=lambda m: click.echo(m, err=True))
+        documents = read_splits(name)
         click.echo(_sizes_table(documents.name, _document_sizes(documents.splits)))
 
 

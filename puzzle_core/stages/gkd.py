@@ -21,8 +21,10 @@ import shutil
 import warnings
 from pathlib import Path
 
+import attrs
+
 from puzzle_core import layout
-from puzzle_core.config import stable_hash
+from puzzle_core.config import stable_hash, unstructure
 from puzzle_core.gkd import (
     DistillationObjective,
     DistillRun,
@@ -50,6 +52,17 @@ def _outputs(run_dir: RunDir, child: str) -> list[Path]:
     ]
 
 
+def distillation_corpus(ctx):
+    """``gkd.corpus`` tokenised like ``data.corpus`` (which it defaults to)."""
+    choice = ctx.config.gkd.corpus
+    if choice is None:
+        return ctx.corpus
+    from puzzle_core.corpus import load_corpus
+
+    data = attrs.evolve(ctx.config.data, corpus=choice)
+    return load_corpus(data, ctx.tokenizer, seed=ctx.config.seed, registries=ctx.registries)
+
+
 def uptrain_child(ctx, child: ChildRecord) -> None:
     """Train one child and write its folder; skipped when its result matches this config."""
     section = ctx.config.gkd
@@ -64,6 +77,7 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
             "lora": [section.lora_rank, section.lora_alpha],
             "trainable": [section.trainable, section.trainable_neighbors],
             "layout": [seq_len, section.batch_size, section.grad_accum, world()[1], ctx.config.seed],
+            "corpus": unstructure(section.corpus),
         }
     )
     result_fingerprint = stable_hash({"stage": ctx.hashes["gkd"], "child": child.name})
@@ -78,7 +92,7 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
     student = ctx.family.load_child(run_dir.path(child.path), dtype=ctx.config.parent.dtype)
     objective = DistillationObjective.from_config(section, ctx.registries)
     run = DistillRun(
-        corpus=ctx.corpus,
+        corpus=distillation_corpus(ctx),
         seq_len=seq_len,
         seed=ctx.config.seed,
         checkpoint_dir=checkpoints,

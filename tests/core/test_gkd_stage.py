@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from puzzle_core import gkd as gkd_core
-from puzzle_core.config import structure
+from puzzle_core.config import structure, unstructure
 from puzzle_core.pipeline import RunContext
 from puzzle_core.rundir import RunDir, atomic_write
 from puzzle_core.schema import GKDSection, PuzzleConfig
 from puzzle_core.stages import evaluate, gkd, report
-from puzzle_core.layout import ChildRecord, read_eval_results, read_gkd_results, write_children
+from puzzle_core.layout import ChildRecord, read_children, read_eval_results, read_gkd_results, write_children
 from test_gkd import CHILD_BLOCKS, make_child, make_setup
 
 SEQ_LEN = 16
@@ -121,6 +121,31 @@ def test_gkd_main_only_and_disabled(ctx):
     ctx.config = attrs.evolve(ctx.config, gkd=attrs.evolve(main_only, enabled=False))
     assert [p.name for p in gkd.run(ctx)] == ["index.json"]
     assert read_gkd_results(ctx.run_dir) == {}
+
+
+def test_gkd_corpus_is_the_text_distilled_on_and_data_corpus_stays_the_runs(ctx, tmp_path, monkeypatch):
+    text = tmp_path / "distil.txt"
+    text.write_text("\n\n".join(f"zebra {i} quokka {i * 7} narwhal." * 20 for i in range(60)))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(student, parent, family, objective, section, run):
+        seen.append(run)
+        raise Stop  # before training
+
+    monkeypatch.setattr(gkd, "distill", spy)
+    ctx.stage = "gkd"
+    for corpus in (None, str(text)):
+        ctx.config = attrs.evolve(ctx.config, gkd=structure({**unstructure(ctx.config.gkd), "corpus": corpus}, GKDSection))
+        with pytest.raises(Stop):
+            gkd.uptrain_child(ctx, read_children(ctx.run_dir)[0])
+    default, own = seen
+    assert default.corpus is ctx.corpus and own.corpus.name == str(text)
+    assert "quokka" in ctx.tokenizer.decode(own.corpus.tokens("train")[:400].tolist())
+    assert "quokka" not in ctx.tokenizer.decode(ctx.corpus.tokens("train")[:4000].tolist())
+    assert own.fingerprint != default.fingerprint  # checkpoints of the other text are not resumed
 
 
 def test_runs_that_differ_in_gkd_alone_reuse_the_parent_and_assembled_children_evaluations(ctx, tmp_path, monkeypatch):

@@ -450,3 +450,55 @@ def test_data_prepare_prepares_the_named_corpora_and_shows_their_splits():
     result = CliRunner().invoke(cli, ["data", "prepare", "synthetic"])  # nothing to fetch
     assert result.exit_code == 0, result.output
     assert "Corpus: synthetic" in result.output and "validation" in result.output
+
+
+# ---------------------------------------------------------------- mix and knowledge
+
+
+def test_mix_keeps_each_parts_splits_and_changes_with_either(tmp_path):
+    folder = tmp_path / "given"
+    folder.mkdir()
+    for split, seed in (("train", 0), ("validation", 1), ("test", 2)):
+        (folder / f"{split}.txt").write_text(paragraphs(3, seed))
+    loose = tmp_path / "loose.txt"
+    loose.write_text(paragraphs(60, seed=7))
+    mix = {"name": "mix", "corpora": [str(folder), str(loose)], "validation_fraction": 0.1, "test_fraction": 0.1}
+    mixed = read_splits(DataSection(corpus=mix).corpus)
+    alone = read_splits(str(loose), validation_fraction=0.1, test_fraction=0.1)
+    for split in ("train", "validation", "test"):
+        # the folder's own splits stay whole; the loose file is carved as it would be alone
+        assert {d.text for d in mixed.splits[split] if d.source == f"{split}.txt"} == {
+            d.text for d in read_splits(str(folder)).splits[split]}
+        assert {d.text for d in mixed.splits[split] if d.source == "loose.txt"} == {d.text for d in alone.splits[split]}
+    loose.write_text(paragraphs(60, seed=8))
+    assert read_splits(DataSection(corpus=mix).corpus).fingerprint != mixed.fingerprint
+    with pytest.raises(UserError, match="same corpus twice"):
+        read_splits(DataSection(corpus={"name": "mix", "corpora": [str(loose), str(loose)]}).corpus)
+
+
+def _arrow_rows(folder: str) -> list[dict]:
+    from puzzle_plugins.tasks.knowledge import _rows
+    from puzzle_plugins.tasks.suite import ARROW_FILE, data_root
+
+    return list(_rows(data_root("test") / folder / ARROW_FILE))
+
+
+def test_knowledge_corpus_answers_correctly_and_holds_no_suite_question():
+    from puzzle_plugins.tasks.mmlu import load_mmlu
+
+    text = "\n\n".join(d.text for docs in read_splits("knowledge").splits.values() for d in docs)
+
+    # the right answer, not a distractor, follows each question
+    assert "Question: Who proposed the theory of evolution by natural selection?\nAnswer: darwin" in text
+    piqa = _arrow_rows("piqa/plain_text/validation")[0]
+    assert f"Question: {piqa['goal']}\nAnswer: {piqa['sol' + str(int(piqa['label']) + 1)]}" in text
+    held_out = {q.question.strip() for q in load_mmlu(half="eval")}
+    score = [q.question.strip() for q in load_mmlu(half="score")]
+    kept = set(score) - held_out  # a few long ones are cut into chunks mid-question, hence not all
+    assert sum(f"Question: {q}\n" in text for q in kept) > 0.99 * len(kept) and len(kept) < len(set(score))
+    suite = set(held_out)
+    suite |= {row["question"].strip() for name in ("ARC-Easy", "ARC-Challenge")
+              for row in _arrow_rows(f"ai2_arc/{name}/validation")}
+    suite |= {row["question_stem"].strip() for row in _arrow_rows("openbookqa/main/validation")}
+    suite |= {row["question"].strip() for row in _arrow_rows("boolq/none/validation")}
+    assert not [q for q in suite if f"Question: {q}\n" in text]
