@@ -57,7 +57,7 @@ def main_child(run_dir: Path) -> dict:
             "result": _read(gkd_dir / "result.json", "the GKD result")}
 
 
-def _portable(path: Path) -> str:
+def portable(path: Path) -> str:
     """A run directory as given when relative, else relative to the checkout, else its name: no machine folders."""
     if not path.is_absolute():
         return str(path)
@@ -85,7 +85,7 @@ def compare(runs: Sequence[Path]) -> dict:
         paired = paired_accuracy(reference_items, items(run, layout.uptrained(child["name"])))
         result = child["result"]
         rows.append({
-            "run": _portable(run),
+            "run": portable(run),
             "tokens": result["tokens"],
             "lr": child["lr"],
             "steps": result["steps"],
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {error}", file=sys.stderr)
         return 2
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
-               "command": "benchmarks/gkd_tokens.py " + " ".join(_portable(run) for run in args.runs), **results}
+               "command": "benchmarks/gkd_tokens.py " + " ".join(portable(run) for run in args.runs), **results}
     atomic_write_json(args.out, results)
     print(f"{'tokens':>9}{'GKD min':>9}{'val KL':>9}{'test KL':>9}{'preserved':>11}{'chance-adj':>12}{'vs fewest':>11}")
     for row in results["rows"]:

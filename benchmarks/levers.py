@@ -45,13 +45,13 @@ SOURCES = {
 NOT_RUN = (
     "coupled BLD on the decoupled search's top solutions (the `bld` ablation's `coupled` arm has run on the "
     "small budget only; why it loses there is not explained yet)",
-    "a broader distillation data mix than the demo corpus (accuracy preserved on the evaluation suite)",
     "per-layer search rules and memory as a search constraint, and whether the measured cost model's choices "
     "run faster on this CPU",
     "GKD learning-rate schedules",
 )
 GKD_TOKENS = ("GKD tokens (`gkd_tokens.py`: the same child uptrained for different `gkd.tokens`, KL and the suite "
               "after)")
+GKD_DATA = "a broader distillation data mix than the demo corpus (`gkd_data.py`: accuracy preserved on the suite)"
 GKD_QUALITY = ("GKD quality per setting (`gkd.py --part quality`: KL to the parent after the same tokens for bf16, "
                "trainable subsets and LoRA)")
 
@@ -84,6 +84,7 @@ class Inputs:
     demo: PuzzleConfig
     gkd_quality: bool  # whether `gkd.py --part quality` has written its results
     gkd_tokens: list[dict]  # `gkd_tokens.py`'s results, one per child (none when it has not run)
+    gkd_data: dict | None  # `gkd_data.py`'s results (None when it has not run)
 
 
 def read_inputs(results: Path = RESULTS, demo: Path = DEMO) -> Inputs:
@@ -93,7 +94,8 @@ def read_inputs(results: Path = RESULTS, demo: Path = DEMO) -> Inputs:
               if path.name != "scoring_tokens.json"]
     return Inputs(found["bld_sweep.json"], found["bld_stage.json"], found["gkd_speed.json"],
                   found["scoring_tokens.json"], engine, load_config(demo), (results / "gkd_quality.json").is_file(),
-                  [load(results, path.name) for path in sorted(results.glob("gkd_tokens*.json"))])
+                  [load(results, path.name) for path in sorted(results.glob("gkd_tokens*.json"))],
+                  load(results, "gkd_data.json") if (results / "gkd_data.json").is_file() else None)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -588,11 +590,40 @@ def gkd_tokens(inputs: Inputs) -> str | None:
     return section("GKD tokens and learning rate", text, tables)
 
 
+def gkd_data(inputs: Inputs) -> str | None:
+    found = inputs.gkd_data
+    if found is None:
+        return None
+    from benchmarks.gkd_data import corpus_label
+
+    rows, child = found["rows"], found["child"]
+    tasks = sorted(rows[0]["vs_reference"]["tasks"])
+    body = []
+    for row in rows:
+        versus = row["vs_reference"]
+        body.append([f"`{corpus_label(row['corpus'])}`", tokens(row["tokens"]),
+                     f"{row['train_seconds'] / 60:.1f}", f"{row['validation'][-1]['kl']:.3f}",
+                     f"{row['kl_to_parent_after_gkd']:.3f}", report.percent_interval(row["accuracy_preserved"]),
+                     report.percent_interval(row["accuracy_preserved_chance_adjusted"]),
+                     "0" if row is rows[0] else report.percent_interval(versus["difference"], signed=True),
+                     *("0" if row is rows[0] else f"{versus['tasks'][task]['value'] * 100:+.1f}" for task in tasks)])
+    text = (
+        f"The {child['params'] / 1e6:.1f}M main child of a `configs/demo.yaml` run, uptrained from the same "
+        "assembled weights with the demo's GKD settings on other text (`gkd.corpus`; `results/gkd_data.json`). "
+        "Validation KL is on each text's own validation split, so it does not compare across rows; KL to the "
+        "parent is the evaluation's, on the demo corpus's test split for every row. The suite columns pair each "
+        "child's answers with the first row's over the tasks where the parent beats chance (points)."
+    )
+    headers = ["GKD text", "tokens", "GKD minutes", "validation KL", "KL to parent (demo test)",
+               "accuracy preserved (95% CI)", "chance-adjusted (95% CI)", "vs the first row (95% CI)", *tasks]
+    return section("Distillation text", text, table(headers, body))
+
+
 def section(title: str, reading: str, markdown: str) -> str:
     return f"### {title}\n\n{reading}\n\n{markdown}\n"
 
 
-LEVERS = (bld_tokens, bld_lr, bld_init, bf16, stage_time, gkd_speed, gkd_tokens, scoring_tokens)
+LEVERS = (bld_tokens, bld_lr, bld_init, bf16, stage_time, gkd_speed, gkd_tokens, gkd_data, scoring_tokens)
 
 
 def render(results: Path = RESULTS, demo: Path = DEMO) -> str:
@@ -604,7 +635,8 @@ def render(results: Path = RESULTS, demo: Path = DEMO) -> str:
         "What each lever buys on the SmolLM2-135M parent, and what `configs/demo.yaml` takes from it. "
         + caveat(inputs) + "\n"
     )
-    items = NOT_RUN + (() if inputs.gkd_quality else (GKD_QUALITY,)) + (() if inputs.gkd_tokens else (GKD_TOKENS,))
+    items = (NOT_RUN + (() if inputs.gkd_quality else (GKD_QUALITY,)) + (() if inputs.gkd_tokens else (GKD_TOKENS,))
+             + (() if inputs.gkd_data else (GKD_DATA,)))
     not_run = "### Not run yet\n\n" + "\n".join(f"- {item}: not run." for item in items) + "\n"
     return "\n".join([intro] + [text for lever in LEVERS if (text := lever(inputs))] + [not_run])
 

@@ -28,19 +28,22 @@ def test_the_readme_section_is_what_the_committed_results_render(rendered):
 
 def test_every_lever_has_a_table_and_the_unmeasured_ones_say_not_run(rendered):
     tokens_measured = any(levers.RESULTS.glob("gkd_tokens*.json"))
+    data_measured = (levers.RESULTS / "gkd_data.json").is_file()
     titles = ["BLD tokens per block", "BLD learning rate", "Initialisation before -> after BLD", "bf16 autocast",
               "Library stage time per arm", "GKD speed per setting"] + ["GKD tokens and learning rate"] * tokens_measured + [
-              "Scoring tokens vs reference"]
+              "Distillation text"] * data_measured + ["Scoring tokens vs reference"]
     for title, following in zip(titles, titles[1:] + ["Not run yet"]):
         part = rendered[rendered.index(f"### {title}\n"):rendered.index(f"### {following}\n")]
         assert "\n|---|" in part, title
     not_run = rendered[rendered.index("### Not run yet"):]
-    for lever in ("coupled BLD", "broader distillation data mix", "per-layer search rules", "memory"):
+    for lever in ("coupled BLD", "per-layer search rules", "memory"):
         assert lever in not_run
     quality_measured = (levers.RESULTS / "gkd_quality.json").is_file()
-    assert not_run.count(": not run.") == len(levers.NOT_RUN) + (not quality_measured) + (not tokens_measured)
+    assert not_run.count(": not run.") == (len(levers.NOT_RUN) + (not quality_measured) + (not tokens_measured)
+                                           + (not data_measured))
     assert (levers.GKD_QUALITY in not_run) != quality_measured
     assert (levers.GKD_TOKENS in not_run) != tokens_measured
+    assert (levers.GKD_DATA in not_run) != data_measured
 
 
 def test_readings_name_the_demo_settings_and_the_recorded_load(rendered):

@@ -1,0 +1,106 @@
+"""Benchmark: what the distillation text buys. Finished runs that uptrain the same child on different ``gkd.corpus``.
+
+Each run is a ``puzzle run`` directory whose main child went through GKD and the
+evaluation suite; all hold the same child and differ in ``gkd.corpus`` (the first run is
+the reference, usually the demo's own text). Per run: the text, the GKD rate, the last
+validation KL (on that text's own validation split, so not comparable across texts), the
+child's KL to the parent on ``data.corpus``'s test split (the same text for every run),
+accuracy preserved and chance-adjusted, and the suite paired item by item with the
+reference over the tasks where the parent beats chance, per task too. Writes
+``results/gkd_data.json``; ``benchmarks/levers.py`` renders it.
+
+    .venv/bin/python benchmarks/gkd_data.py REFERENCE_RUN RUN [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks.gkd_tokens import SUMMARY_KEYS, main_child, portable
+from puzzle_core import layout
+from puzzle_core.config import unstructure
+from puzzle_core.errors import UserError
+from puzzle_core.report import model_items, paired_accuracy, tasks_above_chance
+from puzzle_core.rundir import RunDir, atomic_write_json
+from puzzle_core.schema import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "gkd_data.json"
+
+
+def distillation_text(run: Path) -> dict:
+    """The run's ``gkd.corpus`` as configured, ``data.corpus`` when it has none."""
+    config = load_config(run / layout.CONFIG)
+    return unstructure(config.gkd.corpus if config.gkd.corpus is not None else config.data.corpus)
+
+
+def compare(runs: Sequence[Path]) -> dict:
+    children = [(run, main_child(run)) for run in runs]
+    if len({tuple(child["blocks"]) for _, child in children}) != 1:
+        raise UserError("The runs uptrain different children (their main children's blocks differ). Pass runs that "
+                        "share the stages up to `assemble` (`puzzle run ... --reuse FIRST_RUN --set gkd.corpus=...`).")
+    reference_run, reference = children[0]
+    above = tasks_above_chance(model_items(RunDir(reference_run), "parent"))
+
+    def items(run: Path, child: dict) -> dict:
+        found = model_items(RunDir(run), layout.uptrained(child["name"]))
+        return {task: task_items for task, task_items in found.items() if task in above}
+
+    reference_items = items(reference_run, reference)
+    rows = []
+    for run, child in children:
+        paired = paired_accuracy(reference_items, items(run, child))
+        result = child["result"]
+        rows.append({
+            "run": portable(run),
+            "corpus": distillation_text(run),
+            "tokens": result["tokens"],
+            "train_seconds": result["train_seconds"],
+            "tokens_per_second": result["tokens_per_second"],
+            "validation": child["log"]["validation"],
+            **{key: child.get(key) for key in SUMMARY_KEYS},
+            "vs_reference": None if paired is None else {
+                **paired["mean"], "tasks": {task: found["difference"] for task, found in paired["tasks"].items()}},
+        })
+    return {"child": {"name": reference["name"], "blocks": reference["blocks"], "params": reference["params"]},
+            "tasks_above_chance": sorted(above), "rows": rows}
+
+
+def corpus_label(corpus: dict) -> str:
+    if corpus["name"] == "mix":
+        return "+".join(part["name"] for part in corpus["corpora"])
+    return corpus.get("path", corpus["name"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished run directories; the first is the reference")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    try:
+        results = compare(args.runs)
+    except UserError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
+               "command": "benchmarks/gkd_data.py " + " ".join(portable(run) for run in args.runs), **results}
+    atomic_write_json(args.out, results)
+    print(f"{'text':<16}{'tokens':>9}{'tok/s':>7}{'val KL':>8}{'test KL':>9}{'preserved':>11}{'chance-adj':>12}"
+          f"{'vs first (95% CI)':>24}")
+    for row in results["rows"]:
+        versus = row["vs_reference"]["difference"]
+        print(f"{corpus_label(row['corpus']):<16}{row['tokens']:>9}{row['tokens_per_second']:>7.0f}"
+              f"{row['validation'][-1]['kl']:>8.3f}{row['kl_to_parent_after_gkd']:>9.3f}"
+              f"{row['accuracy_preserved']['value']:>11.1%}{row['accuracy_preserved_chance_adjusted']['value']:>12.1%}"
+              f"{versus['value'] * 100:>+9.1f} [{versus['low'] * 100:+.1f}, {versus['high'] * 100:+.1f}]")
+    print(f"\nWrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
