@@ -9,7 +9,7 @@ accuracy preserved and chance-adjusted, and the suite paired item by item with t
 reference over the tasks where the parent beats chance, per task too. Writes
 ``results/gkd_data.json``; ``benchmarks/levers.py`` renders it.
 
-    .venv/bin/python benchmarks/gkd_data.py REFERENCE_RUN RUN [...]
+    .venv/bin/python -m benchmarks.gkd_data REFERENCE_RUN RUN [...]    (from the checkout's root)
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def compare(runs: Sequence[Path]) -> dict:
         rows.append({
             "run": portable(run),
             "corpus": distillation_text(run),
+            "label": corpus_label(distillation_text(run)),
             "tokens": result["tokens"],
             "train_seconds": result["train_seconds"],
             "tokens_per_second": result["tokens_per_second"],
@@ -88,13 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {error}", file=sys.stderr)
         return 2
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
-               "command": "benchmarks/gkd_data.py " + " ".join(portable(run) for run in args.runs), **results}
+               "command": "python -m benchmarks.gkd_data " + " ".join(portable(run) for run in args.runs), **results}
     atomic_write_json(args.out, results)
     print(f"{'text':<16}{'tokens':>9}{'tok/s':>7}{'val KL':>8}{'test KL':>9}{'preserved':>11}{'chance-adj':>12}"
           f"{'vs first (95% CI)':>24}")
     for row in results["rows"]:
         versus = row["vs_reference"]["difference"]
-        print(f"{corpus_label(row['corpus']):<16}{row['tokens']:>9}{row['tokens_per_second']:>7.0f}"
+        print(f"{row['label']:<16}{row['tokens']:>9}{row['tokens_per_second']:>7.0f}"
               f"{row['validation'][-1]['kl']:>8.3f}{row['kl_to_parent_after_gkd']:>9.3f}"
               f"{row['accuracy_preserved']['value']:>11.1%}{row['accuracy_preserved_chance_adjusted']['value']:>12.1%}"
               f"{versus['value'] * 100:>+9.1f} [{versus['low'] * 100:+.1f}, {versus['high'] * 100:+.1f}]")

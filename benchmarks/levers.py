@@ -51,7 +51,7 @@ NOT_RUN = (
 )
 GKD_TOKENS = ("GKD tokens (`gkd_tokens.py`: the same child uptrained for different `gkd.tokens`, KL and the suite "
               "after)")
-GKD_DATA = "a broader distillation data mix than the demo corpus (`gkd_data.py`: accuracy preserved on the suite)"
+GKD_DATA = "a broader distillation data mix than the demo corpus (`python -m benchmarks.gkd_data`: the suite after GKD)"
 GKD_QUALITY = ("GKD quality per setting (`gkd.py --part quality`: KL to the parent after the same tokens for bf16, "
                "trainable subsets and LoRA)")
 
@@ -594,14 +594,12 @@ def gkd_data(inputs: Inputs) -> str | None:
     found = inputs.gkd_data
     if found is None:
         return None
-    from benchmarks.gkd_data import corpus_label
-
     rows, child = found["rows"], found["child"]
     tasks = sorted(rows[0]["vs_reference"]["tasks"])
     body = []
     for row in rows:
         versus = row["vs_reference"]
-        body.append([f"`{corpus_label(row['corpus'])}`", tokens(row["tokens"]),
+        body.append([f"`{row['label']}`", tokens(row["tokens"]),
                      f"{row['train_seconds'] / 60:.1f}", f"{row['validation'][-1]['kl']:.3f}",
                      f"{row['kl_to_parent_after_gkd']:.3f}", report.percent_interval(row["accuracy_preserved"]),
                      report.percent_interval(row["accuracy_preserved_chance_adjusted"]),

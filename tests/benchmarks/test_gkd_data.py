@@ -19,7 +19,7 @@ def test_each_text_is_paired_with_the_first_runs_on_tasks_above_chance(tmp_path,
     out = tmp_path / "gkd_data.json"
     assert gkd_data.main([str(demo), str(knowledge), str(mixed), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [gkd_data.corpus_label(row["corpus"]) for row in rows] == ["demo", "knowledge", "demo+knowledge"]
+    assert [row["label"] for row in rows] == ["demo", "knowledge", "demo+knowledge"]
     assert [row["vs_reference"]["difference"]["value"] for row in rows] == pytest.approx([0.0, 4 / 20, -1 / 20])
     assert list(rows[1]["vs_reference"]["tasks"]) == ["two_choice"]  # the parent is at chance on the other
     printed = capsys.readouterr().out
