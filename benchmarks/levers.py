@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import attrs
 
 from puzzle_core import report
+from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
 from puzzle_core.schema import GKDSection, PuzzleConfig, load_config
 
@@ -596,10 +597,11 @@ def gkd_data(inputs: Inputs) -> str | None:
         return None
     rows, child = found["rows"], found["child"]
     tasks = sorted(rows[0]["vs_reference"]["tasks"])
+    demo = unstructure(inputs.demo.gkd.corpus or inputs.demo.data.corpus)
     body = []
     for row in rows:
         versus = row["vs_reference"]
-        body.append([f"`{row['label']}`", tokens(row["tokens"]),
+        body.append([f"`{row['label']}`" + (" (demo)" if row["corpus"] == demo else ""), tokens(row["tokens"]),
                      f"{row['train_seconds'] / 60:.1f}", f"{row['validation'][-1]['kl']:.3f}",
                      f"{row['kl_to_parent_after_gkd']:.3f}", report.percent_interval(row["accuracy_preserved"]),
                      report.percent_interval(row["accuracy_preserved_chance_adjusted"]),
@@ -610,7 +612,8 @@ def gkd_data(inputs: Inputs) -> str | None:
         "assembled weights with the demo's GKD settings on other text (`gkd.corpus`; `results/gkd_data.json`). "
         "Validation KL is on each text's own validation split, so it does not compare across rows; KL to the "
         "parent is the evaluation's, on the demo corpus's test split for every row. The suite columns pair each "
-        "child's answers with the first row's over the tasks where the parent beats chance (points)."
+        "child's answers with the first row's over the tasks where the parent beats chance (points); "
+        "(demo) marks the text `configs/demo.yaml` distils on."
     )
     headers = ["GKD text", "tokens", "GKD minutes", "validation KL", "KL to parent (demo test)",
                "accuracy preserved (95% CI)", "chance-adjusted (95% CI)", "vs the first row (95% CI)", *tasks]
