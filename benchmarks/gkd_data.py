@@ -14,19 +14,16 @@ reference over the tasks where the parent beats chance, per task too. Writes
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.gkd_tokens import SUMMARY_KEYS, main_child, portable
+from benchmarks.gkd_tokens import SUMMARY_KEYS, compared, main_child, portable
 from puzzle_core import layout
 from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
 from puzzle_core.report import model_items, paired_accuracy, tasks_above_chance
-from puzzle_core.rundir import RunDir, atomic_write_json
+from puzzle_core.rundir import RunDir
 from puzzle_core.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,18 +76,11 @@ def corpus_label(corpus: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="finished run directories; the first is the reference")
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args(argv)
-    try:
-        results = compare(args.runs)
-    except UserError as error:
-        print(f"Error: {error}", file=sys.stderr)
+    found = compared(argv, compare, __doc__.split("\n\n")[0], "finished run directories; the first is the reference",
+                     OUT, "python -m benchmarks.gkd_data")
+    if found is None:
         return 2
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
-               "command": "python -m benchmarks.gkd_data " + " ".join(portable(run) for run in args.runs), **results}
-    atomic_write_json(args.out, results)
+    results, out = found
     print(f"{'text':<16}{'tokens':>9}{'tok/s':>7}{'val KL':>8}{'test KL':>9}{'preserved':>11}{'chance-adj':>12}"
           f"{'vs first (95% CI)':>24}")
     for row in results["rows"]:
@@ -99,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{row['validation'][-1]['kl']:>8.3f}{row['kl_to_parent_after_gkd']:>9.3f}"
               f"{row['accuracy_preserved']['value']:>11.1%}{row['accuracy_preserved_chance_adjusted']['value']:>12.1%}"
               f"{versus['value'] * 100:>+9.1f} [{versus['low'] * 100:+.1f}, {versus['high'] * 100:+.1f}]")
-    print(f"\nWrote {args.out}")
+    print(f"\nWrote {out}")
     return 0
 
 

@@ -19,7 +19,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from puzzle_core import layout
 from puzzle_core.errors import UserError
@@ -99,19 +99,31 @@ def compare(runs: Sequence[Path]) -> dict:
             "tasks_above_chance": sorted(above), "rows": rows}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="finished run directories, one per GKD budget")
-    parser.add_argument("--out", type=Path, default=OUT)
+def compared(argv: Sequence[str] | None, compare: Callable[[Sequence[Path]], dict], description: str,
+             runs_help: str, out: Path, command: str) -> tuple[dict, Path] | None:
+    """Parse ``RUN... [--out FILE]``, compare the runs and write the results with the machine and command;
+    ``None`` after printing the error when the runs cannot be compared."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("runs", nargs="+", type=Path, help=runs_help)
+    parser.add_argument("--out", type=Path, default=out)
     args = parser.parse_args(argv)
     try:
         results = compare(args.runs)
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr)
-        return 2
+        return None
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
-               "command": "benchmarks/gkd_tokens.py " + " ".join(portable(run) for run in args.runs), **results}
+               "command": f"{command} " + " ".join(portable(run) for run in args.runs), **results}
     atomic_write_json(args.out, results)
+    return results, args.out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    found = compared(argv, compare, __doc__.split("\n\n")[0], "finished run directories, one per GKD budget", OUT,
+                     "benchmarks/gkd_tokens.py")
+    if found is None:
+        return 2
+    results, out = found
     print(f"{'tokens':>9}{'GKD min':>9}{'val KL':>9}{'test KL':>9}{'preserved':>11}{'chance-adj':>12}{'vs fewest':>11}")
     for row in results["rows"]:
         versus = row["vs_fewest_tokens"]
@@ -119,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{row['kl_to_parent_after_gkd']:>9.3f}{row['accuracy_preserved']['value']:>11.1%}"
               f"{row['accuracy_preserved_chance_adjusted']['value']:>12.1%}"
               f"{'' if versus is None else format(versus['difference']['value'] * 100, '+.1f'):>11}")
-    print(f"\nWrote {args.out}")
+    print(f"\nWrote {out}")
     return 0
 
 
