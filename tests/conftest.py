@@ -36,10 +36,12 @@ def session_cache(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(session_cache, monkeypatch):
-    """Every test (and every process it starts) uses the session's cache."""
-    monkeypatch.setenv("PUZZLE_CACHE", str(session_cache))
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(session_cache):
+    """Every test, fixture (module-scoped ones too) and process they start uses the session's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PUZZLE_CACHE", str(session_cache))
+        yield
 
 
 @pytest.fixture(autouse=True)
