@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.gkd_tokens import SUMMARY_KEYS, compared, main_child, portable
+from benchmarks.gkd_tokens import SUMMARY_KEYS, compared, items_above_chance, main_child, portable
 from puzzle_core import layout
 from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
@@ -31,9 +31,8 @@ OUT = ROOT / "benchmarks" / "results" / "gkd_data.json"
 
 
 def distillation_text(run: Path) -> dict:
-    """The run's ``gkd.corpus`` as configured, ``data.corpus`` when it has none."""
-    config = load_config(run / layout.CONFIG)
-    return unstructure(config.gkd.corpus if config.gkd.corpus is not None else config.data.corpus)
+    """The text the run's GKD distilled on, as configured."""
+    return unstructure(load_config(run / layout.CONFIG).distillation_corpus)
 
 
 def compare(runs: Sequence[Path]) -> dict:
@@ -43,20 +42,15 @@ def compare(runs: Sequence[Path]) -> dict:
                         "share the stages up to `assemble` (`puzzle run ... --reuse FIRST_RUN --set gkd.corpus=...`).")
     reference_run, reference = children[0]
     above = tasks_above_chance(model_items(RunDir(reference_run), "parent"))
-
-    def items(run: Path, child: dict) -> dict:
-        found = model_items(RunDir(run), layout.uptrained(child["name"]))
-        return {task: task_items for task, task_items in found.items() if task in above}
-
-    reference_items = items(reference_run, reference)
+    reference_items = items_above_chance(reference_run, reference, above)
     rows = []
     for run, child in children:
-        paired = paired_accuracy(reference_items, items(run, child))
-        result = child["result"]
+        paired = paired_accuracy(reference_items, items_above_chance(run, child, above))
+        result, corpus = child["result"], distillation_text(run)
         rows.append({
             "run": portable(run),
-            "corpus": distillation_text(run),
-            "label": corpus_label(distillation_text(run)),
+            "corpus": corpus,
+            "label": corpus_label(corpus),
             "tokens": result["tokens"],
             "train_seconds": result["train_seconds"],
             "tokens_per_second": result["tokens_per_second"],

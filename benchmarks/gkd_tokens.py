@@ -65,6 +65,12 @@ def portable(path: Path) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path.name
 
 
+def items_above_chance(run: Path, child: dict, above: set[str]) -> dict:
+    """The suite items of ``child`` after GKD, on the tasks in ``above``."""
+    found = model_items(RunDir(run), layout.uptrained(child["name"]))
+    return {task: task_items for task, task_items in found.items() if task in above}
+
+
 def compare(runs: Sequence[Path]) -> dict:
     children = sorted(((run, main_child(run)) for run in runs),
                       key=lambda pair: (pair[1]["result"]["tokens"], pair[1]["lr"]))
@@ -75,14 +81,10 @@ def compare(runs: Sequence[Path]) -> dict:
                         "(`puzzle run ... --reuse FIRST_RUN --set gkd.tokens=N`).")
     reference_run, reference = children[0]
     above = tasks_above_chance(model_items(RunDir(reference_run), "parent"))
-
-    def items(run: Path, model: str) -> dict:
-        return {task: found for task, found in model_items(RunDir(run), model).items() if task in above}
-
-    reference_items = items(reference_run, layout.uptrained(reference["name"]))
+    reference_items = items_above_chance(reference_run, reference, above)
     rows = []
     for run, child in children:
-        paired = paired_accuracy(reference_items, items(run, layout.uptrained(child["name"])))
+        paired = paired_accuracy(reference_items, items_above_chance(run, child, above))
         result = child["result"]
         rows.append({
             "run": portable(run),

@@ -597,7 +597,7 @@ def gkd_data(inputs: Inputs) -> str | None:
         return None
     rows, child = found["rows"], found["child"]
     tasks = sorted(rows[0]["vs_reference"]["tasks"])
-    demo = unstructure(inputs.demo.gkd.corpus or inputs.demo.data.corpus)
+    demo = unstructure(inputs.demo.distillation_corpus)
     body = []
     for row in rows:
         versus = row["vs_reference"]

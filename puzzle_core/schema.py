@@ -258,6 +258,11 @@ class PuzzleConfig:
     gkd: GKDSection = attrs.Factory(GKDSection)
     evaluation: EvaluationSection = attrs.Factory(EvaluationSection)
 
+    @property
+    def distillation_corpus(self) -> CorpusChoice:
+        """The text GKD distils on: ``gkd.corpus``, else ``data.corpus``."""
+        return self.gkd.corpus if self.gkd.corpus is not None else self.data.corpus
+
 
 def read_config_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """A config file's mapping, with its ``base`` (another config, relative to this file) merged under it.

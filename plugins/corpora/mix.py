@@ -14,8 +14,7 @@ from typing import Callable
 import attrs
 
 from puzzle_core.api import Corpus, CorpusChoice, CorpusText, UserError, open_corpus, read_splits
-
-SPLITS = ("train", "validation", "test")
+from puzzle_plugins.corpora.files import SPLITS
 
 
 def _two_or_more(_instance, _attribute, value: list) -> None:
