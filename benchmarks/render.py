@@ -207,6 +207,8 @@ def write_frontier(results: Mapping, path: Path) -> bool:
 
     Left: chance-adjusted accuracy preserved (mean over tasks, paired 95% interval); right:
     KL to the parent (log scale). Horizontal bars: the measured speedup's interquartile range.
+    Where GKD ran, each method's children after GKD are the solid line and the same children
+    as assembled a faint dashed one, so the plot shows what uptraining bought each method.
     """
     groups = frontier_points(results)
     if not groups:
@@ -218,17 +220,22 @@ def write_frontier(results: Mapping, path: Path) -> bool:
     import numpy as np
 
     figure, (accuracy, kl) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, arms in groups.items():
+    for index, (method, arms) in enumerate(groups.items()):
         x = np.array([final_metric(a, "measured_speedup") or np.nan for a in arms])
         xerr = np.nan_to_num([x - [final_metric(a, "measured_speedup_q1") or np.nan for a in arms],
                               [final_metric(a, "measured_speedup_q3") or np.nan for a in arms] - x])
-        key = "accuracy_preserved_chance_adjusted" if any(a["metrics"].get("after_gkd") for a in arms) else \
-            "accuracy_preserved_chance_adjusted_before_gkd"
-        y, low, high = _percent_arrays([a["metrics"].get(key) for a in arms])
-        yerr = np.nan_to_num([y - low, high - y])
-        accuracy.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=method)
-        kl.errorbar(x, [final_metric(a, "kl_to_parent") or np.nan for a in arms], xerr=xerr, marker="o", capsize=3,
-                    label=method)
+        phases = [("", "_before_gkd", "assembled")]
+        if any(a["metrics"].get("after_gkd") for a in arms):
+            phases = [(" assembled", "_before_gkd", "assembled"), (" after GKD", "", "after_gkd")]
+        for label, suffix, phase in phases:
+            faint = len(phases) > 1 and phase == "assembled"
+            style = {"color": f"C{index}", "marker": "o", "capsize": 3, "label": method + label,
+                     "linestyle": "--" if faint else "-", "alpha": 0.45 if faint else 1.0}
+            y, low, high = _percent_arrays([a["metrics"].get(f"accuracy_preserved_chance_adjusted{suffix}")
+                                            for a in arms])
+            accuracy.errorbar(x, y, xerr=xerr, yerr=np.nan_to_num([y - low, high - y]), **style)
+            kl.errorbar(x, [(a["metrics"].get(phase) or {}).get("kl_to_parent") or np.nan for a in arms], xerr=xerr,
+                        **style)
     accuracy.axhline(100.0, color="grey", linewidth=0.8)
     accuracy.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
     accuracy.set_ylabel("chance-adjusted accuracy preserved, %\n(mean over tasks, paired 95% CI)")

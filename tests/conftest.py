@@ -72,7 +72,8 @@ def registries():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, session_cache):
     """A run directory made by every stage of ``configs/tiny.yaml`` (smaller budgets, one baseline,
-    GKD of the main child only, KL the only evaluator), shared by the session: copy it before changing it."""
+    GKD of the main child only, KL the only evaluator), with its ``config.yaml``, shared by the session: copy it
+    before changing it."""
     import yaml
 
     from puzzle_core.config import structure
@@ -89,5 +90,5 @@ def tiny_run(tmp_path_factory, session_cache):
     root = tmp_path_factory.mktemp("tiny-run") / "run"
     with pytest.MonkeyPatch.context() as patch:  # session scope: before the per-test fixtures
         patch.setenv("PUZZLE_CACHE", str(session_cache))
-        run_pipeline(structure(config, PuzzleConfig), root, echo=lambda _: None)
+        run_pipeline(structure(config, PuzzleConfig), root, config_text=yaml.safe_dump(config), echo=lambda _: None)
     return RunDir(root)

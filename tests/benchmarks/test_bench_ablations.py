@@ -1,6 +1,6 @@
 """Every shipped ablation end to end at ``--budget small`` (the tiny config), sharing one results folder.
 
-Marked slow: the six together run each arm's search, assembly, GKD and evaluation (lm_eval
+Marked slow: the seven together run each arm's search, assembly, GKD and evaluation (lm_eval
 included) and take a few minutes on two CPU cores. They run in order, so later ablations
 reuse the Puzzle reference arm and the library that earlier ones finished.
 """
@@ -119,6 +119,21 @@ def test_baselines_reuse_the_search_arms_and_uniform_width_cannot_reach_the_budg
     versus = json.loads((results_dir / "baselines.small.json").read_text())["comparison"]["accuracy_vs_reference"]
     assert versus["puzzle-1.5x"]["difference"]["value"] == 0 and versus["uniform_width-1.5x"] is None
     assert versus["layer_drop-1.5x"]["items"] > 0
+
+
+def test_frontier_uptrains_the_baselines_children_and_adds_a_budget_between_them(results_dir):
+    """The small budget already uptrains each arm's child, so the frontier's arms at the baselines' budgets are those
+    arms; only the 1.75x arms run, and their children sit between the 1.5x and 2x ones."""
+    arms = run("frontier", results_dir)
+    for budget in ("1.25x", "1.5x", "2x"):
+        for method in ("puzzle", "layer_drop"):
+            assert set(arms[f"{method}-{budget}"]["stages"].values()) == {"reused"}, f"baselines/{method}-{budget}"
+    for method in ("puzzle", "layer_drop"):
+        assert_evaluated(arms[f"{method}-1.75x"])
+        assert arms[f"{method}-1.75x"]["stages"]["search"] == "ran"
+        predicted = [arms[f"{method}-{b}"]["metrics"]["predicted_speedup"] for b in ("1.5x", "1.75x", "2x")]
+        assert predicted == sorted(predicted) and 1.75 - 1e-6 <= predicted[1]
+    assert (results_dir / "frontier.small.frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_scoring_arms_share_one_library_and_one_score_table(results_dir):
