@@ -63,7 +63,8 @@ def _speedup_spread(arm: Mapping) -> str:
 
 
 def markdown_table(results: Mapping) -> str:
-    """One row per arm: speedups, KL to the parent, accuracy preserved (vs the parent and vs the reference arm).
+    """One row per arm: speedups, KL to the parent, accuracy preserved (vs the parent, the reference arm and, for
+    ``METHOD-Bx`` arms, the reference method's arm at the same budget).
 
     The after-GKD columns appear when some arm ran GKD; the accuracy columns when the suite ran.
     """
@@ -71,6 +72,9 @@ def markdown_table(results: Mapping) -> str:
     comparison = results.get("comparison") or {}
     ratios = comparison.get("kl_to_parent_vs_reference", {})
     versus = comparison.get("accuracy_vs_reference") or {}
+    same_budget = comparison.get("accuracy_vs_same_budget") or {}
+    same_budget = same_budget if any(same_budget.values()) else {}  # no arm has a counterpart that was evaluated
+    method = BUDGETED_ARM.fullmatch(reference)
     arms = results["arms"]
     trained = any((a.get("metrics") or {}).get("after_gkd") for a in arms)
     accuracy = any((a.get("metrics") or {}).get("accuracy_preserved_before_gkd") for a in arms)
@@ -81,6 +85,7 @@ def markdown_table(results: Mapping) -> str:
         headers += ["accuracy preserved assembled", "chance-adjusted assembled"]
         headers += ["accuracy preserved after GKD", "chance-adjusted after GKD"] if trained else []
         headers += [f"accuracy vs {reference}, points (tasks above chance)" if versus else None]
+        headers += [f"accuracy vs {method['method']} at the same budget, points" if same_budget else None]
     headers = [h for h in headers if h]
     headers += ["params", "status"]
     rows = []
@@ -98,9 +103,10 @@ def markdown_table(results: Mapping) -> str:
             if trained:
                 row += [percent_interval(metrics.get("accuracy_preserved")) if ran_gkd else "–",
                         percent_interval(metrics.get("accuracy_preserved_chance_adjusted")) if ran_gkd else "–"]
-            if versus:
-                mean = versus.get(arm["name"])
-                row += ["–" if mean is None else percent_interval(mean["difference"], signed=True)]
+            for compared in (versus, same_budget):
+                if compared:
+                    mean = compared.get(arm["name"])
+                    row += ["–" if mean is None else percent_interval(mean["difference"], signed=True)]
         row += [_number(metrics.get("params")), arm["status"] + (f" ({arm['note']})" if arm.get("note") else "")]
         rows.append(row)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

@@ -41,7 +41,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import attrs
 import yaml
 
-from benchmarks.render import ORDER, final_metric, results_path, write_frontier, write_markdown, write_plot
+from benchmarks.render import (BUDGETED_ARM, ORDER, final_metric, results_path, write_frontier, write_markdown,
+                               write_plot)
 from puzzle_core.config import deep_merge, read_yaml, stable_hash, structure, unstructure
 from puzzle_core import layout
 from puzzle_core.errors import UserError
@@ -462,10 +463,29 @@ def run_ablation(
 
 
 def _write_results(results: dict, out: Path) -> None:
-    ratios = compare_with_reference(results["arms"], results["reference"])
-    results["comparison"] = {"kl_to_parent_vs_reference": ratios,
-                             "accuracy_vs_reference": accuracy_vs_reference(results["arms"], results["reference"])}
+    arms, reference = results["arms"], results["reference"]
+    results["comparison"] = {"kl_to_parent_vs_reference": compare_with_reference(arms, reference),
+                             "accuracy_vs_reference": accuracy_vs({arm["name"]: reference for arm in arms}, arms)}
+    counterparts = same_budget_counterparts(arms, reference)
+    if counterparts:
+        results["comparison"]["accuracy_vs_same_budget"] = accuracy_vs(counterparts, arms)
     atomic_write_json(out, results)
+
+
+def same_budget_counterparts(arms: list[dict], reference: str) -> dict[str, str | None]:
+    """For arms named ``METHOD-Bx``: each arm's counterpart of the reference's method at the same budget
+    (``layer_drop-2x`` -> ``puzzle-2x`` when the reference is ``puzzle-1.5x``); empty when the reference
+    names no budget."""
+    method = BUDGETED_ARM.fullmatch(reference)
+    if method is None:
+        return {}
+    names = {arm["name"] for arm in arms}
+    counterparts = {}
+    for arm in arms:
+        budget = BUDGETED_ARM.fullmatch(arm["name"])
+        counterpart = f"{method['method']}-{budget['speedup']}x" if budget else None
+        counterparts[arm["name"]] = counterpart if counterpart in names else None
+    return counterparts
 
 
 def final_model(arm: Mapping) -> str | None:
@@ -476,8 +496,9 @@ def final_model(arm: Mapping) -> str | None:
     return layout.uptrained(child["name"]) if metrics.get("after_gkd") else child["name"]
 
 
-def accuracy_vs_reference(arms: list[dict], reference: str) -> dict[str, dict | None]:
-    """Per arm, its main child's accuracy paired item by item with the reference arm's (both as last evaluated).
+def accuracy_vs(references: Mapping[str, str | None], arms: list[dict]) -> dict[str, dict | None]:
+    """Per arm, its main child's accuracy paired item by item with that of the arm ``references`` names for it
+    (both as last evaluated).
 
     Over the tasks on which the parent scores above chance (the tasks the chance-adjusted
     figure counts; a task where the parent is at or below chance says nothing about what a
@@ -486,16 +507,19 @@ def accuracy_vs_reference(arms: list[dict], reference: str) -> dict[str, dict | 
     bootstrap 95% interval, and the ``tasks`` compared. ``None`` where either arm has no
     evaluated child or their items do not pair.
     """
-    ref = next((a for a in arms if a["name"] == reference and final_model(a)), None)
-    if ref is None:
-        return {arm["name"]: None for arm in arms}
-    ref_dir = RunDir(ROOT / ref["run_dir"])
-    above = tasks_above_chance(model_items(ref_dir, "parent"))
-    ref_items = {task: items for task, items in model_items(ref_dir, final_model(ref)).items() if task in above}
+    by_name = {arm["name"]: arm for arm in arms}
+
+    def items(arm: Mapping, above: set[str] | None = None) -> dict:
+        found = model_items(RunDir(ROOT / arm["run_dir"]), final_model(arm))
+        return found if above is None else {task: task_items for task, task_items in found.items() if task in above}
+
     compared = {}
     for arm in arms:
-        model = final_model(arm)
-        paired = paired_accuracy(ref_items, model_items(RunDir(ROOT / arm["run_dir"]), model)) if model else None
+        ref = by_name.get(references.get(arm["name"]) or "")
+        paired = None
+        if ref is not None and final_model(ref) and final_model(arm):
+            above = tasks_above_chance(model_items(RunDir(ROOT / ref["run_dir"]), "parent"))
+            paired = paired_accuracy(items(ref, above), items(arm))
         compared[arm["name"]] = None if paired is None else {**paired["mean"], "tasks": sorted(paired["tasks"])}
     return compared
 

@@ -99,9 +99,9 @@ def reference_arms(base: Path, tmp_path: Path) -> dict[str, str]:
 
 def test_every_shipped_ablation_resolves_and_shares_the_puzzle_reference_arm(tmp_path):
     hashes = reference_arms(TINY, tmp_path)
-    assert set(hashes) == {"search", "baselines", "scoring", "search_space", "gkd_losses", "bld"}
-    shared = {hashes["search"]["mip-1.5x"], hashes["baselines"]["puzzle-1.5x"], hashes["search_space"]["full"],
-              hashes["gkd_losses"]["cosine+kl"]}
+    assert set(hashes) == {"search", "baselines", "frontier", "scoring", "search_space", "gkd_losses", "bld"}
+    shared = {hashes["search"]["mip-1.5x"], hashes["baselines"]["puzzle-1.5x"], hashes["frontier"]["puzzle-1.5x"],
+              hashes["search_space"]["full"], hashes["gkd_losses"]["cosine+kl"]}
     assert len(shared) == 1, "identical reference arms run once and are reused by the other ablations"
     assert all(len(set(arms.values())) == len(arms) for arms in hashes.values()), "arms of an ablation differ"
 
@@ -113,6 +113,15 @@ def test_results_compare_each_arm_with_the_reference():
         {"name": "failed", "metrics": None},
     ]
     assert runner.compare_with_reference(arms, "ref") == {"ref": 1.0, "worse": 4.0, "failed": None}
+
+
+def test_budgeted_arms_are_paired_with_the_reference_methods_arm_at_their_budget():
+    arms = [{"name": name} for name in ("puzzle-1.5x", "layer_drop-1.5x", "layer_drop-1.75x", "puzzle-2x",
+                                         "uniform_width-2x", "extra")]
+    assert runner.same_budget_counterparts(arms, "puzzle-1.5x") == {
+        "puzzle-1.5x": "puzzle-1.5x", "layer_drop-1.5x": "puzzle-1.5x", "layer_drop-1.75x": None,
+        "puzzle-2x": "puzzle-2x", "uniform_width-2x": "puzzle-2x", "extra": None}
+    assert runner.same_budget_counterparts(arms, "extra") == {}, "a reference without a budget: no such comparison"
 
 
 # ---------------------------------------------------------------- sharing stages between run directories

@@ -53,6 +53,20 @@ def test_the_table_shows_spread_intervals_and_the_comparison_with_the_reference_
     assert "| 20.0% [10.0, 30.0] |" in steeper and "| +0.0 [+0.0, +0.0] |" in mip
 
 
+def test_budgeted_arms_are_also_compared_with_the_reference_method_at_their_own_budget():
+    results = copy.deepcopy(RESULTS)
+    results["comparison"]["accuracy_vs_same_budget"] = {
+        "mip-1.5x": {"difference": {"value": 0.0, "low": 0.0, "high": 0.0}},
+        "mip-2x": {"difference": {"value": 0.0, "low": 0.0, "high": 0.0}},
+        "greedy-2x": {"difference": {"value": 0.012, "low": -0.004, "high": 0.03}}, "layer_drop": None}
+    header, _, _, steeper, greedy, unbudgeted = render.markdown_table(results).splitlines()
+    assert header.count("| accuracy vs ") == 2 and "| accuracy vs mip at the same budget, points |" in header
+    assert "| -3.1 [-5.0, -1.0] | +0.0 [+0.0, +0.0] |" in steeper  # vs mip-1.5x, vs itself
+    assert "| +1.2 [-0.4, +3.0] |" in greedy and unbudgeted.count("| – |") >= 2
+    results["comparison"]["accuracy_vs_same_budget"] = {name: None for name in ("mip-1.5x", "mip-2x")}
+    assert "same budget" not in render.markdown_table(results), "no counterpart was evaluated: no column"
+
+
 def test_results_from_a_changed_tree_say_so_loudly():
     assert "uncommitted" not in render.provenance(RESULTS)
     dirty = copy.deepcopy(RESULTS)
