@@ -114,6 +114,18 @@ def markdown_table(results: Mapping) -> str:
     return "\n".join(lines)
 
 
+def pooled_line(results: Mapping) -> str:
+    """Each method against the reference method, paired at equal budgets and pooled over them ("" when none)."""
+    pooled = (results.get("comparison") or {}).get("pooled_vs_same_budget") or {}
+    method = BUDGETED_ARM.fullmatch(results["reference"])
+    if not pooled or method is None:
+        return ""
+    parts = [f"{name} {percent_interval(found['difference'], signed=True)} points at "
+             f"{', '.join(found['budgets'])} ({found['items']:,} item pairs)" for name, found in pooled.items()]
+    return (f"Against {method['method']} at the same budget, pooled over the budgets both reached (paired, tasks "
+            f"above chance, each task at each budget one term of the mean): " + "; ".join(parts) + ".")
+
+
 def parent_line(results: Mapping) -> str:
     """The parent's own numbers (from the reference arm's run, else the first that has them)."""
     arms = sorted(results["arms"], key=lambda a: a["name"] != results["reference"])
@@ -166,6 +178,7 @@ def ablation_markdown(results: Mapping, level: int = 3, frontier: str | None = N
             results["description"].strip(),
             f"Paper: {results['paper'].strip()}" if results.get("paper") else "",
             markdown_table(results),
+            pooled_line(results),
             f"![{results['ablation']} frontier]({frontier})" if frontier else "",
             parent_line(results),
             "\n".join(errors),

@@ -469,6 +469,7 @@ def _write_results(results: dict, out: Path) -> None:
     counterparts = same_budget_counterparts(arms, reference)
     if counterparts:
         results["comparison"]["accuracy_vs_same_budget"] = accuracy_vs(counterparts, arms)
+        results["comparison"]["pooled_vs_same_budget"] = pooled_vs_same_budget(counterparts, arms)
     atomic_write_json(out, results)
 
 
@@ -496,6 +497,16 @@ def final_model(arm: Mapping) -> str | None:
     return layout.uptrained(child["name"]) if metrics.get("after_gkd") else child["name"]
 
 
+def _final_items(arm: Mapping, above: set[str]) -> dict:
+    """The suite items of an arm's main child as last evaluated, on the tasks in ``above``."""
+    found = model_items(RunDir(ROOT / arm["run_dir"]), final_model(arm))
+    return {task: task_items for task, task_items in found.items() if task in above}
+
+
+def _above_chance(arm: Mapping) -> set[str]:
+    return tasks_above_chance(model_items(RunDir(ROOT / arm["run_dir"]), "parent"))
+
+
 def accuracy_vs(references: Mapping[str, str | None], arms: list[dict]) -> dict[str, dict | None]:
     """Per arm, its main child's accuracy paired item by item with that of the arm ``references`` names for it
     (both as last evaluated).
@@ -508,20 +519,41 @@ def accuracy_vs(references: Mapping[str, str | None], arms: list[dict]) -> dict[
     evaluated child or their items do not pair.
     """
     by_name = {arm["name"]: arm for arm in arms}
-
-    def items(arm: Mapping, above: set[str] | None = None) -> dict:
-        found = model_items(RunDir(ROOT / arm["run_dir"]), final_model(arm))
-        return found if above is None else {task: task_items for task, task_items in found.items() if task in above}
-
     compared = {}
     for arm in arms:
         ref = by_name.get(references.get(arm["name"]) or "")
         paired = None
         if ref is not None and final_model(ref) and final_model(arm):
-            above = tasks_above_chance(model_items(RunDir(ROOT / ref["run_dir"]), "parent"))
-            paired = paired_accuracy(items(ref, above), items(arm))
+            above = _above_chance(ref)
+            paired = paired_accuracy(_final_items(ref, above), _final_items(arm, above))
         compared[arm["name"]] = None if paired is None else {**paired["mean"], "tasks": sorted(paired["tasks"])}
     return compared
+
+
+def pooled_vs_same_budget(counterparts: Mapping[str, str | None], arms: list[dict]) -> dict[str, dict]:
+    """Per method other than the reference's, its children against the reference method's, pooled over the budgets
+    where both were evaluated: each task at each budget is one term of the mean (``arc_easy@1.5x``), with one
+    paired bootstrap interval over them all, and the ``budgets`` pooled. A consistent difference too small to
+    show at one budget can show here."""
+    by_name = {arm["name"]: arm for arm in arms}
+    pools: dict[str, tuple[dict, dict, list[str]]] = {}
+    for arm in arms:
+        ref = by_name.get(counterparts.get(arm["name"]) or "")
+        if ref is None or ref is arm or not (final_model(ref) and final_model(arm)):
+            continue
+        match = BUDGETED_ARM.fullmatch(arm["name"])
+        ours, theirs, budgets = pools.setdefault(match["method"], ({}, {}, []))
+        above = _above_chance(ref)
+        budget = f"{match['speedup']}x"
+        theirs.update({f"{task}@{budget}": found for task, found in _final_items(ref, above).items()})
+        ours.update({f"{task}@{budget}": found for task, found in _final_items(arm, above).items()})
+        budgets.append(budget)
+    pooled = {}
+    for method, (ours, theirs, budgets) in pools.items():
+        paired = paired_accuracy(theirs, ours)
+        if paired is not None:
+            pooled[method] = {**paired["mean"], "budgets": budgets}
+    return pooled
 
 
 def run_arm(item: PlannedArm, reuse: list[Path], ablation: str, echo: Callable[[str], None]) -> dict:

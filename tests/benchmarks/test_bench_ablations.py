@@ -134,6 +134,15 @@ def test_frontier_uptrains_the_baselines_children_and_adds_a_budget_between_them
         predicted = [arms[f"{method}-{b}"]["metrics"]["predicted_speedup"] for b in ("1.5x", "1.75x", "2x")]
         assert predicted == sorted(predicted) and 1.75 - 1e-6 <= predicted[1]
     assert (results_dir / "frontier.small.frontier.png").read_bytes()[:4] == b"\x89PNG"
+    comparison = json.loads((results_dir / "frontier.small.json").read_text())["comparison"]
+    budgets = ["1.25x", "1.5x", "1.75x", "2x"]
+    per_budget = [comparison["accuracy_vs_same_budget"][f"layer_drop-{b}"] for b in budgets]
+    pooled = comparison["pooled_vs_same_budget"]["layer_drop"]
+    assert pooled["budgets"] == budgets and pooled["items"] == sum(found["items"] for found in per_budget)
+    if all(found["tasks"] == per_budget[0]["tasks"] for found in per_budget):  # each budget weighs the same
+        mean = sum(found["difference"]["value"] for found in per_budget) / len(budgets)
+        assert pooled["difference"]["value"] == pytest.approx(mean)
+    assert "puzzle" not in comparison["pooled_vs_same_budget"], "the reference method is not compared with itself"
 
 
 def test_scoring_arms_share_one_library_and_one_score_table(results_dir):

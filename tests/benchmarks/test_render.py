@@ -67,6 +67,17 @@ def test_budgeted_arms_are_also_compared_with_the_reference_method_at_their_own_
     assert "same budget" not in render.markdown_table(results), "no counterpart was evaluated: no column"
 
 
+def test_the_pooled_comparison_over_budgets_is_one_line_per_method():
+    assert render.pooled_line(RESULTS) == "", "nothing pooled"
+    results = copy.deepcopy(RESULTS)
+    results["comparison"]["pooled_vs_same_budget"] = {
+        "greedy": {"difference": {"value": 0.009, "low": 0.001, "high": 0.018}, "budgets": ["1.5x", "2x"], "items": 4018}}
+    line = render.pooled_line(results)
+    assert line.startswith("Against mip at the same budget, pooled")
+    assert "greedy +0.9 [+0.1, +1.8] points at 1.5x, 2x (4,018 item pairs)." in line
+    assert line in render.ablation_markdown(results)
+
+
 def test_results_from_a_changed_tree_say_so_loudly():
     assert "uncommitted" not in render.provenance(RESULTS)
     dirty = copy.deepcopy(RESULTS)
