@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.gkd_tokens import SUMMARY_KEYS, compared, items_above_chance, main_child, portable
+from benchmarks.gkd_tokens import SUMMARY_KEYS, compared, main_child, portable
 from puzzle_core import layout
 from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
@@ -42,10 +42,10 @@ def compare(runs: Sequence[Path]) -> dict:
                         "share the stages up to `assemble` (`puzzle run ... --reuse FIRST_RUN --set gkd.corpus=...`).")
     reference_run, reference = children[0]
     above = tasks_above_chance(model_items(RunDir(reference_run), "parent"))
-    reference_items = items_above_chance(reference_run, reference, above)
+    reference_items = model_items(RunDir(reference_run), layout.uptrained(reference["name"]), above)
     rows = []
     for run, child in children:
-        paired = paired_accuracy(reference_items, items_above_chance(run, child, above))
+        paired = paired_accuracy(reference_items, model_items(RunDir(run), layout.uptrained(child["name"]), above))
         result, corpus = child["result"], distillation_text(run)
         rows.append({
             "run": portable(run),

@@ -65,12 +65,6 @@ def portable(path: Path) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path.name
 
 
-def items_above_chance(run: Path, child: dict, above: set[str]) -> dict:
-    """The suite items of ``child`` after GKD, on the tasks in ``above``."""
-    found = model_items(RunDir(run), layout.uptrained(child["name"]))
-    return {task: task_items for task, task_items in found.items() if task in above}
-
-
 def compare(runs: Sequence[Path]) -> dict:
     children = sorted(((run, main_child(run)) for run in runs),
                       key=lambda pair: (pair[1]["result"]["tokens"], pair[1]["lr"]))
@@ -81,10 +75,10 @@ def compare(runs: Sequence[Path]) -> dict:
                         "(`puzzle run ... --reuse FIRST_RUN --set gkd.tokens=N`).")
     reference_run, reference = children[0]
     above = tasks_above_chance(model_items(RunDir(reference_run), "parent"))
-    reference_items = items_above_chance(reference_run, reference, above)
+    reference_items = model_items(RunDir(reference_run), layout.uptrained(reference["name"]), above)
     rows = []
     for run, child in children:
-        paired = paired_accuracy(reference_items, items_above_chance(run, child, above))
+        paired = paired_accuracy(reference_items, model_items(RunDir(run), layout.uptrained(child["name"]), above))
         result = child["result"]
         rows.append({
             "run": portable(run),
@@ -114,10 +108,15 @@ def compared(argv: Sequence[str] | None, compare: Callable[[Sequence[Path]], dic
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr)
         return None
+    return write_results(results, args.runs, args.out, command), args.out
+
+
+def write_results(results: dict, runs: Sequence[Path], out: Path, command: str) -> dict:
+    """``results`` with the machine and the command (``command`` and the runs) that made them, written to ``out``."""
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
-               "command": f"{command} " + " ".join(portable(run) for run in args.runs), **results}
-    atomic_write_json(args.out, results)
-    return results, args.out
+               "command": f"{command} " + " ".join(portable(run) for run in runs), **results}
+    atomic_write_json(out, results)
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:

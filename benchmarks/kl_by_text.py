@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ import attrs
 import torch
 from scipy.stats import spearmanr
 
-from benchmarks.gkd_tokens import portable
+from benchmarks.gkd_tokens import portable, write_results
 from puzzle_core import layout
 from puzzle_core.cache import cache_root
 from puzzle_core.choices import EvaluatorChoice
@@ -41,7 +39,7 @@ from puzzle_core.interfaces import EvalContext
 from puzzle_core.parents import load_parent
 from puzzle_core.registry import get_registries
 from puzzle_core.report import model_items, paired_accuracy, tasks_above_chance
-from puzzle_core.rundir import RunDir, atomic_write_json
+from puzzle_core.rundir import RunDir
 from puzzle_core.schema import corpus_choice, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,17 +103,15 @@ def measure(runs: Sequence[Path], corpora: Sequence[str] | None, tokens: int | N
                             scenario=config.scenario, threads=config.threads, seed=config.seed,
                             cache_dir=cache_root() / "eval")
                 for text in texts]
-    parent_items = {run: model_items(RunDir(run), "parent") for run in runs}
-    above = tasks_above_chance(parent_items[runs[0]])
+    above = tasks_above_chance(model_items(RunDir(runs[0]), "parent"))
+    parent_items = {run: model_items(RunDir(run), "parent", above) for run in runs}
     rows = []
     for child in children:
         started = time.perf_counter()
         model = family.load_child(child["folder"], dtype=config.parent.dtype)
         measured = {label: evaluator.evaluate(model, context)["kl_to_parent"]
                     for label, context in zip(labels, contexts)}
-        suite = model_items(RunDir(child["run"]), child["model"])
-        paired = paired_accuracy({t: i for t, i in parent_items[child["run"]].items() if t in above},
-                                 {t: i for t, i in suite.items() if t in above})
+        paired = paired_accuracy(parent_items[child["run"]], model_items(RunDir(child["run"]), child["model"], above))
         if paired is None:
             raise UserError(f"{child['run']}: {child['model']} has no suite items that pair with the parent's.")
         rows.append({**{k: v for k, v in child.items() if k not in ("run", "folder")}, "run": portable(child["run"]),
@@ -147,9 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
-               "command": "python -m benchmarks.kl_by_text " + " ".join(portable(run) for run in args.runs), **results}
-    atomic_write_json(args.out, results)
+    results = write_results(results, args.runs, args.out, "python -m benchmarks.kl_by_text")
     labels = results["labels"]
     print(f"{'run':<28}{'model':<18}{'speedup':>8}" + "".join(f"{'KL ' + label:>14}" for label in labels)
           + f"{'accuracy':>10}{'chance-adj':>12}")

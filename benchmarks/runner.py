@@ -499,8 +499,7 @@ def final_model(arm: Mapping) -> str | None:
 
 def _final_items(arm: Mapping, above: set[str]) -> dict:
     """The suite items of an arm's main child as last evaluated, on the tasks in ``above``."""
-    found = model_items(RunDir(ROOT / arm["run_dir"]), final_model(arm))
-    return {task: task_items for task, task_items in found.items() if task in above}
+    return model_items(RunDir(ROOT / arm["run_dir"]), final_model(arm), above)
 
 
 def _above_chance(arm: Mapping) -> set[str]:

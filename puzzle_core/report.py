@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from puzzle_core import layout
 from puzzle_core.blocks import BlockSpec
@@ -92,8 +92,10 @@ def paired_accuracy(parent: Mapping[str, TaskItems], child: Mapping[str, TaskIte
     }
 
 
-def model_items(run_dir: RunDir, model: str) -> dict[str, TaskItems]:
-    return read_task_items(layout.eval_items_dir(run_dir, model))
+def model_items(run_dir: RunDir, model: str, tasks: Collection[str] | None = None) -> dict[str, TaskItems]:
+    """A model's saved suite items by task; only ``tasks`` when given (e.g. the tasks above chance)."""
+    found = read_task_items(layout.eval_items_dir(run_dir, model))
+    return found if tasks is None else {task: items for task, items in found.items() if task in tasks}
 
 
 # ---------------------------------------------------------------- summary
