@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "ablations"
 README = HERE / "README.md"
 START, END = "<!-- ablations:start -->", "<!-- ablations:end -->"
-ORDER = ("search", "baselines", "frontier", "scoring", "search_space", "gkd_losses", "bld")  # `all`: shared work first
+ORDER = ("search", "baselines", "frontier", "search_text", "scoring", "search_space", "gkd_losses", "bld")  # `all`: shared work first
 BUDGETED_ARM = re.compile(r"(?P<method>.+)-(?P<speedup>\d+(?:\.\d+)?)x")  # mip-1.25x: method mip at 1.25x
 
 

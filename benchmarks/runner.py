@@ -72,6 +72,12 @@ def _arm_name(_instance, _attribute, value: str) -> None:
         raise ValueError(f"arm name {value!r} must be letters, digits and _ . + - (it names a folder)")
 
 
+def _check_budget_names(budgets: Mapping[str, Any]) -> None:
+    unknown = set(budgets) - {"small", "full"}
+    if unknown:
+        raise ValueError(f"budgets has {sorted(unknown)}; the budgets are 'small' and 'full'")
+
+
 @attrs.frozen
 class Arm:
     """One setting of an ablation: an overlay on the base config, and optional scaled numbers."""
@@ -80,6 +86,10 @@ class Arm:
     overlay: dict[str, Any] = attrs.Factory(dict)
     scale: dict[str, float] = attrs.Factory(dict)  # dot-path in the resolved config -> factor
     note: str = ""
+    budgets: dict[str, dict[str, Any]] = attrs.field(factory=dict)  # budget -> overlay on this arm's, at that budget
+
+    def __attrs_post_init__(self):
+        _check_budget_names(self.budgets)
 
 
 @attrs.frozen
@@ -101,9 +111,7 @@ class Ablation:
             raise ValueError(f"arms must be a non-empty list with distinct names, got {names}")
         if self.reference not in names:
             raise ValueError(f"reference {self.reference!r} is not one of the arms ({', '.join(names)})")
-        unknown = set(self.budgets) - {"small", "full"}
-        if unknown:
-            raise ValueError(f"budgets has {sorted(unknown)}; the budgets are 'small' and 'full'")
+        _check_budget_names(self.budgets)
 
 
 @attrs.frozen
@@ -208,7 +216,8 @@ def plan(ablation: Ablation, budget: BudgetName, base: Path, results_dir: Path) 
     run_dirs: dict[str, Path] = {}
     for arm in ablation.arms:
         source = f"{ablation.name} arm '{arm.name}' on {base}"
-        data = resolve_arm_references(deep_merge(common, arm.overlay), run_dirs, arm.name)
+        overlay = deep_merge(arm.overlay, arm.budgets.get(budget, {}))
+        data = resolve_arm_references(deep_merge(common, overlay), run_dirs, arm.name)
         config = structure(data, PuzzleConfig, source=source)
         if arm.scale:
             config = structure(apply_scale(unstructure(config), arm.scale, arm.name), PuzzleConfig, source=source)

@@ -136,6 +136,17 @@ def _attrs_factory(type_: Any, converter: cattrs.Converter):
     return structure_section
 
 
+OMITTED_WHILE_UNSET = {"omit_if_default": True}
+"""Field metadata for an option added after runs exist: records (a run's ``config.yaml``, the
+stage hashes) leave it out while it has its default, so finished run directories stay valid."""
+
+
+def _attrs_unstructure_factory(type_: Any, converter: cattrs.Converter):
+    overrides = {field.name: cattrs.gen.override(omit_if_default=True)
+                 for field in attrs.fields(type_) if field.metadata.get("omit_if_default")}
+    return cattrs.gen.make_dict_unstructure_fn(type_, converter, **overrides)
+
+
 def make_converter() -> cattrs.Converter:
     """The converter every config and artifact record goes through."""
     converter = cattrs.Converter(forbid_extra_keys=True)
@@ -149,6 +160,7 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook(str, structure_str)
     converter.register_structure_hook(bool, _structure_bool)
     converter.register_structure_hook(Path, lambda v, _: Path(structure_str(v, str)))
+    converter.register_unstructure_hook_factory(attrs.has, _attrs_unstructure_factory)
     converter.register_unstructure_hook(Path, str)
     return converter
 

@@ -30,7 +30,7 @@ def eval_context(ctx) -> EvalContext:
     """The evaluators' context in a pipeline run (:class:`puzzle_core.pipeline.RunContext`)."""
     return EvalContext(
         parent=ctx.parent,
-        corpus=ctx.corpus,
+        corpus=ctx.tokenized(ctx.config.evaluation_corpus),
         scenario=ctx.config.scenario,
         threads=ctx.config.threads,
         seed=ctx.config.seed,

@@ -27,7 +27,7 @@ import attrs
 import yaml
 
 from puzzle_core import layout
-from puzzle_core.choices import PluginChoice
+from puzzle_core.choices import CorpusChoice, PluginChoice
 from puzzle_core.config import stable_hash, unstructure
 from puzzle_core.data import TokenizedCorpus
 from puzzle_core.errors import UserError
@@ -217,6 +217,15 @@ class RunContext(StageContext):
         from puzzle_core.corpus import load_corpus
 
         return load_corpus(self.config.data, self.tokenizer, seed=self.config.seed, registries=self.registries)
+
+    def tokenized(self, choice: CorpusChoice) -> TokenizedCorpus:
+        """``choice`` split and tokenised like ``data.corpus`` (the run's corpus itself when it is that)."""
+        if choice == self.config.data.corpus:
+            return self.corpus
+        from puzzle_core.corpus import load_corpus
+
+        data = attrs.evolve(self.config.data, corpus=choice)
+        return load_corpus(data, self.tokenizer, seed=self.config.seed, registries=self.registries)
 
     def scoring_data(self) -> ScoringData:
         from puzzle_core.scoring import validation_data

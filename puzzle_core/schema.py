@@ -23,7 +23,7 @@ from puzzle_core.choices import (
     SolverChoice,
     corpus_choice,
 )
-from puzzle_core.config import CONVERTER, apply_overrides, deep_merge, read_yaml, structure, unstructure
+from puzzle_core.config import CONVERTER, OMITTED_WHILE_UNSET, apply_overrides, deep_merge, read_yaml, structure, unstructure
 from puzzle_core.dtypes import ModelDtype
 from puzzle_core.errors import ConfigError
 from puzzle_core.scenario import Scenario, at_least, device_name
@@ -206,7 +206,7 @@ class GKDSection:
     enabled: bool = True
     children: Literal["all", "main"] = "all"  # 'main': only the first child of children/index.json
     # the text distilled on, like data.corpus (e.g. {name: mix, corpora: [demo, knowledge]}); None: data.corpus.
-    # KL to the parent in the evaluation stays on data.corpus's test split.
+    # KL to the parent in the evaluation is on evaluation.corpus's test split.
     corpus: CorpusChoice | None = attrs.field(default=None, converter=attrs.converters.optional(
         lambda value: corpus_choice(value, "$.gkd.corpus")))
     tokens: int = attrs.field(default=65536, validator=at_least(1))  # training tokens per child, all processes
@@ -240,6 +240,10 @@ class EvaluationSection:
     """Stage 4: measuring the parent and the children."""
 
     evaluators: list[EvaluatorChoice] = attrs.Factory(list)
+    # the text whose test split evaluators measure on (KL to the parent, held-out perplexity), like data.corpus;
+    # None: data.corpus. Pin it to compare runs that search or distil on different text.
+    corpus: CorpusChoice | None = attrs.field(default=None, metadata=OMITTED_WHILE_UNSET, converter=attrs.converters.optional(
+        lambda value: corpus_choice(value, "$.evaluation.corpus")))
 
 
 @attrs.frozen
@@ -262,6 +266,11 @@ class PuzzleConfig:
     def distillation_corpus(self) -> CorpusChoice:
         """The text GKD distils on: ``gkd.corpus``, else ``data.corpus``."""
         return self.gkd.corpus if self.gkd.corpus is not None else self.data.corpus
+
+    @property
+    def evaluation_corpus(self) -> CorpusChoice:
+        """The text the evaluation measures on: ``evaluation.corpus``, else ``data.corpus``."""
+        return self.evaluation.corpus if self.evaluation.corpus is not None else self.data.corpus
 
 
 def read_config_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:

@@ -21,7 +21,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import attrs
 
 from puzzle_core import layout
 from puzzle_core.config import stable_hash, unstructure
@@ -50,17 +49,6 @@ def _outputs(run_dir: RunDir, child: str) -> list[Path]:
     return [
         p for p in sorted(layout.gkd_dir(run_dir, child).rglob("*")) if p.is_file() and not p.is_relative_to(checkpoints)
     ]
-
-
-def distillation_corpus(ctx):
-    """``gkd.corpus`` tokenised like ``data.corpus`` (which it defaults to)."""
-    choice = ctx.config.gkd.corpus
-    if choice is None:
-        return ctx.corpus
-    from puzzle_core.corpus import load_corpus
-
-    data = attrs.evolve(ctx.config.data, corpus=choice)
-    return load_corpus(data, ctx.tokenizer, seed=ctx.config.seed, registries=ctx.registries)
 
 
 def uptrain_child(ctx, child: ChildRecord) -> None:
@@ -92,7 +80,7 @@ def uptrain_child(ctx, child: ChildRecord) -> None:
     student = ctx.family.load_child(run_dir.path(child.path), dtype=ctx.config.parent.dtype)
     objective = DistillationObjective.from_config(section, ctx.registries)
     run = DistillRun(
-        corpus=distillation_corpus(ctx),
+        corpus=ctx.tokenized(ctx.config.distillation_corpus),
         seq_len=seq_len,
         seed=ctx.config.seed,
         checkpoint_dir=checkpoints,

@@ -47,13 +47,15 @@ def ablation(arms: list[dict], **fields) -> runner.Ablation:
 
 def test_an_arm_config_stacks_budget_ablation_and_arm_overlays_then_scales(tmp_path):
     definition = ablation(
-        [{"name": "base"}, {"name": "half", "overlay": {"gkd": {"lr": 0.5}}, "scale": {"library.tokens": 0.5}}],
+        [{"name": "base"}, {"name": "half", "overlay": {"gkd": {"lr": 0.5}}, "scale": {"library.tokens": 0.5},
+                            "budgets": {"small": {"gkd": {"batch_size": 2}}, "full": {"gkd": {"lr": 0.7}}}}],
         overlay={"gkd": {"tokens": 512, "lr": 0.1}},
         budgets={"small": {"gkd": {"tokens": 256}}},
     )
     base, half = runner.plan(definition, "small", TINY, tmp_path)
     assert (base.config.gkd.tokens, base.config.gkd.lr, base.config.library.tokens) == (256, 0.1, 1024)
     assert (half.config.gkd.tokens, half.config.gkd.lr, half.config.library.tokens) == (256, 0.5, 512)
+    assert (base.config.gkd.batch_size, half.config.gkd.batch_size) == (4, 2)  # the arm's own overlay at this budget
     assert base.config.search.baselines == []  # the small budget's overlay
     assert half.run_dir == tmp_path / "runs" / "small" / "test" / "half"
     assert base.config_hash == stable_hash(unstructure(base.config)) != half.config_hash
@@ -83,6 +85,8 @@ def test_bad_arms_are_errors_naming_the_arm(tmp_path):
         ablation([{"name": "a"}, {"name": "a"}])
     with pytest.raises(ConfigError, match="names a folder"):
         ablation([{"name": "../escape"}])
+    with pytest.raises(ConfigError, match="budgets has \\['large'\\]"):
+        ablation([{"name": "a", "budgets": {"large": {}}}])
     with pytest.raises(UserError, match="no ablation 'serach'.*search"):
         runner.load_ablation("serach")
 
@@ -99,9 +103,10 @@ def reference_arms(base: Path, tmp_path: Path) -> dict[str, str]:
 
 def test_every_shipped_ablation_resolves_and_shares_the_puzzle_reference_arm(tmp_path):
     hashes = reference_arms(TINY, tmp_path)
-    assert set(hashes) == {"search", "baselines", "frontier", "scoring", "search_space", "gkd_losses", "bld"}
+    assert set(hashes) == {"search", "baselines", "frontier", "search_text", "scoring", "search_space", "gkd_losses",
+                           "bld"}
     shared = {hashes["search"]["mip-1.5x"], hashes["baselines"]["puzzle-1.5x"], hashes["frontier"]["puzzle-1.5x"],
-              hashes["search_space"]["full"], hashes["gkd_losses"]["cosine+kl"]}
+              hashes["search_text"]["puzzle-1.5x"], hashes["search_space"]["full"], hashes["gkd_losses"]["cosine+kl"]}
     assert len(shared) == 1, "identical reference arms run once and are reused by the other ablations"
     assert all(len(set(arms.values())) == len(arms) for arms in hashes.values()), "arms of an ablation differ"
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
@@ -143,6 +144,28 @@ def test_frontier_uptrains_the_baselines_children_and_adds_a_budget_between_them
         mean = sum(found["difference"]["value"] for found in per_budget) / len(budgets)
         assert pooled["difference"]["value"] == pytest.approx(mean)
     assert "puzzle" not in comparison["pooled_vs_same_budget"], "the reference method is not compared with itself"
+
+
+def test_search_text_mix_arms_search_on_their_own_text_and_are_measured_on_the_reference_text(results_dir):
+    """The mix arms train a library and score blocks on the mix (the frontier's arms are reused whole), and their KL
+    is on evaluation.corpus's test split: equal to one computed here on the synthetic text, not on the mix's."""
+    arms = run("search_text", results_dir)
+    for name in ("puzzle-1.5x", "layer_drop-1.5x", "puzzle-2x", "layer_drop-2x"):
+        assert set(arms[name]["stages"].values()) == {"reused"}, name
+    assert arms["puzzle_mix-1.5x"]["stages"]["library"] == "ran" and arms["puzzle_mix-1.5x"]["stages"]["score"] == "ran"
+    assert all(arms["puzzle_mix-2x"]["stages"][stage] == "reused" for stage in UPSTREAM)
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    _, parent = load_parent(config.parent, get_registries())
+    texts = {name: load_corpus(attrs.evolve(config.data, corpus=corpus), parent.tokenizer, config.seed, get_registries())
+             for name, corpus in (("synthetic", "synthetic"), ("mix", {"name": "mix", "corpora": ["synthetic", "knowledge"]}))}
+    for name in ("puzzle_mix-1.5x", "puzzle_mix-2x"):
+        assert_evaluated(arms[name])
+        folder = ROOT / arms[name]["run_dir"] / "children" / arms[name]["child"]["name"]
+        kl = {text: independent_kl(folder, Path(parent.source), list(corpus.batches("test", 32, 4, 1024, config.seed)))
+              for text, corpus in texts.items()}
+        recorded = arms[name]["metrics"]["assembled"]["kl_to_parent"]
+        assert recorded == pytest.approx(kl["synthetic"], rel=1e-4)
+        assert abs(recorded - kl["synthetic"]) < abs(recorded - kl["mix"]) / 5  # (a tiny random model's KL: ~3e-4)
 
 
 def test_scoring_arms_share_one_library_and_one_score_table(results_dir):

@@ -11,7 +11,8 @@ import torch
 
 from puzzle_core import gkd as gkd_core
 from puzzle_core.config import structure, unstructure
-from puzzle_core.pipeline import RunContext
+from puzzle_core.evaluation import eval_context
+from puzzle_core.pipeline import RunContext, stage_hashes
 from puzzle_core.rundir import RunDir, atomic_write
 from puzzle_core.schema import GKDSection, PuzzleConfig
 from puzzle_core.stages import evaluate, gkd, report
@@ -146,6 +147,20 @@ def test_gkd_corpus_is_the_text_distilled_on_and_data_corpus_stays_the_runs(ctx,
     assert "quokka" in ctx.tokenizer.decode(own.corpus.tokens("train")[:400].tolist())
     assert "quokka" not in ctx.tokenizer.decode(ctx.corpus.tokens("train")[:4000].tolist())
     assert own.fingerprint != default.fingerprint  # checkpoints of the other text are not resumed
+
+
+def test_evaluation_corpus_is_the_text_measured_on_and_unset_leaves_finished_runs_hashes_alone(ctx, tmp_path):
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(f"zebra {i} quokka {i * 7} narwhal." * 20 for i in range(60)))
+    assert "corpus" not in unstructure(ctx.config)["evaluation"]  # as in the config.yaml of runs made before it
+    assert eval_context(ctx).corpus is ctx.corpus
+    unset = stage_hashes(ctx.config)
+    ctx.config = attrs.evolve(ctx.config, evaluation=attrs.evolve(ctx.config.evaluation, corpus=str(text)))
+    pinned = stage_hashes(ctx.config)
+    assert [stage for stage in unset if unset[stage] != pinned[stage]] == ["evaluate", "report"]
+    measured_on = eval_context(ctx).corpus
+    assert measured_on.name == str(text) and "quokka" in ctx.tokenizer.decode(measured_on.tokens("test")[:400].tolist())
+    assert ctx.tokenized(ctx.config.distillation_corpus) is ctx.corpus  # GKD and the search keep data.corpus
 
 
 def test_runs_that_differ_in_gkd_alone_reuse_the_parent_and_assembled_children_evaluations(ctx, tmp_path, monkeypatch):
