@@ -4,7 +4,7 @@ Each run is a ``puzzle run`` directory whose main child went through GKD and the
 evaluation suite; all hold the same child and differ in ``gkd.corpus`` (the first run is
 the reference, usually the demo's own text). Per run: the text, the GKD rate, the last
 validation KL (on that text's own validation split, so not comparable across texts), the
-child's KL to the parent on ``data.corpus``'s test split (the same text for every run),
+child's KL to the parent on the evaluation text's test split (the same text for every run),
 accuracy preserved and chance-adjusted, and the suite paired item by item with the
 reference over the tasks where the parent beats chance, per task too. Writes
 ``results/gkd_data.json``; ``benchmarks/levers.py`` renders it.

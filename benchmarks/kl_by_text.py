@@ -4,8 +4,8 @@ The search minimises KL to the parent on ``data.corpus`` (the demo's novels, Bib
 fortunes), while the suite asks about science, common sense and world knowledge. For every
 child of the given finished runs (as assembled and, where GKD ran, after GKD), this
 measures KL(parent || child) on the test split of each ``--corpus`` (default: the first
-run's ``data.corpus`` and ``knowledge``) with the run's own ``kl_to_parent`` evaluator (on
-``data.corpus`` it repeats the run's own number), reads
+run's evaluation text, ``evaluation.corpus`` or else ``data.corpus``, and ``knowledge``) with
+the run's own ``kl_to_parent`` evaluator (on the evaluation text it repeats the run's own number), reads
 the suite items the run already saved, and gives the Spearman rank correlation across
 children between each text's KL and the mean accuracy over the tasks where the parent beats
 chance (pooled over items, paired with the parent). A text whose KL ranks children as the
@@ -81,11 +81,16 @@ def kl_choice(config, tokens: int | None) -> EvaluatorChoice:
     return choice
 
 
+def evaluated_alike(config) -> tuple:
+    """What makes two runs' suite items pair and their recorded KL compare."""
+    return config.parent, config.seed, config.evaluation.evaluators, config.evaluation_corpus
+
+
 def measure(runs: Sequence[Path], corpora: Sequence[str] | None, tokens: int | None) -> dict:
     config = load_config(runs[0] / layout.CONFIG)
     for run in runs[1:]:
         other = load_config(run / layout.CONFIG)
-        if (other.parent, other.seed, other.evaluation) != (config.parent, config.seed, config.evaluation):
+        if evaluated_alike(other) != evaluated_alike(config):
             raise UserError(f"{run} has another parent, seed or evaluation than {runs[0]}; its suite items would not "
                             f"pair. Pass runs evaluated alike (one ablation's arms).")
     children = [child for run in runs for child in children_of(run)]
@@ -94,7 +99,7 @@ def measure(runs: Sequence[Path], corpora: Sequence[str] | None, tokens: int | N
     family, parent = load_parent(config.parent, registries)
     parent = attrs.evolve(parent, model=RememberedForward(parent.model))
     texts = [corpus_choice(name, "--corpus") for name in corpora] if corpora else \
-        [config.data.corpus, corpus_choice("knowledge", "--corpus")]
+        [config.evaluation_corpus, corpus_choice("knowledge", "--corpus")]
     labels = [text.name for text in texts]
     kl = kl_choice(config, tokens)
     evaluator = registries.record(kl).create(kl.options)
@@ -134,7 +139,7 @@ def _rank_correlation(kl: list[float], accuracy: list[float]) -> float | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories evaluated alike")
-    parser.add_argument("--corpus", nargs="+", help="corpus names or paths (default: data.corpus and knowledge)")
+    parser.add_argument("--corpus", nargs="+", help="corpus names or paths (default: the evaluation's text and knowledge)")
     parser.add_argument("--tokens", type=int, help="test tokens per text (default: the run's kl_to_parent's)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ from benchmarks import kl_by_text
 from puzzle_core import layout
 from puzzle_core.evaluation import write_task_items
 from puzzle_core.rundir import RunDir
+from puzzle_core.schema import load_config
 
 
 @pytest.fixture
@@ -52,3 +53,19 @@ def test_runs_without_evaluation_are_refused(tiny_run, tmp_path, capsys):
     shutil.rmtree(run / "eval")
     assert kl_by_text.main([str(run), "--out", str(tmp_path / "x.json")]) == 2
     assert "no evaluation results" in capsys.readouterr().err
+
+
+def test_runs_pair_when_they_measure_on_the_same_text_whatever_they_search_on(scored_run, tmp_path, capsys):
+    run, _ = scored_run
+    config = (run / layout.CONFIG).read_text()
+    assert "\ndata:\n  corpus: synthetic\n" in config and "\n  corpus:" not in config.split("\nevaluation:")[1]
+    searched_elsewhere, measured_elsewhere = tmp_path / "searched", tmp_path / "measured"
+    for folder, evaluation_text in ((searched_elsewhere, "synthetic"), (measured_elsewhere, "demo")):
+        shutil.copytree(run, folder)
+        data = config.replace("\ndata:\n  corpus: synthetic\n", "\ndata:\n  corpus: knowledge\n")
+        (folder / layout.CONFIG).write_text(data.replace("\nevaluation:\n", f"\nevaluation:\n  corpus: {evaluation_text}\n"))
+    assert [c.name for c in kl_by_text.evaluated_alike(load_config(searched_elsewhere / layout.CONFIG))[3:]] == ["synthetic"]
+    assert kl_by_text.evaluated_alike(load_config(searched_elsewhere / layout.CONFIG)) == \
+        kl_by_text.evaluated_alike(load_config(run / layout.CONFIG))
+    assert kl_by_text.main([str(run), str(measured_elsewhere), "--out", str(tmp_path / "x.json")]) == 2
+    assert "another parent, seed or evaluation" in capsys.readouterr().err
