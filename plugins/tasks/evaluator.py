@@ -6,7 +6,8 @@ Tasks (``tasks``, in the config) are named:
   ``arc_challenge``, ``winogrande``, ``openbookqa``, ``boolq`` (lm-eval's own definitions
   on local validation sets, :mod:`puzzle_plugins.tasks.suite`) and ``mmlu_heldout``;
 - any of those alone, or ``heldout_perplexity`` (word / byte perplexity and bits per byte
-  of the run corpus's test split, rolled over each document);
+  of the evaluation text's test split (``evaluation.corpus``, else ``data.corpus``), rolled
+  over each document);
 - a YAML file path, or the name of a task under ``include_path`` (lm-eval's own catalogue
   only when ``include_defaults`` is set: indexing it costs seconds, and its data sets
   need a hub).
