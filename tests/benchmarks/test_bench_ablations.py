@@ -150,15 +150,17 @@ def test_search_text_mix_arms_search_on_their_own_text_and_are_measured_on_the_r
     """The mix arms train a library and score blocks on the mix (the frontier's arms are reused whole), and their KL
     is on evaluation.corpus's test split: equal to one computed here on the synthetic text, not on the mix's."""
     arms = run("search_text", results_dir)
-    for name in ("puzzle-1.5x", "layer_drop-1.5x", "puzzle-2x", "layer_drop-2x"):
+    budgets = ("1.25x", "1.5x", "1.75x", "2x")
+    for name in (f"{method}-{budget}" for method in ("puzzle", "layer_drop") for budget in budgets):
         assert set(arms[name]["stages"].values()) == {"reused"}, name
-    assert arms["puzzle_mix-1.5x"]["stages"]["library"] == "ran" and arms["puzzle_mix-1.5x"]["stages"]["score"] == "ran"
-    assert all(arms["puzzle_mix-2x"]["stages"][stage] == "reused" for stage in UPSTREAM)
+    first, *others = (arms[f"puzzle_mix-{budget}"] for budget in budgets)
+    assert first["stages"]["library"] == "ran" and first["stages"]["score"] == "ran"
+    assert all(arm["stages"][stage] == "reused" for arm in others for stage in UPSTREAM)
     config = load_config(ROOT / "configs" / "tiny.yaml")
     _, parent = load_parent(config.parent, get_registries())
     texts = {name: load_corpus(attrs.evolve(config.data, corpus=corpus), parent.tokenizer, config.seed, get_registries())
              for name, corpus in (("synthetic", "synthetic"), ("mix", {"name": "mix", "corpora": ["synthetic", "knowledge"]}))}
-    for name in ("puzzle_mix-1.5x", "puzzle_mix-2x"):
+    for name in (f"puzzle_mix-{budget}" for budget in budgets):
         assert_evaluated(arms[name])
         folder = ROOT / arms[name]["run_dir"] / "children" / arms[name]["child"]["name"]
         kl = {text: independent_kl(folder, Path(parent.source), list(corpus.batches("test", 32, 4, 1024, config.seed)))
