@@ -18,12 +18,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.gkd_tokens import SUMMARY_KEYS, compared, main_child, portable
+from benchmarks.gkd_tokens import SUMMARY_KEYS, compared, main_child, paired_with_first, portable
 from puzzle_core import layout
 from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
-from puzzle_core.report import model_items, paired_accuracy, tasks_above_chance
-from puzzle_core.rundir import RunDir
 from puzzle_core.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +38,10 @@ def compare(runs: Sequence[Path]) -> dict:
     if len({tuple(child["blocks"]) for _, child in children}) != 1:
         raise UserError("The runs uptrain different children (their main children's blocks differ). Pass runs that "
                         "share the stages up to `assemble` (`puzzle run ... --reuse FIRST_RUN --set gkd.corpus=...`).")
-    reference_run, reference = children[0]
-    above = tasks_above_chance(model_items(RunDir(reference_run), "parent"))
-    reference_items = model_items(RunDir(reference_run), layout.uptrained(reference["name"]), above)
+    reference = children[0][1]
+    above, pairs = paired_with_first(children)
     rows = []
-    for run, child in children:
-        paired = paired_accuracy(reference_items, model_items(RunDir(run), layout.uptrained(child["name"]), above))
+    for (run, child), paired in zip(children, pairs):
         result, corpus = child["result"], distillation_text(run)
         rows.append({
             "run": portable(run),

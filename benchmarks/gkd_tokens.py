@@ -65,6 +65,19 @@ def portable(path: Path) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path.name
 
 
+def paired_with_first(children: Sequence[tuple[Path, dict]]) -> tuple[set[str], list[dict | None]]:
+    """The tasks where the first run's parent beats chance, and on them each run's main child after GKD paired
+    item by item with the first run's (:func:`~puzzle_core.report.paired_accuracy`)."""
+    first_run, first = children[0]
+    above = tasks_above_chance(model_items(RunDir(first_run), "parent"))
+
+    def items(run: Path, child: dict) -> dict:
+        return model_items(RunDir(run), layout.uptrained(child["name"]), above)
+
+    reference = items(first_run, first)
+    return above, [paired_accuracy(reference, items(run, child)) for run, child in children]
+
+
 def compare(runs: Sequence[Path]) -> dict:
     children = sorted(((run, main_child(run)) for run in runs),
                       key=lambda pair: (pair[1]["result"]["tokens"], pair[1]["lr"]))
@@ -73,12 +86,10 @@ def compare(runs: Sequence[Path]) -> dict:
         raise UserError("The runs uptrain different children (their main children's blocks differ), so their GKD "
                         "budgets cannot be compared. Pass runs that share the stages up to `assemble` "
                         "(`puzzle run ... --reuse FIRST_RUN --set gkd.tokens=N`).")
-    reference_run, reference = children[0]
-    above = tasks_above_chance(model_items(RunDir(reference_run), "parent"))
-    reference_items = model_items(RunDir(reference_run), layout.uptrained(reference["name"]), above)
+    reference = children[0][1]
+    above, pairs = paired_with_first(children)
     rows = []
-    for run, child in children:
-        paired = paired_accuracy(reference_items, model_items(RunDir(run), layout.uptrained(child["name"]), above))
+    for (run, child), paired in zip(children, pairs):
         result = child["result"]
         rows.append({
             "run": portable(run),

@@ -86,7 +86,7 @@ class Arm:
     overlay: dict[str, Any] = attrs.Factory(dict)
     scale: dict[str, float] = attrs.Factory(dict)  # dot-path in the resolved config -> factor
     note: str = ""
-    budgets: dict[str, dict[str, Any]] = attrs.field(factory=dict)  # budget -> overlay on this arm's, at that budget
+    budgets: dict[str, dict[str, Any]] = attrs.Factory(dict)  # budget -> overlay on this arm's, at that budget
 
     def __attrs_post_init__(self):
         _check_budget_names(self.budgets)
@@ -515,6 +515,16 @@ def _above_chance(arm: Mapping) -> set[str]:
     return tasks_above_chance(model_items(RunDir(ROOT / arm["run_dir"]), "parent"))
 
 
+def _evaluated_pairs(references: Mapping[str, str | None], arms: list[dict]):
+    """``(arm, reference arm, tasks above chance)`` for every arm whose reference (named by ``references``) and
+    itself both have an evaluated child; the tasks are those where the reference run's parent beats chance."""
+    by_name = {arm["name"]: arm for arm in arms}
+    for arm in arms:
+        ref = by_name.get(references.get(arm["name"]) or "")
+        if ref is not None and final_model(ref) and final_model(arm):
+            yield arm, ref, _above_chance(ref)
+
+
 def accuracy_vs(references: Mapping[str, str | None], arms: list[dict]) -> dict[str, dict | None]:
     """Per arm, its main child's accuracy paired item by item with that of the arm ``references`` names for it
     (both as last evaluated).
@@ -526,15 +536,11 @@ def accuracy_vs(references: Mapping[str, str | None], arms: list[dict]) -> dict[
     bootstrap 95% interval, and the ``tasks`` compared. ``None`` where either arm has no
     evaluated child or their items do not pair.
     """
-    by_name = {arm["name"]: arm for arm in arms}
-    compared = {}
-    for arm in arms:
-        ref = by_name.get(references.get(arm["name"]) or "")
-        paired = None
-        if ref is not None and final_model(ref) and final_model(arm):
-            above = _above_chance(ref)
-            paired = paired_accuracy(_final_items(ref, above), _final_items(arm, above))
-        compared[arm["name"]] = None if paired is None else {**paired["mean"], "tasks": sorted(paired["tasks"])}
+    compared: dict[str, dict | None] = {arm["name"]: None for arm in arms}
+    for arm, ref, above in _evaluated_pairs(references, arms):
+        paired = paired_accuracy(_final_items(ref, above), _final_items(arm, above))
+        if paired is not None:
+            compared[arm["name"]] = {**paired["mean"], "tasks": sorted(paired["tasks"])}
     return compared
 
 
@@ -543,15 +549,12 @@ def pooled_vs_same_budget(counterparts: Mapping[str, str | None], arms: list[dic
     where both were evaluated: each task at each budget is one term of the mean (``arc_easy@1.5x``), with one
     paired bootstrap interval over them all, and the ``budgets`` pooled. A consistent difference too small to
     show at one budget can show here."""
-    by_name = {arm["name"]: arm for arm in arms}
     pools: dict[str, tuple[dict, dict, list[str]]] = {}
-    for arm in arms:
-        ref = by_name.get(counterparts.get(arm["name"]) or "")
-        if ref is None or ref is arm or not (final_model(ref) and final_model(arm)):
+    for arm, ref, above in _evaluated_pairs(counterparts, arms):
+        if ref is arm:
             continue
         match = BUDGETED_ARM.fullmatch(arm["name"])
         ours, theirs, budgets = pools.setdefault(match["method"], ({}, {}, []))
-        above = _above_chance(ref)
         budget = f"{match['speedup']}x"
         theirs.update({f"{task}@{budget}": found for task, found in _final_items(ref, above).items()})
         ours.update({f"{task}@{budget}": found for task, found in _final_items(arm, above).items()})
