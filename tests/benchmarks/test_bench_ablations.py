@@ -153,14 +153,15 @@ def test_search_text_mix_arms_search_on_their_own_text_and_are_measured_on_the_r
     budgets = ("1.25x", "1.5x", "1.75x", "2x")
     for name in (f"{method}-{budget}" for method in ("puzzle", "layer_drop") for budget in budgets):
         assert set(arms[name]["stages"].values()) == {"reused"}, name
-    first, *others = (arms[f"puzzle_mix-{budget}"] for budget in budgets)
+    assert all(arms[f"uniform_width-{budget}"]["stages"][stage] == "reused" for budget in budgets for stage in UPSTREAM)
+    first, *others = (arms[f"{method}_mix-{budget}"] for method in ("puzzle", "layer_drop") for budget in budgets)
     assert first["stages"]["library"] == "ran" and first["stages"]["score"] == "ran"
     assert all(arm["stages"][stage] == "reused" for arm in others for stage in UPSTREAM)
     config = load_config(ROOT / "configs" / "tiny.yaml")
     _, parent = load_parent(config.parent, get_registries())
     texts = {name: load_corpus(attrs.evolve(config.data, corpus=corpus), parent.tokenizer, config.seed, get_registries())
              for name, corpus in (("synthetic", "synthetic"), ("mix", {"name": "mix", "corpora": ["synthetic", "knowledge"]}))}
-    for name in (f"puzzle_mix-{budget}" for budget in budgets):
+    for name in (f"{method}_mix-{budget}" for method in ("puzzle", "layer_drop") for budget in budgets):
         assert_evaluated(arms[name])
         folder = ROOT / arms[name]["run_dir"] / "children" / arms[name]["child"]["name"]
         kl = {text: independent_kl(folder, Path(parent.source), list(corpus.batches("test", 32, 4, 1024, config.seed)))
