@@ -28,7 +28,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "ablations"
 README = HERE / "README.md"
 START, END = "<!-- ablations:start -->", "<!-- ablations:end -->"
-ORDER = ("search", "baselines", "frontier", "search_text", "scoring", "search_space", "gkd_losses", "bld")  # `all`: shared work first
+# `all` runs them in this order: shared work first
+ORDER = ("search", "baselines", "frontier", "search_text", "search_objective", "scoring", "search_space", "gkd_losses",
+         "bld")
 BUDGETED_ARM = re.compile(r"(?P<method>.+)-(?P<speedup>\d+(?:\.\d+)?)x")  # mip-1.25x: method mip at 1.25x
 
 
@@ -126,6 +128,23 @@ def pooled_line(results: Mapping) -> str:
             f"above chance, each task at each budget one term of the mean): " + "; ".join(parts) + ".")
 
 
+def pairs_lines(results: Mapping) -> str:
+    """The ablation's own pairs of methods, each at every budget both reached and pooled ("" when none ran)."""
+    lines = []
+    for pair in (results.get("comparison") or {}).get("pairs") or []:
+        if pair["pooled"] is None:
+            continue
+        budgets = [f"{BUDGETED_ARM.fullmatch(name)['speedup']}x {percent_interval(found['difference'], signed=True)}"
+                   for name, found in pair["per_arm"].items()]
+        lines.append(f"- {pair['method']} against {pair['against']}, points: {'; '.join(budgets)}; pooled "
+                     f"{percent_interval(pair['pooled']['difference'], signed=True)} "
+                     f"({pair['pooled']['items']:,} item pairs).")
+    if not lines:
+        return ""
+    return ("Pairs of methods at the same budget (paired item by item, tasks above chance; pooled: each task at each "
+            "budget one term of the mean):\n\n") + "\n".join(lines)
+
+
 def parent_line(results: Mapping) -> str:
     """The parent's own numbers (from the reference arm's run, else the first that has them)."""
     arms = sorted(results["arms"], key=lambda a: a["name"] != results["reference"])
@@ -179,6 +198,7 @@ def ablation_markdown(results: Mapping, level: int = 3, frontier: str | None = N
             f"Paper: {results['paper'].strip()}" if results.get("paper") else "",
             markdown_table(results),
             pooled_line(results),
+            pairs_lines(results),
             f"![{results['ablation']} frontier]({frontier})" if frontier else "",
             parent_line(results),
             "\n".join(errors),

@@ -93,6 +93,15 @@ class Arm:
 
 
 @attrs.frozen
+class Pair:
+    """Two methods compared at every budget where both have an arm (``METHOD-Bx``), besides each method against
+    the reference's: a baseline against the method it is a baseline for, when both changed the same way."""
+
+    method: str
+    against: str
+
+
+@attrs.frozen
 class Ablation:
     """An ablation file: what it compares, the reference arm, and the arms."""
 
@@ -103,6 +112,7 @@ class Ablation:
     paper: str = ""  # what the paper found, for the table's caption
     overlay: dict[str, Any] = attrs.Factory(dict)  # on every arm
     budgets: dict[str, dict[str, Any]] = attrs.Factory(dict)  # budget -> overlay on every arm at that budget
+    pairs: list[Pair] = attrs.Factory(list)  # more same-budget comparisons than with the reference's method
     name: str = ""  # the file's stem
 
     def __attrs_post_init__(self):
@@ -112,6 +122,11 @@ class Ablation:
         if self.reference not in names:
             raise ValueError(f"reference {self.reference!r} is not one of the arms ({', '.join(names)})")
         _check_budget_names(self.budgets)
+        methods = {match["method"] for match in map(BUDGETED_ARM.fullmatch, names) if match}
+        unknown = sorted({name for pair in self.pairs for name in (pair.method, pair.against)} - methods)
+        if unknown:
+            raise ValueError(f"pairs name {unknown}, which no arm METHOD-Bx has; the methods are "
+                             f"{', '.join(sorted(methods)) or 'none'}")
 
 
 @attrs.frozen
@@ -446,6 +461,7 @@ def run_ablation(
         "description": ablation.description,
         "paper": ablation.paper,
         "reference": ablation.reference,
+        "pairs": [unstructure(pair) for pair in ablation.pairs],
         "command": command_line(ablation.name, budget, Path(base) if base is not None else None, results_dir,
                                 arms or ()),
         "environment": {**environment(budget, base_path, planned, tree), "allow_dirty": allow_dirty},
@@ -479,6 +495,8 @@ def _write_results(results: dict, out: Path) -> None:
     if counterparts:
         results["comparison"]["accuracy_vs_same_budget"] = accuracy_vs(counterparts, arms)
         results["comparison"]["pooled_vs_same_budget"] = pooled_vs_same_budget(counterparts, arms)
+    if results.get("pairs"):
+        results["comparison"]["pairs"] = [compare_pair(arms, **pair) for pair in results["pairs"]]
     atomic_write_json(out, results)
 
 
@@ -487,15 +505,27 @@ def same_budget_counterparts(arms: list[dict], reference: str) -> dict[str, str 
     (``layer_drop-2x`` -> ``puzzle-2x`` when the reference is ``puzzle-1.5x``); empty when the reference
     names no budget."""
     method = BUDGETED_ARM.fullmatch(reference)
-    if method is None:
-        return {}
+    return _counterparts(arms, method["method"]) if method else {}
+
+
+def _counterparts(arms: list[dict], against: str, method: str | None = None) -> dict[str, str | None]:
+    """For arms named ``METHOD-Bx`` (of ``method`` only, when given): the arm of method ``against`` at budget B."""
     names = {arm["name"] for arm in arms}
     counterparts = {}
     for arm in arms:
         budget = BUDGETED_ARM.fullmatch(arm["name"])
-        counterpart = f"{method['method']}-{budget['speedup']}x" if budget else None
+        counterpart = f"{against}-{budget['speedup']}x" if budget and method in (None, budget["method"]) else None
         counterparts[arm["name"]] = counterpart if counterpart in names else None
     return counterparts
+
+
+def compare_pair(arms: list[dict], method: str, against: str) -> dict:
+    """``method``'s children against ``against``'s at each budget where both were evaluated (``per_arm``, keyed by
+    ``method``'s arm) and pooled over those budgets (``pooled``; ``None`` before any pair was evaluated)."""
+    counterparts = _counterparts(arms, against, method)
+    per_arm = {name: found for name, found in accuracy_vs(counterparts, arms).items() if found is not None}
+    return {"method": method, "against": against, "per_arm": per_arm,
+            "pooled": pooled_vs_same_budget(counterparts, arms).get(method)}
 
 
 def final_model(arm: Mapping) -> str | None:

@@ -24,7 +24,8 @@ score and cost stages done; the last one, with the most tokens, is the reference
 reports the rank correlation (Spearman) and relative deviation of every block's KL score
 against the reference, the MIP's choice at ``--speedup`` from each run directory (``puzzle
 search``), and, as the independent check, each chosen child's measured KL to the parent
-on ``--kl-tokens`` test tokens (assembled from the library, before GKD).
+on ``--kl-tokens`` tokens of the test split of ``evaluation.corpus`` (assembled from the
+library, before GKD).
 
     .venv/bin/python benchmarks/scoring.py [--tokens 256] [--layers 0,10,20,29] [--threads 1] [--repeats 3] [--check]
     .venv/bin/python benchmarks/scoring.py --compare runs/t256 runs/t1024 runs/t2048 [--speedup 1.6]
@@ -162,7 +163,7 @@ def kl_scores(run_dir: Path) -> dict[tuple[str, str], float]:
 def compare(args) -> dict:
     """Scores at fewer tokens against the reference run, the MIP's choices, and the chosen children's real KL."""
     from puzzle_core.bld import load_sublayers
-    from puzzle_core.evaluation import EvalContext
+    from puzzle_core.evaluation import eval_context
     from puzzle_core.pipeline import RunContext
     from puzzle_plugins.model_metrics import KLOptions, KLToParent
 
@@ -181,7 +182,7 @@ def compare(args) -> dict:
             check=True, capture_output=True, text=True).stdout)
         blocks = [BlockSpec.parse(chosen["chosen"][f"layer_{i}"]) for i in range(len(chosen["chosen"]))]
         child = run.family.build_child(run.parent, blocks, load_sublayers(run.run_dir, blocks))
-        context = EvalContext(parent=run.parent, corpus=run.corpus, seed=run.config.seed)
+        context = eval_context(run)  # KL on evaluation.corpus's test split, as the run's own evaluation measures it
         row = {"run_dir": run_dir.name, "tokens": run.config.scoring.tokens, "chosen": chosen["chosen"],
                "objective": chosen["objective_value"], "status": chosen["status"],
                "reference_objective": sum(reference[(layer, block)] for layer, block in chosen["chosen"].items()),

@@ -89,6 +89,9 @@ def test_bad_arms_are_errors_naming_the_arm(tmp_path):
         ablation([{"name": "a", "budgets": {"large": {}}}])
     with pytest.raises(UserError, match="no ablation 'serach'.*search"):
         runner.load_ablation("serach")
+    with pytest.raises(ConfigError, match=r"pairs name \['layer_dorp'\].*methods are layer_drop, mip"):
+        ablation([{"name": "mip-2x"}, {"name": "layer_drop-2x"}],
+                 pairs=[{"method": "mip", "against": "layer_dorp"}])
 
 
 def reference_arms(base: Path, tmp_path: Path) -> dict[str, str]:
@@ -103,11 +106,12 @@ def reference_arms(base: Path, tmp_path: Path) -> dict[str, str]:
 
 def test_every_shipped_ablation_resolves_and_shares_the_puzzle_reference_arm(tmp_path):
     hashes = reference_arms(TINY, tmp_path)
-    assert set(hashes) == {"search", "baselines", "frontier", "search_text", "scoring", "search_space", "gkd_losses",
-                           "bld"}
+    assert set(hashes) == {"search", "baselines", "frontier", "search_text", "search_objective", "scoring",
+                           "search_space", "gkd_losses", "bld"}
     shared = {hashes["search"]["mip-1.5x"], hashes["baselines"]["puzzle-1.5x"], hashes["frontier"]["puzzle-1.5x"],
               hashes["search_text"]["puzzle-1.5x"], hashes["search_space"]["full"], hashes["gkd_losses"]["cosine+kl"]}
     assert len(shared) == 1, "identical reference arms run once and are reused by the other ablations"
+    assert hashes["search_objective"]["kl-1.5x"] == hashes["search_text"]["puzzle_mix-1.5x"], "searched on the mix"
     assert all(len(set(arms.values())) == len(arms) for arms in hashes.values()), "arms of an ablation differ"
 
 

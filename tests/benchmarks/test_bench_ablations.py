@@ -1,6 +1,6 @@
 """Every shipped ablation end to end at ``--budget small`` (the tiny config), sharing one results folder.
 
-Marked slow: the seven together run each arm's search, assembly, GKD and evaluation (lm_eval
+Marked slow: together they run each arm's search, assembly, GKD and evaluation (lm_eval
 included) and take a few minutes on two CPU cores. They run in order, so later ablations
 reuse the Puzzle reference arm and the library that earlier ones finished.
 """
@@ -169,6 +169,33 @@ def test_search_text_mix_arms_search_on_their_own_text_and_are_measured_on_the_r
         recorded = arms[name]["metrics"]["assembled"]["kl_to_parent"]
         assert recorded == pytest.approx(kl["synthetic"], rel=1e-4)
         assert abs(recorded - kl["synthetic"]) < abs(recorded - kl["mix"]) / 5  # (a tiny random model's KL: ~3e-4)
+    comparison = json.loads((results_dir / "search_text.small.json").read_text())["comparison"]
+    by_pair = {(pair["method"], pair["against"]): pair for pair in comparison["pairs"]}
+    assert set(by_pair) == {(pair.method, pair.against) for pair in runner.load_ablation("search_text").pairs}
+    text = by_pair["layer_drop_mix", "layer_drop"]
+    assert set(text["per_arm"]) == {f"layer_drop_mix-{budget}" for budget in budgets}
+    assert text["pooled"]["budgets"] == list(budgets)
+    versus_puzzle = comparison["accuracy_vs_same_budget"]
+    for budget in budgets:  # a difference of means over the same tasks: (mix - puzzle) - (layer drop - puzzle)
+        expected = (versus_puzzle[f"layer_drop_mix-{budget}"]["difference"]["value"]
+                    - versus_puzzle[f"layer_drop-{budget}"]["difference"]["value"])
+        assert text["per_arm"][f"layer_drop_mix-{budget}"]["difference"]["value"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_search_objective_cosine_arms_score_their_own_table_and_search_it(results_dir):
+    """The KL arms are search_text's mix arms, reused whole; the cosine arms reuse their library and search a cosine
+    score table of their own, one for all four budgets."""
+    arms = run("search_objective", results_dir)
+    budgets = ("1.25x", "1.5x", "1.75x", "2x")
+    assert all(set(arms[f"kl-{budget}"]["stages"].values()) == {"reused"} for budget in budgets)
+    first, *others = (arms[f"cosine-{budget}"] for budget in budgets)
+    assert first["stages"]["library"] == "reused" and first["stages"]["score"] == "ran"
+    assert all(arm["stages"][stage] == "reused" for arm in others for stage in UPSTREAM)
+    scores = json.loads((ROOT / first["run_dir"] / "scores" / "scores.json").read_text())
+    assert set(scores["layer_0"]["attn_noop+ffn_noop"]) == {"cosine"}
+    for budget in budgets:
+        assert_evaluated(arms[f"cosine-{budget}"])
+        assert arms[f"cosine-{budget}"]["child"]["objective"] == "metrics.cosine"
 
 
 def test_scoring_arms_share_one_library_and_one_score_table(results_dir):

@@ -78,6 +78,21 @@ def test_the_pooled_comparison_over_budgets_is_one_line_per_method():
     assert line in render.ablation_markdown(results)
 
 
+def test_each_pair_of_methods_is_a_line_with_its_budgets_and_the_pooled_difference():
+    assert render.pairs_lines(RESULTS) == "", "no pairs"
+    results = copy.deepcopy(RESULTS)
+    difference = {"difference": {"value": -0.004, "low": -0.021, "high": 0.012}}
+    results["comparison"]["pairs"] = [
+        {"method": "greedy", "against": "mip", "per_arm": {"greedy-2x": difference},
+         "pooled": {**difference, "budgets": ["2x"], "items": 2009}},
+        {"method": "mip", "against": "greedy", "per_arm": {}, "pooled": None}]
+    text = render.pairs_lines(results)
+    assert text.count("\n- ") == 1, "a pair that was never evaluated is left out"
+    assert text.endswith("- greedy against mip, points: 2x -0.4 [-2.1, +1.2]; pooled -0.4 [-2.1, +1.2] "
+                         "(2,009 item pairs).")
+    assert text in render.ablation_markdown(results)
+
+
 def test_results_from_a_changed_tree_say_so_loudly():
     assert "uncommitted" not in render.provenance(RESULTS)
     dirty = copy.deepcopy(RESULTS)
