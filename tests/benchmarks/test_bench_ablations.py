@@ -153,7 +153,7 @@ def test_search_text_mix_arms_search_on_their_own_text_and_are_measured_on_the_r
     budgets = ("1.25x", "1.5x", "1.75x", "2x")
     for name in (f"{method}-{budget}" for method in ("puzzle", "layer_drop") for budget in budgets):
         assert set(arms[name]["stages"].values()) == {"reused"}, name
-    assert all(arms[f"uniform_width-{budget}"]["stages"][stage] == "reused" for budget in budgets for stage in UPSTREAM)
+    assert {arms[f"uniform_width-{budget}"]["status"] for budget in budgets} == {"infeasible"}, "as in the frontier"
     first, *others = (arms[f"{method}_mix-{budget}"] for method in ("puzzle", "layer_drop") for budget in budgets)
     assert first["stages"]["library"] == "ran" and first["stages"]["score"] == "ran"
     assert all(arm["stages"][stage] == "reused" for arm in others for stage in UPSTREAM)
