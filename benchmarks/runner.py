@@ -332,6 +332,19 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def commits_by_config(results_dir: Path, budget: BudgetName, besides: str = "") -> dict[str, str]:
+    """The commit at which each finished arm in the shipped ablations' results at ``budget`` (but ``besides``'s) was
+    made, by config hash: an arm reused whole from another ablation's run directory was made there, not by this run."""
+    made: dict[str, str] = {}
+    for name in (name for name in available() if name != besides):
+        results = _read_json(results_path(results_dir, name, budget)) or {}
+        made_at = (results.get("environment") or {}).get("git_commit")
+        for arm in results.get("arms", []):
+            if arm["status"] != NOT_RUN and arm.get("config_hash") and (arm.get("git_commit") or made_at):
+                made.setdefault(arm["config_hash"], arm.get("git_commit") or made_at)
+    return made
+
+
 def arm_result(
     planned: PlannedArm, status: str, error: str | None, outcomes: Mapping[str, str], seconds: float
 ) -> dict:
@@ -456,6 +469,7 @@ def run_ablation(
     made_at = (previous.get("environment") or {}).get("git_commit")  # for arms that predate per-arm commits
     earlier = {a["name"]: {**a, "git_commit": a.get("git_commit") or made_at}
                for a in previous.get("arms", []) if a["status"] != NOT_RUN}
+    made_elsewhere = commits_by_config(results_dir, budget, besides=ablation.name)
     results = {
         "ablation": ablation.name,
         "description": ablation.description,
@@ -477,6 +491,9 @@ def run_ablation(
         if before and before["config_hash"] == result["config_hash"] and set(result["stages"].values()) == {"skipped"}:
             # Nothing ran again: keep how (and at which commit) the arm was made, not the rerun.
             result.update(stages=before["stages"], seconds=before["seconds"], git_commit=before["git_commit"])
+        elif not before and set(result["stages"].values()) <= {"reused", "skipped"} and \
+                result["config_hash"] in made_elsewhere:
+            result["git_commit"] = made_elsewhere[result["config_hash"]]  # another ablation's arm, taken whole
         results["arms"].append(result)
         _write_results(results, out)  # after every arm, so an interrupted ablation keeps what finished
     results["environment"]["load_average_after"] = list(os.getloadavg())

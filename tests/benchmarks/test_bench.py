@@ -124,6 +124,17 @@ def test_results_compare_each_arm_with_the_reference():
     assert runner.compare_with_reference(arms, "ref") == {"ref": 1.0, "worse": 4.0, "failed": None}
 
 
+def test_an_arm_made_in_another_ablation_is_found_by_config_hash_with_its_commit(tmp_path):
+    arms = [{"name": "a", "status": "ok", "config_hash": "h1", "git_commit": "c1"},
+            {"name": "b", "status": "ok", "config_hash": "h2"},  # older results: the commit is the environment's
+            {"name": "c", "status": runner.NOT_RUN, "config_hash": "h3", "git_commit": "c3"}]
+    (tmp_path / "search_text.json").write_text(json.dumps({"environment": {"git_commit": "c0"}, "arms": arms}))
+    (tmp_path / "frontier.small.json").write_text(json.dumps({"arms": [{**arms[0], "git_commit": "small"}]}))
+    assert runner.commits_by_config(tmp_path, "full") == {"h1": "c1", "h2": "c0"}
+    assert runner.commits_by_config(tmp_path, "small") == {"h1": "small"}
+    assert runner.commits_by_config(tmp_path, "full", besides="search_text") == {}, "an ablation's own arms are not"
+
+
 def test_budgeted_arms_are_paired_with_the_reference_methods_arm_at_their_budget():
     arms = [{"name": name} for name in ("puzzle-1.5x", "layer_drop-1.5x", "layer_drop-1.75x", "puzzle-2x",
                                          "uniform_width-2x", "extra")]
