@@ -337,12 +337,18 @@ def commits_by_config(results_dir: Path, budget: BudgetName, besides: str = "") 
     made, by config hash: an arm reused whole from another ablation's run directory was made there, not by this run."""
     made: dict[str, str] = {}
     for name in (name for name in available() if name != besides):
-        results = _read_json(results_path(results_dir, name, budget)) or {}
-        made_at = (results.get("environment") or {}).get("git_commit")
-        for arm in results.get("arms", []):
-            if arm["status"] != NOT_RUN and arm.get("config_hash") and (arm.get("git_commit") or made_at):
-                made.setdefault(arm["config_hash"], arm.get("git_commit") or made_at)
+        for arm in finished_arms(_read_json(results_path(results_dir, name, budget)) or {}):
+            if arm.get("config_hash") and arm["git_commit"]:
+                made.setdefault(arm["config_hash"], arm["git_commit"])
     return made
+
+
+def finished_arms(results: Mapping) -> list[dict]:
+    """The arms of an ablation's results that ran, each with the commit it was made at (the results' own commit for
+    arms that predate per-arm commits)."""
+    made_at = (results.get("environment") or {}).get("git_commit")
+    return [{**arm, "git_commit": arm.get("git_commit") or made_at}
+            for arm in results.get("arms", []) if arm["status"] != NOT_RUN]
 
 
 def arm_result(
@@ -466,9 +472,7 @@ def run_ablation(
     refuse_dirty_tree(tree, allow_dirty)
     out = results_path(results_dir, ablation.name, budget)
     previous = _read_json(out) or {}
-    made_at = (previous.get("environment") or {}).get("git_commit")  # for arms that predate per-arm commits
-    earlier = {a["name"]: {**a, "git_commit": a.get("git_commit") or made_at}
-               for a in previous.get("arms", []) if a["status"] != NOT_RUN}
+    earlier = {arm["name"]: arm for arm in finished_arms(previous)}
     made_elsewhere = commits_by_config(results_dir, budget, besides=ablation.name)
     results = {
         "ablation": ablation.name,
