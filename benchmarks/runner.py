@@ -623,18 +623,18 @@ def run_arm(item: PlannedArm, reuse: list[Path], ablation: str, echo: Callable[[
     label = f"[{ablation}/{item.arm.name}]"
     echo(f"{label} run directory {item.run_dir}")
     started = time.perf_counter()
-    status, error, outcomes = "ok", None, {}
+    status, error = "ok", None
+    outcomes: dict[str, str] = {}  # filled as stages finish: an infeasible arm still shows the stages it reused
     try:
-        ctx = run_pipeline(
+        run_pipeline(
             item.config,
             item.run_dir,
             resume=True,
             config_text=yaml.safe_dump(item.data, sort_keys=False),
             echo=lambda message: echo(f"{label} {message}"),
             reuse=reuse,
+            outcomes=outcomes,
         )
-        outcomes = ctx.outcomes
-        del ctx
     except InfeasibleError as exc:
         status, error = "infeasible", str(exc)
     except UserError as exc:

@@ -263,11 +263,14 @@ def run_pipeline(
     config_text: str | None = None,
     echo: Callable[[str], None] = print,
     reuse: Sequence[str | Path] = (),
+    outcomes: dict[str, StageOutcome] | None = None,
 ) -> RunContext:
     """Run ``stages`` (default: all) of the pipeline in ``run_dir``.
 
     ``reuse``: other run directories whose finished stages (same hash) and caches this
-    run may take over; see the module docstring.
+    run may take over; see the module docstring. ``outcomes``: a dict to fill with how each
+    stage was done as it finishes (the returned context's ``outcomes``), so that a caller
+    still knows what ran or was reused when a later stage raises.
     """
     import torch
 
@@ -298,6 +301,8 @@ def run_pipeline(
                 atomic_write(rundir.path(layout.CONFIG), config_text)
         seed_everything(config.seed)
         ctx = RunContext(config, rundir, role=role)
+        if outcomes is not None:
+            ctx.outcomes = outcomes
         for index, stage in enumerate(wanted, start=1):
             digest = ctx.hashes[stage.name]
             label = f"[{index}/{len(wanted)}] {stage.name}: {stage.description}"

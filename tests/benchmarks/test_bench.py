@@ -230,6 +230,22 @@ def test_a_damaged_donor_output_is_not_adopted(tmp_path, counting_stages):
     assert (arm / "first" / "out.txt").read_text() == "seed 0"
 
 
+
+def test_an_arm_whose_search_is_infeasible_still_records_the_stages_it_reused(tmp_path, counting_stages, monkeypatch):
+    donor = tmp_path / "donor"
+    run_pipeline(config(), donor, echo=lambda _: None)
+
+    def infeasible(ctx):
+        raise InfeasibleError("no child reaches 9x")
+
+    monkeypatch.setattr(sys.modules["fake_stage_second"], "run", infeasible)
+    monkeypatch.setattr(runner, "STAGE_NAMES", ("first", "second"))
+    planned = runner.PlannedArm(structure({"name": "far-9x"}, runner.Arm), config(gkd={"tokens": 2}), tmp_path / "arm")
+    result = runner.run_arm(planned, [donor], "frontier", echo=lambda _: None)
+    assert result["status"] == "infeasible" and "9x" in result["error"]
+    assert result["stages"] == {"first": "reused", "second": "not run"}
+
+
 # ---------------------------------------------------------------- baseline solvers
 
 

@@ -117,6 +117,8 @@ def test_baselines_reuse_the_search_arms_and_uniform_width_cannot_reach_the_budg
         # Under the H100 roofline the tiny model is latency-bound: narrower FFNs save no time.
         assert arms[f"uniform_width-{budget}"]["status"] == "infeasible"
         assert "no FFN width offered in every layer" in arms[f"uniform_width-{budget}"]["error"]
+        stages = arms[f"uniform_width-{budget}"]["stages"]  # what was done before the search failed is kept
+        assert [stages[stage] for stage in UPSTREAM] == ["reused"] * 3 and stages["search"] == "not run"
     versus = json.loads((results_dir / "baselines.small.json").read_text())["comparison"]["accuracy_vs_reference"]
     assert versus["puzzle-1.5x"]["difference"]["value"] == 0 and versus["uniform_width-1.5x"] is None
     assert versus["layer_drop-1.5x"]["items"] > 0
