@@ -41,9 +41,11 @@ def run_command(config_path: str, run_dir: str | None, resume: bool, stages: tup
 
     config = load_config(config_path, overrides)
     config_text = Path(config_path).read_text(encoding="utf-8")
-    if overrides:  # the run directory keeps the config it ran with
-        header = f"# {config_path} with {' '.join(f'--set {o}' for o in overrides)}, resolved\n"
-        config_text = header + yaml.safe_dump(unstructure(config), sort_keys=False)
+    if overrides or "base" in (yaml.safe_load(config_text) or {}):
+        # the run directory keeps the config it ran with, whole: a base named relative to CONFIG would not resolve
+        # from there, and tools that read the run directory (puzzle search RUN_DIR, the benchmarks) load that copy
+        settings = "".join(f" --set {o}" for o in overrides)
+        config_text = f"# {config_path}{settings}, resolved\n" + yaml.safe_dump(unstructure(config), sort_keys=False)
     run_dir = run_dir or str(Path("runs") / Path(config_path).stem)
     fresh = not Path(run_dir).exists()
     try:

@@ -501,6 +501,23 @@ def test_run_and_config_commands_take_the_same_overrides(tmp_path, capsys):
     assert "Did you mean 'speedup'?" in capsys.readouterr().err and not run_dir.exists()
 
 
+
+def test_a_run_directory_keeps_a_config_with_a_base_whole(tmp_path, monkeypatch):
+    """`puzzle search RUN_DIR` and the benchmarks load the run directory's copy of the config, where a base named
+    relative to the original would not resolve."""
+    kept = {}
+    monkeypatch.setattr("puzzle_core.pipeline.run_pipeline", lambda config, run_dir, **kw: kept.update(kw))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "shared.yaml").write_text("data:\n  corpus: synthetic\nseed: 3\n")
+    path = tmp_path / "configs" / "run.yaml"
+    path.write_text("base: shared.yaml\ngkd:\n  tokens: 4096\n")
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "run")]) == 0
+    copy = tmp_path / "run" / "config.yaml"
+    copy.parent.mkdir()
+    copy.write_text(kept["config_text"])
+    assert load_config(copy) == load_config(path)
+    assert load_config(copy).seed == 3 and load_config(copy).gkd.tokens == 4096
+
 def test_config_validate_checks_the_cost_model_can_price_the_scenario(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("costs:\n  model: h100\nscenario:\n  dtype: fp8\n")
