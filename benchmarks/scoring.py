@@ -24,8 +24,8 @@ score and cost stages done; the last one, with the most tokens, is the reference
 reports the rank correlation (Spearman) and relative deviation of every block's KL score
 against the reference, the MIP's choice at ``--speedup`` from each run directory (``puzzle
 search``), and, as the independent check, each chosen child's measured KL to the parent
-on ``--kl-tokens`` tokens of the test split of ``evaluation.corpus`` (assembled from the
-library, before GKD).
+on ``--kl-tokens`` tokens of the test split of ``evaluation.corpus`` with the run's own
+``kl_to_parent`` settings (assembled from the library, before GKD).
 
     .venv/bin/python benchmarks/scoring.py [--tokens 256] [--layers 0,10,20,29] [--threads 1] [--repeats 3] [--check]
     .venv/bin/python benchmarks/scoring.py --compare runs/t256 runs/t1024 runs/t2048 [--speedup 1.6]
@@ -45,6 +45,7 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -174,9 +175,12 @@ def compare(args) -> dict:
     replaced = [k for k, v in reference.items() if v > 0]  # parent blocks score 0 at every size
     kinds = {"all": lambda b: True, "FFN no-op": lambda b: b.endswith("ffn_noop"),
              "attention no-op": lambda b: b.startswith("attn_noop")}
-    evaluator = KLToParent(KLOptions(tokens=args.kl_tokens))
     rows = []
     for run, run_scores, run_dir in zip(runs, scores, args.compare):
+        # the run's own kl_to_parent settings (sequence length, batch) at --kl-tokens: at its evaluator's tokens, the
+        # run's main child measures what its evaluate stage did
+        choice = next((c for c in run.config.evaluation.evaluators if c.name == "kl_to_parent"), None)
+        evaluator = KLToParent(attrs.evolve(choice.options if choice is not None else KLOptions(), tokens=args.kl_tokens))
         chosen = json.loads(subprocess.run(
             [sys.executable, "-m", "puzzle_core.cli", "search", str(run_dir), "--speedup", str(args.speedup), "--json"],
             check=True, capture_output=True, text=True).stdout)
