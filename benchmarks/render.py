@@ -29,8 +29,8 @@ RESULTS = HERE / "results" / "ablations"
 README = HERE / "README.md"
 START, END = "<!-- ablations:start -->", "<!-- ablations:end -->"
 # `all` runs them in this order: shared work first
-ORDER = ("search", "baselines", "frontier", "search_text", "search_objective", "scoring", "search_space", "gkd_losses",
-         "bld")
+ORDER = ("search", "baselines", "frontier", "search_text", "search_objective", "gkd_uptraining", "scoring", "search_space",
+         "gkd_losses", "bld")
 BUDGETED_ARM = re.compile(r"(?P<method>.+)-(?P<speedup>\d+(?:\.\d+)?)x")  # mip-1.25x: method mip at 1.25x
 
 

@@ -106,12 +106,14 @@ def reference_arms(base: Path, tmp_path: Path) -> dict[str, str]:
 
 def test_every_shipped_ablation_resolves_and_shares_the_puzzle_reference_arm(tmp_path):
     hashes = reference_arms(TINY, tmp_path)
-    assert set(hashes) == {"search", "baselines", "frontier", "search_text", "search_objective", "scoring",
-                           "search_space", "gkd_losses", "bld"}
+    assert set(hashes) == {"search", "baselines", "frontier", "search_text", "search_objective", "gkd_uptraining",
+                           "scoring", "search_space", "gkd_losses", "bld"}
     shared = {hashes["search"]["mip-1.5x"], hashes["baselines"]["puzzle-1.5x"], hashes["frontier"]["puzzle-1.5x"],
               hashes["search_text"]["puzzle-1.5x"], hashes["search_space"]["full"], hashes["gkd_losses"]["cosine+kl"]}
     assert len(shared) == 1, "identical reference arms run once and are reused by the other ablations"
     assert hashes["search_objective"]["kl-1.5x"] == hashes["search_text"]["puzzle_mix-1.5x"], "searched on the mix"
+    assert [hashes["gkd_uptraining"][f"{m}_mix-1.5x"] for m in ("puzzle", "layer_drop")] == [
+        hashes["search_text"][f"{m}_mix-1.5x"] for m in ("puzzle", "layer_drop")], "the 65,536-token arms are reused"
     assert all(len(set(arms.values())) == len(arms) for arms in hashes.values()), "arms of an ablation differ"
 
 

@@ -200,6 +200,28 @@ def test_search_objective_cosine_arms_score_their_own_table_and_search_it(result
         assert arms[f"cosine-{budget}"]["child"]["objective"] == "metrics.cosine"
 
 
+
+def test_gkd_uptraining_long_arms_uptrain_the_same_children_eight_times_as_long(results_dir):
+    """The short arms are search_text's mix arms, reused whole; the long arms reuse every stage up to the assembled
+    child, uptrain it on eight times the tokens, and the two methods are paired after the same uptraining."""
+    arms = run("gkd_uptraining", results_dir)
+    for method in ("puzzle_mix", "layer_drop_mix"):
+        short, long = arms[f"{method}-1.5x"], arms[f"{method}_long-1.5x"]
+        assert set(short["stages"].values()) == {"reused"}, f"search_text/{method}-1.5x"
+        assert [long["stages"][stage] for stage in (*UPSTREAM, "search", "assemble")] == ["reused"] * 5
+        assert long["stages"]["gkd"] == "ran" and long["child"]["blocks"] == short["child"]["blocks"]
+        assert_evaluated(long)
+        tokens = [json.loads((ROOT / arm["run_dir"] / "gkd" / arm["child"]["name"] / "result.json").read_text())["tokens"]
+                  for arm in (short, long)]
+        assert tokens[1] == 8 * tokens[0]
+    comparison = json.loads((results_dir / "gkd_uptraining.small.json").read_text())["comparison"]
+    by_pair = {(pair["method"], pair["against"]): pair for pair in comparison["pairs"]}
+    versus = comparison["accuracy_vs_same_budget"]  # each against puzzle_mix-1.5x, over the same tasks
+    expected = (versus["puzzle_mix_long-1.5x"]["difference"]["value"]
+                - versus["layer_drop_mix_long-1.5x"]["difference"]["value"])
+    found = by_pair["puzzle_mix_long", "layer_drop_mix_long"]["per_arm"]["puzzle_mix_long-1.5x"]
+    assert found["difference"]["value"] == pytest.approx(expected, abs=1e-9)
+
 def test_scoring_arms_share_one_library_and_one_score_table(results_dir):
     arms = run("scoring", results_dir)
     for arm in arms.values():
