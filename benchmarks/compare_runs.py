@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from benchmarks.gkd_data import corpus_label
-from benchmarks.gkd_tokens import SUMMARY_KEYS, compared, main_child, paired_with_first, portable
+from benchmarks.gkd_tokens import compared, differences_by_task, main_child, rows_with_pairs
 from puzzle_core import layout
 from puzzle_core.config import unstructure
 from puzzle_core.schema import load_config
@@ -36,24 +36,15 @@ def budgets(run: Path) -> dict:
 
 
 def compare(runs: Sequence[Path]) -> dict:
-    children = [(run, main_child(run)) for run in runs]
-    above, pairs = paired_with_first(children)
-    rows = []
-    for (run, child), paired in zip(children, pairs):
+    def row(run: Path, child: dict, paired: dict | None) -> dict:
         result = child["result"]
-        rows.append({
-            "run": portable(run),
-            **budgets(run),
-            "gkd_tokens": result["tokens"],
-            "gkd_seconds": result["train_seconds"],
-            "gkd_tokens_per_second": result["tokens_per_second"],
-            "child": {"name": child["name"], "blocks": child["blocks"], "params": child["params"]},
-            **{key: child.get(key) for key in SUMMARY_KEYS},
-            "vs_first": None if paired is None else {
-                **paired["mean"], "tasks": {task: found["difference"] for task, found in paired["tasks"].items()}},
-        })
-    return {"tasks_above_chance": sorted(above), "rows": rows}
+        return {**budgets(run), "gkd_tokens": result["tokens"], "gkd_seconds": result["train_seconds"],
+                "gkd_tokens_per_second": result["tokens_per_second"],
+                "child": {"name": child["name"], "blocks": child["blocks"], "params": child["params"]},
+                "vs_first": differences_by_task(paired)}
 
+    above, rows = rows_with_pairs([(run, main_child(run)) for run in runs], row)
+    return {"tasks_above_chance": sorted(above), "rows": rows}
 
 def main(argv: Sequence[str] | None = None) -> int:
     found = compared(argv, compare, __doc__.split("\n\n")[0], "finished run directories; the first is the reference",

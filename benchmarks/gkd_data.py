@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.gkd_tokens import SUMMARY_KEYS, compared, main_child, paired_with_first, portable
+from benchmarks.gkd_tokens import compared, differences_by_task, main_child, rows_with_pairs
 from puzzle_core import layout
 from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
@@ -39,25 +39,16 @@ def compare(runs: Sequence[Path]) -> dict:
         raise UserError("The runs uptrain different children (their main children's blocks differ). Pass runs that "
                         "share the stages up to `assemble` (`puzzle run ... --reuse FIRST_RUN --set gkd.corpus=...`).")
     reference = children[0][1]
-    above, pairs = paired_with_first(children)
-    rows = []
-    for (run, child), paired in zip(children, pairs):
+
+    def row(run: Path, child: dict, paired: dict | None) -> dict:
         result, corpus = child["result"], distillation_text(run)
-        rows.append({
-            "run": portable(run),
-            "corpus": corpus,
-            "label": corpus_label(corpus),
-            "tokens": result["tokens"],
-            "train_seconds": result["train_seconds"],
-            "tokens_per_second": result["tokens_per_second"],
-            "validation": child["log"]["validation"],
-            **{key: child.get(key) for key in SUMMARY_KEYS},
-            "vs_reference": None if paired is None else {
-                **paired["mean"], "tasks": {task: found["difference"] for task, found in paired["tasks"].items()}},
-        })
+        return {"corpus": corpus, "label": corpus_label(corpus), "tokens": result["tokens"],
+                "train_seconds": result["train_seconds"], "tokens_per_second": result["tokens_per_second"],
+                "validation": child["log"]["validation"], "vs_reference": differences_by_task(paired)}
+
+    above, rows = rows_with_pairs(children, row)
     return {"child": {"name": reference["name"], "blocks": reference["blocks"], "params": reference["params"]},
             "tasks_above_chance": sorted(above), "rows": rows}
-
 
 def corpus_label(corpus: dict) -> str:
     if corpus["name"] == "mix":

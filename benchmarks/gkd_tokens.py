@@ -87,23 +87,33 @@ def compare(runs: Sequence[Path]) -> dict:
                         "budgets cannot be compared. Pass runs that share the stages up to `assemble` "
                         "(`puzzle run ... --reuse FIRST_RUN --set gkd.tokens=N`).")
     reference = children[0][1]
-    above, pairs = paired_with_first(children)
-    rows = []
-    for (run, child), paired in zip(children, pairs):
+
+    def row(run: Path, child: dict, paired: dict | None) -> dict:
         result = child["result"]
-        rows.append({
-            "run": portable(run),
-            "tokens": result["tokens"],
-            "lr": child["lr"],
-            "steps": result["steps"],
-            "train_seconds": result["train_seconds"],
-            "tokens_per_second": result["tokens_per_second"],
-            "validation": child["log"]["validation"],
-            **{key: child.get(key) for key in SUMMARY_KEYS},
-            "vs_fewest_tokens": None if paired is None else {**paired["mean"], "tasks": sorted(paired["tasks"])},
-        })
+        return {"tokens": result["tokens"], "lr": child["lr"], "steps": result["steps"],
+                "train_seconds": result["train_seconds"], "tokens_per_second": result["tokens_per_second"],
+                "validation": child["log"]["validation"],
+                "vs_fewest_tokens": None if paired is None else {**paired["mean"], "tasks": sorted(paired["tasks"])}}
+
+    above, rows = rows_with_pairs(children, row)
     return {"child": {"name": reference["name"], "blocks": reference["blocks"], "params": reference["params"]},
             "tasks_above_chance": sorted(above), "rows": rows}
+
+
+def rows_with_pairs(children: Sequence[tuple[Path, dict]],
+                    row: Callable[[Path, dict, dict | None], dict]) -> tuple[set[str], list[dict]]:
+    """The tasks where the first run's parent beats chance, and per run: its directory, ``row(run, child, paired)``
+    (``paired``: the child's suite against the first run's child, :func:`paired_with_first`) and the child's
+    report numbers (``SUMMARY_KEYS``)."""
+    above, pairs = paired_with_first(children)
+    return above, [{"run": portable(run), **row(run, child, paired), **{key: child.get(key) for key in SUMMARY_KEYS}}
+                   for (run, child), paired in zip(children, pairs)]
+
+
+def differences_by_task(paired: dict | None) -> dict | None:
+    """A paired comparison's mean over tasks, with each task's difference."""
+    return None if paired is None else {
+        **paired["mean"], "tasks": {task: found["difference"] for task, found in paired["tasks"].items()}}
 
 
 def compared(argv: Sequence[str] | None, compare: Callable[[Sequence[Path]], dict], description: str,
