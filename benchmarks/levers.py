@@ -91,7 +91,7 @@ def read_inputs(results: Path = RESULTS, demo: Path = DEMO) -> Inputs:
     """Every file of ``SOURCES`` (each required), plus any further engine runs (``scoring_before_*.json``)."""
     found = {name: load(results, name) for name in SOURCES}
     engine = [found.get(path.name) or load(results, path.name) for path in sorted(results.glob("scoring*.json"))
-              if path.name != "scoring_tokens.json"]
+              if not path.name.startswith("scoring_tokens")]  # scoring_tokens*.json: `scoring.py --compare`'s
     return Inputs(found["bld_sweep.json"], found["bld_stage.json"], found["gkd_speed.json"],
                   found["scoring_tokens.json"], engine, load_config(demo), (results / "gkd_quality.json").is_file(),
                   [load(results, path.name) for path in sorted(results.glob("gkd_tokens*.json"))],

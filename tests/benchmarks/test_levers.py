@@ -92,3 +92,9 @@ def test_a_readme_without_markers_is_a_user_error(tmp_path, capsys):
     readme.write_text("# Benchmarks\n")
     assert levers.main(["--readme", str(readme)]) == 2
     assert levers.START in capsys.readouterr().err and readme.read_text() == "# Benchmarks\n"
+
+
+def test_the_engine_tables_read_engine_runs_only():
+    """`scoring.py --compare` writes scoring_tokens*.json next to the engine's scoring*.json; those are not engine runs."""
+    engine = levers.read_inputs().engine
+    assert engine and all("sampled" in run and "projected_library" in run for run in engine)
