@@ -19,18 +19,16 @@ from pathlib import Path
 from typing import Sequence
 
 from benchmarks.gkd_data import corpus_label
-from benchmarks.gkd_tokens import compared, differences_by_task, main_child, rows_with_pairs
-from puzzle_core import layout
+from benchmarks.gkd_tokens import differences_by_task, main_child, rows_with_pairs, run_comparison
 from puzzle_core.config import unstructure
-from puzzle_core.schema import load_config
+from puzzle_core.schema import PuzzleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "compare_runs.json"
 
 
-def budgets(run: Path) -> dict:
+def budgets(config: PuzzleConfig) -> dict:
     """What the run's config spent and searched for."""
-    config = load_config(run / layout.CONFIG)
     return {"search_text": corpus_label(unstructure(config.data.corpus)), "target_speedup": config.search.speedup,
             "bld_tokens": config.library.tokens, "scoring_tokens": config.scoring.tokens}
 
@@ -38,7 +36,7 @@ def budgets(run: Path) -> dict:
 def compare(runs: Sequence[Path]) -> dict:
     def row(run: Path, child: dict, paired: dict | None) -> dict:
         result = child["result"]
-        return {**budgets(run), "gkd_tokens": result["tokens"], "gkd_seconds": result["train_seconds"],
+        return {**budgets(child["config"]), "gkd_tokens": result["tokens"], "gkd_seconds": result["train_seconds"],
                 "gkd_tokens_per_second": result["tokens_per_second"],
                 "child": {"name": child["name"], "blocks": child["blocks"], "params": child["params"]},
                 "vs_first": differences_by_task(paired)}
@@ -46,12 +44,8 @@ def compare(runs: Sequence[Path]) -> dict:
     above, rows = rows_with_pairs([(run, main_child(run)) for run in runs], row)
     return {"tasks_above_chance": sorted(above), "rows": rows}
 
-def main(argv: Sequence[str] | None = None) -> int:
-    found = compared(argv, compare, __doc__.split("\n\n")[0], "finished run directories; the first is the reference",
-                     OUT, "python -m benchmarks.compare_runs")
-    if found is None:
-        return 2
-    results, out = found
+
+def table(results: dict) -> None:
     print(f"{'run':<28}{'target':>7}{'BLD':>8}{'score':>6}{'GKD':>9}{'params':>8}{'pred':>6}{'meas':>6}"
           f"{'KL':>13}{'preserved':>10}{'chance-adj':>11}{'vs first (95% CI)':>22}")
     for row in results["rows"]:
@@ -65,8 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{row['kl_to_parent_before_gkd']:>6.3f} > {row['kl_to_parent_after_gkd']:.3f}"
               f"{row['accuracy_preserved']['value']:>10.1%}{row['accuracy_preserved_chance_adjusted']['value']:>11.1%}"
               f"{difference:>22}")
-    print(f"\nWrote {out}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_comparison(argv, compare, table, __doc__.split("\n\n")[0],
+                          "finished run directories; the first is the reference", OUT,
+                          "python -m benchmarks.compare_runs")
 
 
 if __name__ == "__main__":

@@ -18,19 +18,18 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.gkd_tokens import compared, differences_by_task, main_child, rows_with_pairs
-from puzzle_core import layout
+from benchmarks.gkd_tokens import differences_by_task, main_child, rows_with_pairs, run_comparison
 from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
-from puzzle_core.schema import load_config
+from puzzle_core.schema import PuzzleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "gkd_data.json"
 
 
-def distillation_text(run: Path) -> dict:
+def distillation_text(config: PuzzleConfig) -> dict:
     """The text the run's GKD distilled on, as configured."""
-    return unstructure(load_config(run / layout.CONFIG).distillation_corpus)
+    return unstructure(config.distillation_corpus)
 
 
 def compare(runs: Sequence[Path]) -> dict:
@@ -41,7 +40,7 @@ def compare(runs: Sequence[Path]) -> dict:
     reference = children[0][1]
 
     def row(run: Path, child: dict, paired: dict | None) -> dict:
-        result, corpus = child["result"], distillation_text(run)
+        result, corpus = child["result"], distillation_text(child["config"])
         return {"corpus": corpus, "label": corpus_label(corpus), "tokens": result["tokens"],
                 "train_seconds": result["train_seconds"], "tokens_per_second": result["tokens_per_second"],
                 "validation": child["log"]["validation"], "vs_reference": differences_by_task(paired)}
@@ -50,18 +49,14 @@ def compare(runs: Sequence[Path]) -> dict:
     return {"child": {"name": reference["name"], "blocks": reference["blocks"], "params": reference["params"]},
             "tasks_above_chance": sorted(above), "rows": rows}
 
+
 def corpus_label(corpus: dict) -> str:
     if corpus["name"] == "mix":
         return "+".join(part["name"] for part in corpus["corpora"])
     return corpus.get("path", corpus["name"])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    found = compared(argv, compare, __doc__.split("\n\n")[0], "finished run directories; the first is the reference",
-                     OUT, "python -m benchmarks.gkd_data")
-    if found is None:
-        return 2
-    results, out = found
+def table(results: dict) -> None:
     print(f"{'text':<16}{'tokens':>9}{'tok/s':>7}{'val KL':>8}{'test KL':>9}{'preserved':>11}{'chance-adj':>12}"
           f"{'vs first (95% CI)':>24}")
     for row in results["rows"]:
@@ -70,8 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{row['validation'][-1]['kl']:>8.3f}{row['kl_to_parent_after_gkd']:>9.3f}"
               f"{row['accuracy_preserved']['value']:>11.1%}{row['accuracy_preserved_chance_adjusted']['value']:>12.1%}"
               f"{versus['value'] * 100:>+9.1f} [{versus['low'] * 100:+.1f}, {versus['high'] * 100:+.1f}]")
-    print(f"\nWrote {out}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_comparison(argv, compare, table, __doc__.split("\n\n")[0],
+                          "finished run directories; the first is the reference", OUT, "python -m benchmarks.gkd_data")
 
 
 if __name__ == "__main__":

@@ -46,14 +46,14 @@ def _read(path: Path, what: str) -> dict:
 
 
 def main_child(run_dir: Path) -> dict:
-    """The run's main child as its report summarises it, with its GKD log and result."""
+    """The run's main child as its report summarises it, with the run's config and the child's GKD log and result."""
     summary = _read(run_dir / layout.SUMMARY, "the run's report summary")
     child = next((c for c in summary["children"] if c.get("main")), None)
     if child is None or child.get("kl_to_parent_after_gkd") is None:
         raise UserError(f"{run_dir}: its main child has no GKD result; run it with gkd.enabled: true.")
     gkd_dir = run_dir / layout.GKD / child["name"]
     config = load_config(_required(run_dir / layout.CONFIG, "the run's resolved config"))
-    return {**child, "lr": config.gkd.lr, "log": _read(gkd_dir / "log.json", "the GKD log"),
+    return {**child, "config": config, "log": _read(gkd_dir / "log.json", "the GKD log"),
             "result": _read(gkd_dir / "result.json", "the GKD result")}
 
 
@@ -80,7 +80,7 @@ def paired_with_first(children: Sequence[tuple[Path, dict]]) -> tuple[set[str], 
 
 def compare(runs: Sequence[Path]) -> dict:
     children = sorted(((run, main_child(run)) for run in runs),
-                      key=lambda pair: (pair[1]["result"]["tokens"], pair[1]["lr"]))
+                      key=lambda pair: (pair[1]["result"]["tokens"], pair[1]["config"].gkd.lr))
     blocks = {tuple(child["blocks"]) for _, child in children}
     if len(blocks) != 1:
         raise UserError("The runs uptrain different children (their main children's blocks differ), so their GKD "
@@ -90,7 +90,7 @@ def compare(runs: Sequence[Path]) -> dict:
 
     def row(run: Path, child: dict, paired: dict | None) -> dict:
         result = child["result"]
-        return {"tokens": result["tokens"], "lr": child["lr"], "steps": result["steps"],
+        return {"tokens": result["tokens"], "lr": child["config"].gkd.lr, "steps": result["steps"],
                 "train_seconds": result["train_seconds"], "tokens_per_second": result["tokens_per_second"],
                 "validation": child["log"]["validation"],
                 "vs_fewest_tokens": None if paired is None else {**paired["mean"], "tasks": sorted(paired["tasks"])}}
@@ -116,10 +116,11 @@ def differences_by_task(paired: dict | None) -> dict | None:
         **paired["mean"], "tasks": {task: found["difference"] for task, found in paired["tasks"].items()}}
 
 
-def compared(argv: Sequence[str] | None, compare: Callable[[Sequence[Path]], dict], description: str,
-             runs_help: str, out: Path, command: str) -> tuple[dict, Path] | None:
-    """Parse ``RUN... [--out FILE]``, compare the runs and write the results with the machine and command;
-    ``None`` after printing the error when the runs cannot be compared."""
+def run_comparison(argv: Sequence[str] | None, compare: Callable[[Sequence[Path]], dict], table: Callable[[dict], None],
+                   description: str, runs_help: str, out: Path, command: str) -> int:
+    """A comparison script's ``main``: parse ``RUN... [--out FILE]``, compare the runs, write the results with the
+    machine and command, and print ``table(results)``. Exit code 2 after printing the error when the runs cannot be
+    compared."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("runs", nargs="+", type=Path, help=runs_help)
     parser.add_argument("--out", type=Path, default=out)
@@ -128,8 +129,10 @@ def compared(argv: Sequence[str] | None, compare: Callable[[Sequence[Path]], dic
         results = compare(args.runs)
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr)
-        return None
-    return write_results(results, args.runs, args.out, command), args.out
+        return 2
+    table(write_results(results, args.runs, args.out, command))
+    print(f"\nWrote {args.out}")
+    return 0
 
 
 def write_results(results: dict, runs: Sequence[Path], out: Path, command: str) -> dict:
@@ -140,12 +143,7 @@ def write_results(results: dict, runs: Sequence[Path], out: Path, command: str) 
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    found = compared(argv, compare, __doc__.split("\n\n")[0], "finished run directories, one per GKD budget", OUT,
-                     "benchmarks/gkd_tokens.py")
-    if found is None:
-        return 2
-    results, out = found
+def table(results: dict) -> None:
     print(f"{'tokens':>9}{'GKD min':>9}{'val KL':>9}{'test KL':>9}{'preserved':>11}{'chance-adj':>12}{'vs fewest':>11}")
     for row in results["rows"]:
         versus = row["vs_fewest_tokens"]
@@ -153,8 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{row['kl_to_parent_after_gkd']:>9.3f}{row['accuracy_preserved']['value']:>11.1%}"
               f"{row['accuracy_preserved_chance_adjusted']['value']:>12.1%}"
               f"{'' if versus is None else format(versus['difference']['value'] * 100, '+.1f'):>11}")
-    print(f"\nWrote {out}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_comparison(argv, compare, table, __doc__.split("\n\n")[0],
+                          "finished run directories, one per GKD budget", OUT, "benchmarks/gkd_tokens.py")
 
 
 if __name__ == "__main__":

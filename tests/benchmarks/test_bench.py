@@ -232,7 +232,6 @@ def test_a_damaged_donor_output_is_not_adopted(tmp_path, counting_stages):
     assert (arm / "first" / "out.txt").read_text() == "seed 0"
 
 
-
 def test_an_arm_whose_search_is_infeasible_still_records_the_stages_it_reused(tmp_path, counting_stages, monkeypatch):
     donor = tmp_path / "donor"
     run_pipeline(config(), donor, echo=lambda _: None)

@@ -200,7 +200,6 @@ def test_search_objective_cosine_arms_score_their_own_table_and_search_it(result
         assert arms[f"cosine-{budget}"]["child"]["objective"] == "metrics.cosine"
 
 
-
 def test_gkd_uptraining_long_arms_uptrain_the_same_children_eight_times_as_long(results_dir):
     """The short arms are search_text's mix arms, reused whole; the long arms reuse every stage up to the assembled
     child, uptrain it on eight times the tokens, and the two methods are paired after the same uptraining."""
@@ -221,6 +220,7 @@ def test_gkd_uptraining_long_arms_uptrain_the_same_children_eight_times_as_long(
                 - versus["layer_drop_mix_long-1.5x"]["difference"]["value"])
     found = by_pair["puzzle_mix_long", "layer_drop_mix_long"]["per_arm"]["puzzle_mix_long-1.5x"]
     assert found["difference"]["value"] == pytest.approx(expected, abs=1e-9)
+
 
 def test_scoring_arms_share_one_library_and_one_score_table(results_dir):
     arms = run("scoring", results_dir)

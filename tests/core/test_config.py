@@ -501,7 +501,6 @@ def test_run_and_config_commands_take_the_same_overrides(tmp_path, capsys):
     assert "Did you mean 'speedup'?" in capsys.readouterr().err and not run_dir.exists()
 
 
-
 def test_a_run_directory_keeps_a_config_with_a_base_whole(tmp_path, monkeypatch):
     """`puzzle search RUN_DIR` and the benchmarks load the run directory's copy of the config, where a base named
     relative to the original would not resolve."""
@@ -517,6 +516,7 @@ def test_a_run_directory_keeps_a_config_with_a_base_whole(tmp_path, monkeypatch)
     copy.write_text(kept["config_text"])
     assert load_config(copy) == load_config(path)
     assert load_config(copy).seed == 3 and load_config(copy).gkd.tokens == 4096
+
 
 def test_config_validate_checks_the_cost_model_can_price_the_scenario(tmp_path, capsys):
     path = tmp_path / "run.yaml"
