@@ -64,6 +64,7 @@ SETTINGS = {
     "bf16_layers": {"bf16": True, "trainable": "layers"},
     "bf16_changed": {"bf16": True, "trainable": "changed", "trainable_neighbors": 1},
     "lora16": {"lora_rank": 16},
+    "bf16_lora16": {"bf16": True, "lora_rank": 16},
 }
 
 
