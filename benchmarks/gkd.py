@@ -17,6 +17,13 @@ validation tokens before and after, wall and CPU seconds.
 
     .venv/bin/python benchmarks/gkd.py --part speed [--library RUN_DIR] [--threads 1] [--repeats 3] [--steps 2]
     .venv/bin/python benchmarks/gkd.py --part quality --library RUN_DIR [--quality-tokens 16384]
+        [--config configs/demo.yaml]
+
+``--config`` takes the parent, the text (``gkd.corpus``, else ``data.corpus``), the
+sequence length and the GKD section (learning rate, batch, losses, schedule) from a
+config; each setting then overlays precision, what trains and LoRA on that section,
+from fp32, every parameter trained and no LoRA. Without it the benchmark uses
+``--parent``, ``--corpus`` and the GKD defaults at ``--lr``.
 
 The child defaults to the demo's 1.6x MIP child (``--blocks``); without ``--library``
 its sub-blocks are initialised from the parent (fine for speed, not for quality).
@@ -38,11 +45,11 @@ import torch.nn.functional as F
 from puzzle_core import gkd
 from puzzle_core.bld import load_sublayers
 from puzzle_core.blocks import BlockSpec
-from puzzle_core.config import structure
+from puzzle_core.config import structure, unstructure
 from puzzle_core.interfaces import DistillationLoss
 from puzzle_core.pipeline import RunContext
 from puzzle_core.rundir import RunDir, atomic_write_json
-from puzzle_core.schema import GKDSection, PuzzleConfig
+from puzzle_core.schema import GKDSection, PuzzleConfig, load_config
 
 RESULTS = Path(__file__).parent / "results"
 # the demo's MIP child at a predicted 1.6x (benchmarks/results/ablations/search.json)
@@ -83,6 +90,9 @@ class FullKL(DistillationLoss):
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("speed", "quality"), default="speed")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="parent, text and GKD section from this config (see above); --parent, --corpus, "
+                        "--seq-len, --batch-size and --lr then do not apply")
     parser.add_argument("--parent", default="smollm2-135m")
     parser.add_argument("--corpus", default="demo")
     parser.add_argument("--library", type=Path, default=None, help="run directory holding the child's BLD blocks")
@@ -102,8 +112,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.settings is None:
-        args.settings = list(SETTINGS) if args.part == "speed" else ["fp32", "bf16", "layers", "bf16_layers",
-                                                                     "changed", "lora16"]
+        args.settings = list(SETTINGS) if args.part == "speed" else ["bf16", "fp32", "bf16_layers", "bf16_changed",
+                                                                     "bf16_lora16"]
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
@@ -115,21 +125,28 @@ class Bench:
     """The parent, the child's blocks and weights, the data: what every setting shares."""
 
     def __init__(self, args):
-        config = structure({"parent": {"source": args.parent}, "data": {"corpus": args.corpus,
-                                                                         "seq_len": args.seq_len}}, PuzzleConfig)
+        if args.config:
+            config = load_config(args.config)
+            self.base = {**unstructure(config.gkd), "bf16": False, "trainable": "all", "lora_rank": 0}
+        else:
+            config = structure({"parent": {"source": args.parent}, "data": {"corpus": args.corpus,
+                                                                             "seq_len": args.seq_len}}, PuzzleConfig)
+            self.base = {"batch_size": args.batch_size, "lr": args.lr}
         self.args = args
         self.ctx = RunContext(config, RunDir(args.run_root / "ctx"))
+        self.corpus = self.ctx.tokenized(config.distillation_corpus)
+        self.seq_len = config.gkd.seq_len or config.data.seq_len
         self.blocks = [BlockSpec.parse(b) for b in args.blocks.split(",")]
         self.sublayers = load_sublayers(args.library, self.blocks) if args.library else None
-        self.batch = next(self.ctx.corpus.batches("train", args.seq_len, args.batch_size, 10**9, 0))
+        batch_size = self.base.get("batch_size", args.batch_size)
+        self.batch = next(self.corpus.batches("train", self.seq_len, batch_size, 10**9, 0))
 
     def child(self):
         return self.ctx.family.build_child(self.ctx.parent, self.blocks, self.sublayers)
 
     def section(self, name: str, **extra) -> GKDSection:
         overlay = {k: v for k, v in SETTINGS[name].items() if k != "full_kl"}
-        return structure({"batch_size": self.args.batch_size, "lr": self.args.lr, "device": "cpu", **overlay,
-                          **extra}, GKDSection)
+        return structure({**self.base, "device": "cpu", **overlay, **extra}, GKDSection)
 
     def objective(self, name: str, section: GKDSection) -> gkd.DistillationObjective:
         objective = gkd.DistillationObjective.from_config(section, self.ctx.registries)
@@ -139,7 +156,7 @@ class Bench:
         return objective
 
     def run(self, name: str, checkpoints: Path, tokens: int) -> gkd.DistillRun:
-        return gkd.DistillRun(corpus=self.ctx.corpus, seq_len=self.args.seq_len, seed=0, checkpoint_dir=checkpoints,
+        return gkd.DistillRun(corpus=self.corpus, seq_len=self.seq_len, seed=0, checkpoint_dir=checkpoints,
                               fingerprint=name, label=f"GKD {name}")
 
 
@@ -192,7 +209,7 @@ def speed_round(bench: Bench, names: list[str]) -> dict[str, tuple[float, float]
 
 def speed(bench: Bench) -> dict:
     args = bench.args
-    tokens = args.batch_size * args.seq_len
+    tokens = bench.batch.numel()
     rounds = []
     for index in range(args.repeats):
         rounds.append(speed_round(bench, args.settings))
@@ -256,7 +273,7 @@ def main() -> None:
             rate, wall = row["tokens_per_cpu_s"], row["tokens_per_s"]
             print(f"{row['setting']:<22}{rate['median']:>11.0f}{rate['min']:>8.0f}-{rate['max']:<6.0f}"
                   f"{wall['median']:>12.0f}{rate['median'] / base['tokens_per_cpu_s']['median']:>14.2f}x")
-        print(f"\n{args.threads} thread(s), {args.batch_size} x {args.seq_len} tokens per step, median of "
+        print(f"\n{args.threads} thread(s), {' x '.join(map(str, bench.batch.shape))} tokens per step, median of "
               f"{args.repeats} rounds of {args.steps} steps; load average {results['machine']['load_average'][0]:.1f}")
     else:
         print(f"\n{'setting':<16}{'KL before':>10}{'KL after':>10}{'wall s':>8}{'CPU s':>8}")
