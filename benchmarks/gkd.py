@@ -38,6 +38,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,17 @@ def timed(function, repeat: int) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def warmed_up(bench: Bench, name: str, steps: int) -> tuple[gkd._Training, Iterator[torch.Tensor]]:
+    """``name``'s training after one untimed step (first-touch allocations, lazy inits), and a stream of
+    ``steps`` more batches."""
+    section = bench.section(name, tokens=10**9)
+    training = gkd._Training(bench.child(), bench.ctx.parent, bench.ctx.family, bench.objective(name, section),
+                             section, bench.run(name, bench.args.run_root / "ckpt", 10**9))
+    stream = iter([bench.batch] * (steps + 1))
+    training.step(0, stream)
+    return training, stream
+
+
 def speed_round(bench: Bench, names: list[str]) -> dict[str, tuple[float, float]]:
     """One round: seconds per optimizer step (wall, CPU) of every setting and of the two references."""
     args, ids = bench.args, bench.batch
@@ -197,11 +209,7 @@ def speed_round(bench: Bench, names: list[str]) -> dict[str, tuple[float, float]
     del child, forward, optimizer
 
     for name in names:
-        section = bench.section(name, tokens=10**9)
-        training = gkd._Training(bench.child(), bench.ctx.parent, bench.ctx.family, bench.objective(name, section),
-                                 section, bench.run(name, args.run_root / "ckpt", 10**9))
-        stream = iter([ids] * (args.steps + 1))
-        training.step(0, stream)  # warm-up: first-touch allocations, lazy inits
+        training, stream = warmed_up(bench, name, args.steps)
         out[name] = timed(lambda: training.step(1, stream), args.steps)
         del training
     return {name: (wall / args.steps, cpu / args.steps) for name, (wall, cpu) in out.items()}
@@ -228,6 +236,7 @@ def speed(bench: Bench) -> dict:
 
 def quality(bench: Bench) -> dict:
     args = bench.args
+    warmed_up(bench, args.settings[0], 0)  # the first setting's run must not pay for the process's first steps
     rows = []
     for name in args.settings:
         section = bench.section(name, tokens=args.quality_tokens, validation_tokens=args.validation_tokens,
