@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.gkd_tokens import differences_by_task, main_child, rows_with_pairs, run_comparison
+from benchmarks.gkd_tokens import main_child, rows_with_pairs, run_comparison
 from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
+from puzzle_core.report import differences_by_task
 from puzzle_core.schema import PuzzleConfig
 
 ROOT = Path(__file__).resolve().parents[1]

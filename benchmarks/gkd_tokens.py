@@ -110,12 +110,6 @@ def rows_with_pairs(children: Sequence[tuple[Path, dict]],
                    for (run, child), paired in zip(children, pairs)]
 
 
-def differences_by_task(paired: dict | None) -> dict | None:
-    """A paired comparison's mean over tasks, with each task's difference."""
-    return None if paired is None else {
-        **paired["mean"], "tasks": {task: found["difference"] for task, found in paired["tasks"].items()}}
-
-
 def run_comparison(argv: Sequence[str] | None, compare: Callable[[Sequence[Path]], dict], table: Callable[[dict], None],
                    description: str, runs_help: str, out: Path, command: str) -> int:
     """A comparison script's ``main``: parse ``RUN... [--out FILE]``, compare the runs, write the results with the

@@ -82,7 +82,7 @@ class Inputs:
     scoring_tokens: dict
     engine: list[dict]  # every scoring*.json but scoring_tokens.json
     demo: PuzzleConfig
-    gkd_quality: bool  # whether `gkd.py --part quality` has written its results
+    gkd_quality: dict | None  # `gkd.py --part quality`'s results (None when it has not run)
     gkd_tokens: list[dict]  # `gkd_tokens.py`'s results, one per child (none when it has not run)
     gkd_data: dict | None  # `gkd_data.py`'s results (None when it has not run)
 
@@ -93,7 +93,8 @@ def read_inputs(results: Path = RESULTS, demo: Path = DEMO) -> Inputs:
     engine = [found.get(path.name) or load(results, path.name) for path in sorted(results.glob("scoring*.json"))
               if not path.name.startswith("scoring_tokens")]  # scoring_tokens*.json: `scoring.py --compare`'s
     return Inputs(found["bld_sweep.json"], found["bld_stage.json"], found["gkd_speed.json"],
-                  found["scoring_tokens.json"], engine, load_config(demo), (results / "gkd_quality.json").is_file(),
+                  found["scoring_tokens.json"], engine, load_config(demo),
+                  load(results, "gkd_quality.json") if (results / "gkd_quality.json").is_file() else None,
                   [load(results, path.name) for path in sorted(results.glob("gkd_tokens*.json"))],
                   load(results, "gkd_data.json") if (results / "gkd_data.json").is_file() else None)
 
@@ -471,7 +472,7 @@ def gkd_speed(inputs: Inputs) -> str:
         f"step runs at {x(fp32 / plain)} the plain step's tokens per CPU second; the teacher's forward accounts "
         f"for {(1 / rate['teacher forward']) / (1 / fp32 - 1 / plain):.0%} of the extra CPU time per token. bf16 autocast lifts it to {x(rate['bf16'] / plain)} of the plain step; training only the changed "
         f"layers or LoRA adds speed ({fastest['setting']} is the fastest at {x(fastest['tokens_per_cpu_s']['median'] / plain)}) "
-        + ("but their effect on the child's quality is in `results/gkd_quality.json`, not tabulated here. "
+        + ("and their effect on the child's quality is the next table's. "
            if inputs.gkd_quality else "but their effect on the child's quality is not measured. ")
         + f"The demo's GKD setting is {', '.join(f'{k}={json.dumps(v)}' for k, v in demo_overlay.items()) or 'fp32'} "
         f"(`gkd.trainable: {demo.trainable}`, `gkd.lora_rank: {demo.lora_rank}`) with `gkd.children: {demo.children}`: "
@@ -484,6 +485,44 @@ def gkd_speed(inputs: Inputs) -> str:
     )
     headers = ["setting", "overlay (`gkd.`)", "tokens / CPU-s", "vs plain step", "vs fp32 GKD", "tokens / s wall"]
     return section("GKD speed per setting", text, table(headers, body))
+
+
+def gkd_quality(inputs: Inputs) -> str:
+    data = inputs.gkd_quality
+    if data is None:
+        return ""
+    rows, settings = data["rows"], data["settings"]
+    demo = inputs.demo.gkd
+    is_demo = {r["setting"]: all(r["overlay"].get(field, getattr(GKDSection(), field)) == getattr(demo, field)
+                                 for field in ("bf16", "trainable", "trainable_neighbors", "lora_rank"))
+               for r in rows}
+    reference = next((r for r in rows if is_demo[r["setting"]]), rows[0])
+
+    def drop_per_cpu_minute(r: Mapping) -> float:
+        return (r["kl_before"] - r["kl_after"]) / (r["cpu_s"] / 60)
+
+    body = [[r["setting"] + (" (demo)" if is_demo[r["setting"]] else ""),
+             ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overlay"].items()) or "–",
+             f"{r['kl_before']:.3f}", f"{r['kl_after']:.3f}", pct(r["kl_after"] / reference["kl_after"]),
+             f"{r['tokens'] / r['cpu_s']:.0f}", f"{r['cpu_s'] / 60:.1f}", f"{r['wall_s'] / 60:.1f}",
+             f"{drop_per_cpu_minute(r):.4f}"] for r in rows]
+    best = min(rows, key=lambda r: r["kl_after"])
+    efficient = max(rows, key=drop_per_cpu_minute)
+    text = (
+        f"The same child uptrained from the same weights for {tokens(rows[0]['tokens'])} tokens per setting: the "
+        f"`{settings['config'] or 'default'}` GKD section (learning rate, batch, schedule, losses, distillation "
+        f"text), each setting overlaying precision, what trains and LoRA (`results/gkd_quality.json`; the blocks of "
+        f"`{settings['library']}`, {settings['threads']} threads). KL is the stage's validation KL on "
+        f"{tokens(settings['validation_tokens'])} validation tokens of the distillation text, before and after; "
+        f"\"vs demo\" compares the KL after with the demo's setting's; the last column is the KL it removed per "
+        f"CPU-minute. Lowest KL after: {best['setting']} ({best['kl_after']:.3f}); the most KL per CPU-minute: "
+        f"{efficient['setting']} ({drop_per_cpu_minute(efficient):.4f} against {drop_per_cpu_minute(reference):.4f} "
+        f"for the demo's setting). One run per setting (load {loads(data['machine'])} at the end); the suite was "
+        f"not run on these children."
+    )
+    headers = ["setting", "overlay (`gkd.`)", "KL before", "KL after", "vs demo", "tokens / CPU-s", "CPU min",
+               "wall min", "KL drop / CPU-min"]
+    return section("GKD quality per setting", text, table(headers, body))
 
 
 def scoring_tokens(inputs: Inputs) -> str:
@@ -623,7 +662,7 @@ def section(title: str, reading: str, markdown: str) -> str:
     return f"### {title}\n\n{reading}\n\n{markdown}\n"
 
 
-LEVERS = (bld_tokens, bld_lr, bld_init, bf16, stage_time, gkd_speed, gkd_tokens, gkd_data, scoring_tokens)
+LEVERS = (bld_tokens, bld_lr, bld_init, bf16, stage_time, gkd_speed, gkd_quality, gkd_tokens, gkd_data, scoring_tokens)
 
 
 def render(results: Path = RESULTS, demo: Path = DEMO) -> str:

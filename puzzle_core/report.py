@@ -92,6 +92,12 @@ def paired_accuracy(parent: Mapping[str, TaskItems], child: Mapping[str, TaskIte
     }
 
 
+def differences_by_task(paired: dict | None) -> dict | None:
+    """A :func:`paired_accuracy` comparison's mean over tasks, with each task's difference only."""
+    return None if paired is None else {
+        **paired["mean"], "tasks": {task: found["difference"] for task, found in paired["tasks"].items()}}
+
+
 def model_items(run_dir: RunDir, model: str, tasks: Collection[str] | None = None) -> dict[str, TaskItems]:
     """A model's saved suite items by task; only ``tasks`` when given (e.g. the tasks above chance)."""
     found = read_task_items(layout.eval_items_dir(run_dir, model))

@@ -29,8 +29,10 @@ def test_the_readme_section_is_what_the_committed_results_render(rendered):
 def test_every_lever_has_a_table_and_the_unmeasured_ones_say_not_run(rendered):
     tokens_measured = any(levers.RESULTS.glob("gkd_tokens*.json"))
     data_measured = (levers.RESULTS / "gkd_data.json").is_file()
+    quality_measured = (levers.RESULTS / "gkd_quality.json").is_file()
     titles = ["BLD tokens per block", "BLD learning rate", "Initialisation before -> after BLD", "bf16 autocast",
-              "Library stage time per arm", "GKD speed per setting"] + ["GKD tokens and learning rate"] * tokens_measured + [
+              "Library stage time per arm", "GKD speed per setting"] + ["GKD quality per setting"] * quality_measured + [
+              "GKD tokens and learning rate"] * tokens_measured + [
               "Distillation text"] * data_measured + ["Scoring tokens vs reference"]
     for title, following in zip(titles, titles[1:] + ["Not run yet"]):
         part = rendered[rendered.index(f"### {title}\n"):rendered.index(f"### {following}\n")]
@@ -38,7 +40,6 @@ def test_every_lever_has_a_table_and_the_unmeasured_ones_say_not_run(rendered):
     not_run = rendered[rendered.index("### Not run yet"):]
     for lever in ("coupled BLD", "per-layer search rules", "memory"):
         assert lever in not_run
-    quality_measured = (levers.RESULTS / "gkd_quality.json").is_file()
     assert not_run.count(": not run.") == (len(levers.NOT_RUN) + (not quality_measured) + (not tokens_measured)
                                            + (not data_measured))
     assert (levers.GKD_QUALITY in not_run) != quality_measured
@@ -53,6 +54,22 @@ def test_readings_name_the_demo_settings_and_the_recorded_load(rendered):
     assert f"`gkd.children: {demo['gkd']['children']}`" in rendered
     sweep = json.loads((levers.RESULTS / "bld_sweep.json").read_text())
     assert " / ".join(f"{v:.1f}" for v in sweep["machine"]["load_average"]) + " (BLD sweep)" in rendered
+
+
+def test_gkd_quality_rows_are_the_results_with_the_demo_setting_marked(rendered):
+    path = levers.RESULTS / "gkd_quality.json"
+    if not path.is_file():
+        pytest.skip("gkd.py --part quality has not run")
+    demo = yaml.safe_load(levers.DEMO.read_text())["gkd"]
+    part = rendered[rendered.index("### GKD quality per setting"):rendered.index("### GKD tokens")]
+    for row in json.loads(path.read_text())["rows"]:
+        line = next(line for line in part.splitlines() if line.startswith(f"| {row['setting']}"))
+        marked = all(row["overlay"].get(k, default) == demo.get(k, default)
+                     for k, default in (("bf16", False), ("trainable", "all"), ("lora_rank", 0)))
+        assert ("(demo)" in line) == marked
+        assert f"| {row['kl_before']:.3f} | {row['kl_after']:.3f} |" in line
+        kl_per_cpu_minute = (row["kl_before"] - row["kl_after"]) * 60 / row["cpu_s"]
+        assert line.rstrip(" |").endswith(f"{kl_per_cpu_minute:.4f}")
 
 
 def test_lr_table_bolds_each_blocks_lowest_loss(rendered):
