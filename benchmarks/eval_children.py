@@ -98,7 +98,9 @@ def main() -> None:
     registries = get_registries()
     torch.set_num_threads(config.threads)
     family, parent = load_parent(config.parent, registries)
-    corpus = load_corpus(config.data, parent.tokenizer, config.seed, registries)
+    # KL and perplexity on the text the pipeline's evaluation measures on (evaluation.corpus, else data.corpus)
+    corpus = load_corpus(attrs.evolve(config.data, corpus=config.evaluation_corpus), parent.tokenizer, config.seed,
+                         registries)
     evaluators = [(c.name, registries.record(c).create(c.options)) for c in config.evaluation.evaluators
                   if c.name != "throughput"]
     out = args.out / args.name
@@ -126,7 +128,8 @@ def main() -> None:
     for name in children:
         items = read_task_items(out / "items" / name)
         rows[name]["accuracy"] = paired_accuracy(parent_items, items)
-        first = first or {task: found for task, found in items.items() if task in above}
+        if first is None:
+            first = {task: found for task, found in items.items() if task in above}
         rows[name]["vs_first"] = differences_by_task(paired_accuracy(first, items))
     children = [n for n in children if rows[n]["accuracy"]]
     kl = [rows[n]["metrics"]["kl_to_parent"] for n in children]
@@ -155,7 +158,7 @@ def main() -> None:
     if rank is not None:
         print(f"\nSpearman(KL, mean accuracy preserved) over {len(children)} children: {rank:.2f} "
               f"(-1: the suite ranks them exactly as KL does)")
-    atomic_write_json(out.with_suffix(".json"), unstructure({
+    atomic_write_json(out.parent / f"{out.name}.json", unstructure({
         "run_dirs": [run_dir.resolve().name for run_dir in args.run_dirs], "tasks_above_chance": sorted(above),
         "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT)
         else str(args.config), "models": rows, "spearman_kl_vs_preserved": rank}))

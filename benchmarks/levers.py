@@ -503,11 +503,14 @@ def gkd_quality(inputs: Inputs) -> str:
 
     body = [[r["setting"] + (" (demo)" if is_demo[r["setting"]] else ""),
              ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overlay"].items()) or "–",
-             f"{r['kl_before']:.3f}", f"{r['kl_after']:.3f}", pct(r["kl_after"] / reference["kl_after"]),
+             f"{r['kl_before']:.3f}", f"{r['kl_after']:.3f}", f"{(r['kl_after'] / reference['kl_after'] - 1):+.1%}",
              f"{r['tokens'] / r['cpu_s']:.0f}", f"{r['cpu_s'] / 60:.1f}", f"{r['wall_s'] / 60:.1f}",
              f"{drop_per_cpu_minute(r):.4f}"] for r in rows]
     best = min(rows, key=lambda r: r["kl_after"])
     efficient = max(rows, key=drop_per_cpu_minute)
+    rate = {r["setting"]: r["tokens"] / r["cpu_s"] for r in rows}
+    level = [f"{r['setting']} ({x(rate[r['setting']] / rate[reference['setting']])} its tokens per CPU second)"
+             for r in rows if r is not reference and abs(r["kl_after"] / reference["kl_after"] - 1) <= 0.01]
     text = (
         f"The same child uptrained from the same weights for {tokens(rows[0]['tokens'])} tokens per setting: the "
         f"`{settings['config'] or 'default'}` GKD section (learning rate, batch, schedule, losses, distillation "
@@ -517,7 +520,8 @@ def gkd_quality(inputs: Inputs) -> str:
         f"\"vs demo\" compares the KL after with the demo's setting's; the last column is the KL it removed per "
         f"CPU-minute. Lowest KL after: {best['setting']} ({best['kl_after']:.3f}); the most KL per CPU-minute: "
         f"{efficient['setting']} ({drop_per_cpu_minute(efficient):.4f} against {drop_per_cpu_minute(reference):.4f} "
-        f"for the demo's setting). One run per setting (load {loads(data['machine'])} at the end); the suite was "
+        f"for the demo's setting). Within 1% of the demo's setting's KL after: "
+        f"{', '.join(level) or 'none'}. One run per setting (load {loads(data['machine'])} at the end); the suite was "
         f"not run on these children."
     )
     headers = ["setting", "overlay (`gkd.`)", "KL before", "KL after", "vs demo", "tokens / CPU-s", "CPU min",

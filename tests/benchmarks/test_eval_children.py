@@ -21,8 +21,9 @@ def run(monkeypatch, *argv) -> None:
 
 def test_children_are_re_evaluated_paired_with_the_parent(tiny_run, tmp_path, monkeypatch, capsys):
     config = tmp_path / "eval.yaml"
-    config.write_text(f"base: {ROOT / 'configs' / 'tiny.yaml'}\n"
-                      "evaluation:\n  evaluators:\n    - {name: kl_to_parent, tokens: 128, seq_len: 32}\n"
+    # KL is measured on evaluation.corpus, the pipeline's text, whatever data.corpus says
+    config.write_text(f"base: {ROOT / 'configs' / 'tiny.yaml'}\ndata: {{corpus: demo}}\n"
+                      "evaluation:\n  corpus: synthetic\n  evaluators:\n    - {name: kl_to_parent, tokens: 128, seq_len: 32}\n"
                       "    - {name: lm_eval, tasks: [arc_easy], default_limit: 6}\n")
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run.root, run_dir)
