@@ -11,7 +11,7 @@ from puzzle_core.cli import main
 from puzzle_core.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "benchmarks" / "eval_resolving.yaml"]
 TOP_LEVEL = ("puzzle_core", "plugins", "configs", "benchmarks", "examples", "tests", "docs")
 ROOT_FILES = ("README.md", "CONTRIBUTING.md", "Makefile", "pyproject.toml")
 
