@@ -21,7 +21,7 @@ from typing import Sequence
 from benchmarks.gkd_data import corpus_label
 from benchmarks.gkd_tokens import main_child, rows_with_pairs, run_comparison
 from puzzle_core.config import unstructure
-from puzzle_core.report import differences_by_task
+from puzzle_core.report import differences_by_task, percent_interval
 from puzzle_core.schema import PuzzleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +51,7 @@ def table(results: dict) -> None:
           f"{'KL':>13}{'preserved':>10}{'chance-adj':>11}{'vs first (95% CI)':>22}")
     for row in results["rows"]:
         versus = row["vs_first"]
-        difference = "not paired" if versus is None else "{value:+.1f} [{low:+.1f}, {high:+.1f}]".format(
-            **{k: v * 100 for k, v in versus["difference"].items()})
+        difference = "not paired" if versus is None else percent_interval(versus["difference"], signed=True)
         target = "-" if row["target_speedup"] is None else f"{row['target_speedup']:.2f}x"
         print(f"{Path(row['run']).name[:27]:<28}{target:>7}{row['bld_tokens']:>8}"
               f"{row['scoring_tokens']:>6}{row['gkd_tokens']:>9}{row['child']['params'] / 1e6:>7.1f}M"

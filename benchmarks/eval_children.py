@@ -151,8 +151,7 @@ def main() -> None:
         mean, adjusted = ("", "") if accuracy is None else (
             percent_interval(accuracy["mean"]["preserved"]), percent_interval(accuracy["mean"]["chance_adjusted"]))
         versus = rows[name].get("vs_first")
-        versus = "" if versus is None else "{value:+.1f} [{low:+.1f}, {high:+.1f}]".format(
-            **{key: value * 100 for key, value in versus["difference"].items()})
+        versus = "" if versus is None else percent_interval(versus["difference"], signed=True)
         print(f"{name:<{width}}{metrics.get('kl_to_parent', 0.0):>8.3f}"
               f"{metrics.get('test_lm_loss', float('nan')):>11.3f}  {cells}{mean:>26}{adjusted:>26}{versus:>24}")
     if rank is not None:

@@ -139,8 +139,7 @@ class Bench:
         self.seq_len = config.gkd.seq_len or config.data.seq_len
         self.blocks = [BlockSpec.parse(b) for b in args.blocks.split(",")]
         self.sublayers = load_sublayers(args.library, self.blocks) if args.library else None
-        batch_size = self.base.get("batch_size", args.batch_size)
-        self.batch = next(self.corpus.batches("train", self.seq_len, batch_size, 10**9, 0))
+        self.batch = next(self.corpus.batches("train", self.seq_len, self.base["batch_size"], 10**9, 0))
 
     def child(self):
         return self.ctx.family.build_child(self.ctx.parent, self.blocks, self.sublayers)

@@ -21,7 +21,7 @@ from typing import Sequence
 from benchmarks.gkd_tokens import main_child, rows_with_pairs, run_comparison
 from puzzle_core.config import unstructure
 from puzzle_core.errors import UserError
-from puzzle_core.report import differences_by_task
+from puzzle_core.report import differences_by_task, percent_interval
 from puzzle_core.schema import PuzzleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,11 +61,11 @@ def table(results: dict) -> None:
     print(f"{'text':<16}{'tokens':>9}{'tok/s':>7}{'val KL':>8}{'test KL':>9}{'preserved':>11}{'chance-adj':>12}"
           f"{'vs first (95% CI)':>24}")
     for row in results["rows"]:
-        versus = row["vs_reference"]["difference"]
+        versus = percent_interval(row["vs_reference"]["difference"], signed=True)
         print(f"{row['label']:<16}{row['tokens']:>9}{row['tokens_per_second']:>7.0f}"
               f"{row['validation'][-1]['kl']:>8.3f}{row['kl_to_parent_after_gkd']:>9.3f}"
               f"{row['accuracy_preserved']['value']:>11.1%}{row['accuracy_preserved_chance_adjusted']['value']:>12.1%}"
-              f"{versus['value'] * 100:>+9.1f} [{versus['low'] * 100:+.1f}, {versus['high'] * 100:+.1f}]")
+              f"{versus:>24}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

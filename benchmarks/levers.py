@@ -442,13 +442,19 @@ def stage_time(inputs: Inputs) -> str:
     return section("Library stage time per arm", text, table(headers, body))
 
 
+def gkd_overlay(section: GKDSection) -> dict:
+    """``section``'s GKD setting as the GKD benchmark's overlays write it: the fields it sets away from the defaults."""
+    defaults = GKDSection()
+    return {field: getattr(section, field) for field in ("bf16", "trainable", "trainable_neighbors", "lora_rank")
+            if getattr(section, field) != getattr(defaults, field)}
+
+
 def gkd_speed(inputs: Inputs) -> str:
     rows = inputs.gkd["rows"]
     rate = {r["setting"]: r["tokens_per_cpu_s"]["median"] for r in rows}
     plain, fp32 = rate["plain training step"], rate["fp32"]
-    defaults, demo = GKDSection(), inputs.demo.gkd
-    demo_overlay = {field: getattr(demo, field) for field in ("bf16", "trainable", "trainable_neighbors", "lora_rank")
-                    if getattr(demo, field) != getattr(defaults, field)}
+    demo = inputs.demo.gkd
+    demo_overlay = gkd_overlay(demo)
     body = []
     for r in rows:
         overlay = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overlay"].items()) or "–"
@@ -492,10 +498,8 @@ def gkd_quality(inputs: Inputs) -> str:
     if data is None:
         return ""
     rows, settings = data["rows"], data["settings"]
-    demo = inputs.demo.gkd
-    is_demo = {r["setting"]: all(r["overlay"].get(field, getattr(GKDSection(), field)) == getattr(demo, field)
-                                 for field in ("bf16", "trainable", "trainable_neighbors", "lora_rank"))
-               for r in rows}
+    demo_overlay = gkd_overlay(inputs.demo.gkd)
+    is_demo = {r["setting"]: r["overlay"] == demo_overlay for r in rows}
     reference = next((r for r in rows if is_demo[r["setting"]]), rows[0])
 
     def drop_per_cpu_minute(r: Mapping) -> float:
